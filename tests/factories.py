@@ -1,0 +1,78 @@
+"""Test factories: valid samples and shards that obey pipeline/schema.py, without running
+the pipeline. Used by the caption, trainer, inspect and stats tests; the pipeline's
+own tests use real builds instead."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import schema
+from pipeline.shardio import write_shard
+
+
+def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int = 9, height: int = 64,
+                width: int = 128, num_boxes: int = 5, views: tuple[str, ...] = schema.VIEWS, seed: int = 0,
+                with_std: bool = True, caption: str = "A sunny day on a city street.", split: str = "train",
+                latent_scale: float = 1.0) -> dict:
+    """A random but internally consistent sample dict, ready for schema.encode_sample."""
+    rng = np.random.default_rng(seed)
+    v, t, n = len(views), num_frames, num_boxes
+    tl = schema.latent_frames(t)
+    shape = (v, schema.LATENT_CHANNELS, tl, height // 8, width // 8)
+    boxes = np.zeros((t, n, 7), np.float32)
+    boxes[..., 0:2] = rng.uniform(-30, 30, (1, n, 2)) + np.linspace(0, 2, t)[:, None, None]
+    boxes[..., 2] = -1.0
+    boxes[..., 3:6] = rng.uniform(0.5, 4.0, (1, n, 3))
+    boxes[..., 6] = rng.uniform(-np.pi, np.pi, (1, n))
+    box_mask = np.ones((t, n), bool)
+    if n:
+        box_mask[t // 2:, -1] = False  # one object leaves mid-clip
+        boxes[~box_mask] = 0.0
+    traj = np.tile(np.eye(4, dtype=np.float32), (t, 1, 1))
+    traj[:, 1, 3] = np.arange(t, dtype=np.float32) * 0.5  # drives forward (LiDAR +y)
+    k = np.array([[width * 0.8, 0, width / 2], [0, width * 0.8, height / 2], [0, 0, 1]], np.float32)
+    bev = np.zeros((t, len(schema.MAP_CLASSES), schema.BEV_CELLS, schema.BEV_CELLS), bool)
+    bev[:, 0, :, 80:120] = True  # a road straight ahead
+    meta = {
+        "schema_version": schema.SCHEMA_VERSION, "pipeline_version": schema.PIPELINE_VERSION,
+        "dataset": "synthetic", "split": split, "scene_token": f"tok-{scene_name}", "scene_name": scene_name,
+        "start_frame": start, "num_frames": t, "fps": schema.FPS, "height": height, "width": width,
+        "views": list(views), "timestamps_us": [1_000_000 + i * 83_333 for i in range(start, start + t)],
+        "keyframes": [i % 6 == 0 for i in range(start, start + t)],
+        "frames": [[f"sweeps/{vw}/{scene_name}_{i:04d}.jpg" for vw in views] for i in range(start, start + t)],
+        "vae": {"name": "tiny-random", "scaling_factor": 1.15258426, "temporal_compression": 4,
+                "spatial_compression": 8},
+        "latent": "mean+std" if with_std else "mean",
+        "caption": {"source": "dataset", "prompt_version": None, "model": None},
+    }
+    return {
+        "key": schema.sample_key(scene_name, start, t, height, width),
+        "meta": meta,
+        "latent_mean": (rng.standard_normal(shape) * latent_scale).astype(np.float16),
+        "latent_std": (np.abs(rng.standard_normal(shape)) * 0.1).astype(np.float16) if with_std else None,
+        "boxes": boxes, "box_mask": box_mask,
+        "box_view_mask": np.broadcast_to(box_mask[:, None, :], (t, v, n)).copy(),
+        "box_class": (np.arange(n) % len(schema.OBJECT_CLASSES)).astype(np.int8),
+        "box_track": np.arange(n, dtype=np.int32),
+        "intrinsics": np.tile(k, (v, 1, 1)), "cam2lidar": np.tile(np.eye(4, dtype=np.float32), (v, 1, 1)),
+        "traj": traj, "bev": schema.pack_bev(bev), "caption": caption,
+    }
+
+
+def write_shards(out: Path, buckets: dict[tuple[int, int, int], int], split: str = "train",
+                 per_shard: int = 4, seed: int = 0, **sample_kw) -> list[Path]:
+    """Write `count` samples per (H, W, T) bucket into shards under out/{split}/{bucket}/; returns shard paths."""
+    paths = []
+    for (h, w, t), count in sorted(buckets.items()):
+        samples = []
+        for i in range(count):
+            s = make_sample(scene_name=f"synth-{i // 3:04d}", start=(i % 3) * 20, num_frames=t, height=h,
+                            width=w, seed=seed + 1000 * i + t, split=split, **sample_kw)
+            samples.append((s["key"], schema.encode_sample(s)))
+        samples.sort()
+        for j in range(0, len(samples), per_shard):
+            p = Path(out) / schema.shard_path(split, h, w, t, j // per_shard)
+            write_shard(p, samples[j:j + per_shard])
+            paths.append(p)
+    return paths
