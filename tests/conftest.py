@@ -20,3 +20,16 @@ def ray_local():
                  configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+# The standard synthetic dataset of the test suite: 2 scenes x 6 s at 400x225 (72 camera frames each).
+SYNTH_TEST = dict(scenes=2, seconds=6.0, image_size=(400, 225), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """A synthetic dataset in the nuScenes v1.0 format, shared read-only by the session.
+
+    Tests that damage files (missing sweep, corrupt JPEG) must write their own copy."""
+    from pipeline.synth import write_dataset
+    return write_dataset(tmp_path_factory.mktemp("nuscenes"), **SYNTH_TEST)
