@@ -1,0 +1,208 @@
+"""Text condition path: T5 encoder from a local folder + a caption-embedding cache.
+
+Real runs use T5-v1.1-XXL (4096-d states, max length 300 as Open-Sora 1.2 / MagicDrive-V2);
+tests use `write_tiny_t5` (random tiny T5 + byte-level ByT5 tokenizer: no vocabulary download).
+Each distinct caption is encoded once; the trainer reads the cache, keyed by sha256(caption).
+
+    python -m model.text tiny DIR                                   # write a tiny random T5 folder
+    python -m model.text build --t5 DIR --captions CAPTIONS.parquet|SHARD_DIR --out CACHE_DIR
+
+Cache layout (CACHE_DIR): index.json {"meta": {...}, "entries": {hash: file}} and shard files
+emb-NNNNN.safetensors holding, per caption hash, its unpadded states (n, D); `get` pads to
+max_length with zeros and returns the mask.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+DEFAULT_MAX_LENGTH = 300
+INDEX_FILE = "index.json"
+
+
+def caption_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_tiny_t5(folder: str | os.PathLike, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
+                  seed: int = 0) -> Path:
+    """A tiny random T5 encoder + ByT5 tokenizer saved with save_pretrained (safetensors)."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = ByT5Tokenizer()
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
+                   num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
+                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    T5EncoderModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+class T5TextEncoder:
+    """T5 encoder states for captions, loaded only from a local folder (no hub access)."""
+
+    def __init__(self, folder: str | os.PathLike, max_length: int = DEFAULT_MAX_LENGTH,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        from transformers import AutoTokenizer, T5EncoderModel
+        if not Path(folder, "config.json").exists():
+            raise FileNotFoundError(f"{folder}: no T5 config.json; point --t5 at a save_pretrained folder "
+                                    "(e.g. google/t5-v1_1-xxl downloaded beforehand, or `python -m model.text tiny DIR`)")
+        self.folder, self.max_length, self.device = str(folder), max_length, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(self.folder, local_files_only=True, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> states (B, max_length, D) (zeros at padding), mask (B, max_length) bool."""
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        mask = mask.bool()
+        return states.float() * mask[..., None], mask
+
+
+class TextEmbeddingCache:
+    """Caption states keyed by caption_hash, in safetensors shards under one folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._index = {"meta": {}, "entries": {}}
+        if (self.path / INDEX_FILE).exists():
+            self._index = json.loads((self.path / INDEX_FILE).read_text())
+        self._handles: dict[str, object] = {}
+
+    @property
+    def meta(self) -> dict:
+        return self._index["meta"]
+
+    def __len__(self) -> int:
+        return len(self._index["entries"])
+
+    def __contains__(self, text: str) -> bool:
+        return caption_hash(text) in self._index["entries"]
+
+    def get(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> states (max_length, D) float32 zero-padded, mask (max_length,) bool."""
+        h = caption_hash(text)
+        file = self._index["entries"].get(h)
+        if file is None:
+            raise KeyError(f"caption {text[:60]!r}... (sha256 {h[:12]}) is not in the text cache {self.path}; "
+                           "rebuild it with `python -m model.text build --captions ... --out "
+                           f"{self.path}`")
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.path / file), framework="pt")
+        states = self._handles[file].get_tensor(h).float()                      # (n, D)
+        L, D = int(self.meta["max_length"]), int(self.meta["dim"])
+        out = torch.zeros(L, D)
+        out[: states.shape[0]] = states
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[: states.shape[0]] = True
+        return out, mask
+
+    def get_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embs, masks = zip(*(self.get(t) for t in texts))
+        return torch.stack(embs), torch.stack(masks)
+
+    def build(self, texts, encoder: T5TextEncoder, batch_size: int = 16, shard_size: int = 1024,
+              dtype: torch.dtype = torch.float16, progress: bool = True) -> int:
+        """Encode each distinct caption not yet cached (sorted by hash, so the files are
+        deterministic); returns how many were added."""
+        meta = {"max_length": encoder.max_length, "dim": encoder.dim, "t5": os.path.basename(encoder.folder.rstrip("/")),
+                "dtype": str(dtype).replace("torch.", "")}
+        if self.meta and {k: self.meta.get(k) for k in ("max_length", "dim")} != \
+                {k: meta[k] for k in ("max_length", "dim")}:
+            raise ValueError(f"text cache {self.path} was built with {self.meta}; this encoder gives {meta}. "
+                             "Use a new --out folder.")
+        by_hash = {caption_hash(t): t for t in texts}
+        todo = sorted(h for h in by_hash if h not in self._index["entries"])
+        self.path.mkdir(parents=True, exist_ok=True)
+        n_files = len(set(self._index["entries"].values()))
+        bar = tqdm(total=len(todo), desc="T5 captions", disable=not progress)
+        for s in range(0, len(todo), shard_size):
+            chunk, tensors = todo[s:s + shard_size], {}
+            for b in range(0, len(chunk), batch_size):
+                hs = chunk[b:b + batch_size]
+                states, mask = encoder.encode([by_hash[h] for h in hs])
+                for h, st, m in zip(hs, states, mask):
+                    tensors[h] = st[: int(m.sum())].to(dtype).contiguous().cpu()
+                bar.update(len(hs))
+            name = f"emb-{n_files:05d}.safetensors"
+            n_files += 1
+            save_file(tensors, str(self.path / name))
+            self._index["entries"].update({h: name for h in chunk})
+        bar.close()
+        self._index["meta"] = meta
+        tmp = self.path / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(self._index, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / INDEX_FILE)
+        return len(todo)
+
+
+def read_captions(source: str) -> list[str]:
+    """Captions from a caption table (.parquet, column `text`) or every caption.txt of the
+    webdataset shards under a folder."""
+    if source.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        table = pq.read_table(source, columns=["text"])
+        return [t for t in table.column("text").to_pylist() if t is not None]
+    if os.path.isdir(source):
+        from pipeline.shardio import iter_shard
+        tars = sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True))
+        if not tars:
+            raise FileNotFoundError(f"{source}: no *.tar shards below this folder")
+        out = []
+        for tar in tqdm(tars, desc="reading captions"):
+            for _key, members in iter_shard(tar):
+                if "caption.txt" in members:
+                    out.append(members["caption.txt"].decode("utf-8"))
+        return out
+    raise ValueError(f"--captions {source!r}: give a .parquet caption table or a folder of shards")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.text", description=(
+        "Text condition tools. `tiny DIR` writes a tiny random T5 encoder + byte tokenizer (tests, "
+        "smoke runs). `build` encodes every distinct caption once into a safetensors cache keyed by "
+        "sha256(caption), so training never runs T5 per step."))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tiny", help="write a tiny random T5 folder")
+    t.add_argument("folder")
+    b = sub.add_parser("build", help="encode captions into a cache folder")
+    b.add_argument("--t5", required=True, help="local T5 folder (save_pretrained layout)")
+    b.add_argument("--captions", required=True, help="caption table .parquet (column text) or shard folder")
+    b.add_argument("--out", required=True, help="cache folder (created; existing entries are kept)")
+    b.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="T5 token length (default 300)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage dtype of the states")
+    args = ap.parse_args(argv)
+    if args.cmd == "tiny":
+        print(write_tiny_t5(args.folder))
+        return 0
+    texts = read_captions(args.captions)
+    enc = T5TextEncoder(args.t5, max_length=args.max_length, device=args.device)
+    added = TextEmbeddingCache(args.out).build(texts, enc, batch_size=args.batch_size,
+                                               dtype=getattr(torch, args.dtype))
+    print(f"{len(texts)} captions, {len(set(texts))} distinct, {added} newly encoded -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
