@@ -1,0 +1,157 @@
+"""Frames, encoder and build throughput (issue 6).
+
+1. decode + resize + crop to 424x800, frames/s on ONE core: ours (PIL draft/DCT scaling + area
+   resize) vs the baseline (full-size cv2.imread + cv2.resize INTER_AREA), same 1600x900 JPEGs,
+   plus the PSNR between the two outputs (quality check of the reduced-size decode).
+2. VAE encode frames/s of the tiny CogVAE on CPU (one thread), and the FLOP floor of the real
+   VAE: FLOP per input pixel-frame measured with torch's FlopCounterMode on the CogVideoX-2b
+   architecture (random weights), so that on a GPU  fraction = fps * H * W * flop_per_px / peak.
+   With --gpu-peak-tflops and a CUDA device it also times the real-size VAE in bf16.
+3. End-to-end clips/s of pipeline/build.py (embedded Ray, 2 CPUs, tiny VAE, the build-test
+   stage) vs the encoder alone on the same clips in one process (= pipeline efficiency).
+
+    python bench/encode.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import Timer, save  # noqa: F401  (adds the repo root to sys.path)
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_frames(root: str, n: int) -> dict:
+    import cv2
+    from pipeline.frames import decode_resize_crop, full_decode_resize_crop
+    cv2.setNumThreads(1)
+    paths = sorted(glob.glob(f"{root}/samples/*/*.jpg") + glob.glob(f"{root}/sweeps/*/*.jpg"))[:n]
+    out = {}
+    for name, fn in (("draft", lambda p: decode_resize_crop(p, 800, 424)),
+                     ("full_cv2", lambda p: full_decode_resize_crop(p, 800, 424))):
+        fn(paths[0])
+        with Timer() as t:
+            for p in paths:
+                fn(p)
+        out[name] = len(paths) / t.seconds
+    psnr = []
+    for p in paths[:20]:
+        a = decode_resize_crop(p, 800, 424).astype(np.float64)
+        b = full_decode_resize_crop(p, 800, 424).astype(np.float64)
+        psnr.append(10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-12)))
+    return {"decode_fps_per_core": out["draft"], "baseline_fps_per_core": out["full_cv2"],
+            "speedup": out["draft"] / out["full_cv2"], "psnr_db_vs_baseline": float(np.mean(psnr)),
+            "frames": len(paths), "jpeg_kb": float(np.mean([os.path.getsize(p) for p in paths]) / 1024)}
+
+
+def flop_per_pixel_frame() -> float:
+    """Real CogVideoX-2b VAE encoder architecture (diffusers defaults), counted on 1x3x9x64x64."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX().eval()
+    x = torch.zeros(1, 3, 9, 64, 64)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        vae.encode(x)
+    return fc.get_total_flops() / (9 * 64 * 64)
+
+
+def bench_vae(vae_dir: str) -> dict:
+    import torch
+    from pipeline.encode import EncodeConfig, VaeEncoder
+    torch.set_num_threads(1)
+    enc = VaeEncoder(EncodeConfig(vae=vae_dir, device="cpu"))
+    x = np.random.default_rng(0).integers(0, 256, (1, 17, 64, 128, 3), dtype=np.uint8)  # (V, T, H, W, 3)
+    enc.encode(x[:, :9])
+    with Timer() as t:
+        for _ in range(3):
+            enc.encode(x)
+    return {"tiny_vae_cpu_fps_64x128": 3 * 17 / t.seconds}
+
+
+def bench_gpu(peak_tflops: float, flop_px: float) -> dict:
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+    if not torch.cuda.is_available():
+        return {}
+    vae = AutoencoderKLCogVideoX().to("cuda", torch.bfloat16).eval()
+    x = torch.rand(1, 3, 17, 424, 800, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    with torch.inference_mode():
+        vae.encode(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            vae.encode(x)
+        torch.cuda.synchronize()
+    fps = 3 * 17 / (time.perf_counter() - t0)
+    return {"real_vae_gpu_fps_424x800": fps, "flop_floor_fraction": fps * 424 * 800 * flop_px / (peak_tflops * 1e12)}
+
+
+def bench_build(root: str, version: str, vae_dir: str, out: str) -> dict:
+    import subprocess
+    from pipeline import schema
+    from pipeline.buckets import read_clip_index
+    from pipeline.encode import EncodeConfig, VaeEncoder
+    from pipeline.frames import decode_frames
+    stage = str(REPO / "tests" / "data" / "build_test_stage.yaml")
+    cmd = [sys.executable, str(REPO / "pipeline" / "build.py"), "--config", stage, "--dataroot", root, "--version",
+           version, "--out", out, "--vae", vae_dir, "--cpus", "2", "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True)  # scene stores + warm file cache
+    for d in glob.glob(f"{out}/*/"):
+        if not d.rstrip("/").endswith(schema.WORK_DIR):
+            subprocess.run(["rm", "-rf", d], check=True)
+    with Timer() as t:
+        run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    stage_s = {k: float(v) for k, v in (part.strip().split(" ") for line in run.stdout.splitlines()
+                                         if line.startswith("seconds:") for part in line[8:].split(","))}
+    clips = read_clip_index(out).to_pylist()
+    # the same clips through decode + encoder in this process (no Ray, no writing, no latent reuse)
+    enc = VaeEncoder(EncodeConfig(vae=vae_dir, device="cpu"))
+    with Timer() as e:
+        for c in clips:
+            fs = decode_frames(root, [p for row in c["frames"] for p in row], c["width"], c["height"])
+            idx = fs.index()
+            enc.encode(fs.pixels[np.array([[idx[p] for p in row] for row in c["frames"]]).T])
+    return {"build_clips_per_s": len(clips) / t.seconds, "build_seconds_incl_ray_start": t.seconds,
+            "build_stage_seconds": stage_s, "encode_write_stage_clips_per_s": len(clips) / stage_s["encode+write"],
+            "serial_decode_encode_clips_per_s": len(clips) / e.seconds, "clips": len(clips),
+            "build_vs_serial": e.seconds / t.seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer frames")
+    ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    a = ap.parse_args()
+    from pipeline.synth import write_dataset
+    from pipeline.vae import write_tiny_vae
+    figs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        big = write_dataset(Path(tmp) / "big", scenes=1, seconds=2.0 if a.quick else 4.0, image_size=(1600, 900))
+        figs.update(bench_frames(str(big.root), 48 if a.quick else 144))
+        vae_dir = write_tiny_vae(Path(tmp) / "tiny-cogvae")
+        figs.update(bench_vae(vae_dir))
+        figs["real_vae_mflop_per_pixel_frame"] = flop_per_pixel_frame() / 1e6
+        figs.update(bench_gpu(a.gpu_peak_tflops, figs["real_vae_mflop_per_pixel_frame"] * 1e6))
+        small = write_dataset(Path(tmp) / "small", scenes=2, seconds=6.0, image_size=(400, 225))
+        figs.update(bench_build(str(small.root), small.version, vae_dir, str(Path(tmp) / "out")))
+    f = figs
+    summary = (f"decode+resize 424x800: {f['decode_fps_per_core']:.0f} fps/core vs {f['baseline_fps_per_core']:.0f} "
+               f"baseline ({f['speedup']:.2f}x, PSNR {f['psnr_db_vs_baseline']:.1f} dB); tiny VAE CPU "
+               f"{f['tiny_vae_cpu_fps_64x128']:.0f} fps at 64x128; real VAE "
+               f"{f['real_vae_mflop_per_pixel_frame']:.2f} MFLOP/pixel-frame; build {f['build_clips_per_s']:.2f} "
+               f"clips/s = {f['build_vs_serial']:.2f}x serial")
+    save("encode", figs, summary)
+
+
+if __name__ == "__main__":
+    main()

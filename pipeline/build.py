@@ -1,0 +1,498 @@
+"""The one entry point: nuScenes-format data -> CogVAE latent webdataset shards, on Ray.
+
+    python pipeline/build.py --config demo --dataroot DATA --version v1.0-synth --out OUT --vae VAE
+    ray job submit --working-dir . -- python pipeline/build.py ...      # same script on a cluster
+
+Stages: scenes (one Ray task per scene -> zarr stores) -> clip index -> captions -> shard plan
+-> frames (one CPU task per (scene, resolution): every source frame decoded once) -> encode
+(a pool of VAE actors, num_gpus=1 when the cluster has GPUs) -> write (one task per shard).
+Tasks + actors rather than Ray Data: shards are planned before any work and each shard task
+depends on exactly the encode results it needs, so Ray overlaps decoding, encoding and
+writing by itself while the output stays byte-identical whatever the worker count or
+finish order. Resume: shards already in the manifest (same config hash, same bytes) are
+skipped. Failures go to quarantine.parquet and the build carries on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run by path (`python pipeline/build.py`, `ray job submit`): make `pipeline` importable
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # Drop pipeline/ itself from the path FIRST: pipeline/inspect.py and pipeline/nuscenes.py would shadow the
+    # stdlib and the devkit (also in Ray workers, which inherit the script directory when it is on sys.path).
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+from tqdm import tqdm  # noqa: E402
+
+from pipeline import schema, storage  # noqa: E402
+from pipeline.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
+from pipeline.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
+from pipeline.manifest import write_manifest, write_quarantine  # noqa: E402
+from pipeline.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
+from pipeline.write import shard_is_complete  # noqa: E402
+
+
+@dataclass
+class BuildConfig:
+    stage: str                       # stage name (configs/stages/NAME.yaml) or a yaml path
+    dataroot: str
+    version: str
+    out: str
+    vae: str
+    captions: str | None = None      # dataset | mllm | none; None = mllm when $OPENAI_BASE_URL is set, else dataset
+    caption_base_url: str | None = None
+    caption_model: str | None = None
+    samples_per_shard: int = 8
+    encode_actors: int = 1
+    encode_cpus: float = 1.0         # CPUs per encode actor on a CPU-only cluster
+    units_per_call: int = 4          # encode units per actor call (load balancing vs. overhead)
+    max_inflight: int = 8            # encode calls in flight (bounds decoded frames held in memory)
+    cpus: int | None = None          # embedded local Ray only
+    address: str | None = None
+    limit_scenes: int | None = None
+    scenes: tuple[str, ...] = ()
+    max_shards: int | None = None    # stop after this many new shards (drills/tests of resume)
+    draft: bool = True               # JPEG DCT-scaled decoding (see pipeline/frames.py)
+    progress: bool = True
+    verify_resume: bool = False      # re-hash complete shards before skipping them (reads them all)
+    manifest_every_s: float = 5.0    # manifest rewrite interval while shards complete (crash loses at most this)
+    encode: EncodeConfig | None = None
+
+    def content_config(self, vae: dict, vae_digest: str, captions: str) -> dict:
+        """What changes shard bytes: resume trusts only shards made with the same."""
+        e = self.encode
+        return {"schema": schema.SCHEMA_VERSION, "pipeline": schema.PIPELINE_VERSION, "stage": self._stage_dict(),
+                "samples_per_shard": self.samples_per_shard, "captions": captions, "vae": vae,
+                "vae_weights": vae_digest, "draft": self.draft,
+                "encode": {k: getattr(e, k) for k in ("tiling", "tile_height", "tile_width", "tile_overlap",
+                                                      "frame_batch", "store_std", "inject_nan_keys")}}
+
+    def _stage_dict(self) -> dict:
+        from pipeline.buckets import load_stage
+        st = load_stage(self.stage)
+        return {"name": st.name, "buckets": [asdict(b) for b in st.buckets]}
+
+
+@dataclass
+class BuildSummary:
+    scenes: int = 0
+    clips: dict = field(default_factory=dict)          # bucket -> clips in the index
+    samples: dict = field(default_factory=dict)        # bucket -> samples in shards
+    bytes: dict = field(default_factory=dict)          # bucket -> shard bytes
+    shards_total: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    quarantined: int = 0
+    seconds: dict = field(default_factory=dict)        # stage -> wall seconds (and worker seconds)
+    complete: bool = True
+
+    def text(self) -> str:
+        lines = [f"scenes {self.scenes}; shards {self.shards_total} ({self.shards_written} written, "
+                 f"{self.shards_skipped} already complete); quarantined {self.quarantined}"
+                 + ("" if self.complete else "; INCOMPLETE (stopped early, rerun to resume)"),
+                 f"{'bucket':<22}{'clips':>7}{'samples':>9}{'MB':>9}"]
+        for b in sorted(self.clips):
+            lines.append(f"{b:<22}{self.clips[b]:>7}{self.samples.get(b, 0):>9}{self.bytes.get(b, 0) / 1e6:>9.2f}")
+        lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+# ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
+
+# What each stage asks Ray for (ray_cluster.yaml must offer it). On a CPU-only cluster the VAE actor
+# asks for --encode-cpus CPUs and no GPU instead.
+RESOURCES: dict[str, dict] = {
+    "vae_actor": {"num_cpus": 1, "num_gpus": 1},
+    "scene_task": {"num_cpus": 1},
+    "frames_task": {"num_cpus": 1},
+    "write_task": {"num_cpus": 1},
+}
+
+_NUSC: dict = {}
+
+
+def scene_task(dataroot: str, version: str, scene_name: str, out: str):
+    """Build (or reuse) one scene store; the devkit tables load once per worker process."""
+    from pipeline.nuscenes import load_nuscenes
+    from pipeline.scenestore import build_scene_store
+    if (dataroot, version) not in _NUSC:
+        _NUSC[(dataroot, version)] = load_nuscenes(dataroot, version)
+    try:
+        uri = build_scene_store(dataroot, version, scene_name, out, nusc=_NUSC[(dataroot, version)])
+        return scene_name, uri, None
+    except Exception as e:  # one broken scene must not stop the others
+        return scene_name, None, f"{type(e).__name__}: {e}"
+
+
+def frames_task(dataroot: str, paths: list[str], width: int, height: int, draft: bool):
+    from pipeline.frames import decode_frames
+    t0 = time.perf_counter()
+    fs = decode_frames(dataroot, paths, width, height, draft=draft)
+    fs.seconds = time.perf_counter() - t0
+    return fs
+
+
+def shard_task(inp: ShardInputs, *unit_results: dict):
+    from pipeline.write import make_shard
+    t0 = time.perf_counter()
+    merged: dict = {}
+    for r in unit_results:
+        merged.update(r)
+    record, quarantine = make_shard(inp, merged)
+    return record, quarantine, time.perf_counter() - t0
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+def _init_ray(cfg: BuildConfig):
+    import ray
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def _bar(cfg: BuildConfig, total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="", disable=not cfg.progress, dynamic_ncols=True, leave=True)
+
+
+def _scene_names(cfg: BuildConfig) -> list[str]:
+    path = os.path.join(cfg.dataroot, cfg.version, "scene.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --dataroot must contain the {cfg.version}/ table folder")
+    with open(path) as f:
+        names = sorted(s["name"] for s in json.load(f))
+    if cfg.scenes:
+        unknown = sorted(set(cfg.scenes) - set(names))
+        if unknown:
+            raise ValueError(f"--scenes {unknown} not in {path}")
+        names = [n for n in names if n in set(cfg.scenes)]
+    return names[:cfg.limit_scenes] if cfg.limit_scenes else names
+
+
+def _run_scenes(ray, cfg, names, quarantine, secs):
+    from pipeline.scenes import problem_records
+    from pipeline.scenestore import open_scene_store
+    t0 = time.perf_counter()
+    task = ray.remote(**RESOURCES["scene_task"])(scene_task)
+    refs = [task.remote(cfg.dataroot, cfg.version, n, cfg.out) for n in names]
+    uris = {}
+    with _bar(cfg, len(refs), "scenes") as bar:
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            name, uri, err = ray.get(done[0])
+            if err:
+                quarantine.append(QuarantineRecord("scenes", name, "scene_failed", err))
+            else:
+                uris[name] = uri
+                # timeline problems (e.g. a missing sweep file) -> quarantine rows; their clips are left out
+                probs = open_scene_store(uri, heavy=False).problems
+                quarantine.extend(problem_records({"scene": name, "problems": probs}))
+            bar.update(1)
+    secs["scenes"] = time.perf_counter() - t0
+    return dict(sorted(uris.items()))
+
+
+def _vae_digest(vae_dir: str) -> str:
+    """Content hash of the VAE folder (config + weights): other weights must never pass for a resume."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(vae_dir)):
+        if name.endswith((".json", ".safetensors")):
+            h.update(name.encode())
+            with open(os.path.join(vae_dir, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_build(cfg: BuildConfig) -> BuildSummary:
+    from pipeline.buckets import load_stage, make_clip_index, write_clip_index
+    from pipeline.scenestore import open_scene_store
+    from captions.config import CaptionConfig
+    from captions.stage import caption_clips
+
+    cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
+    cfg.encode.vae = cfg.vae
+    stage = load_stage(cfg.stage)
+    vae = vae_meta(cfg.vae)
+    overrides = {k: v for k, v in (("base_url", cfg.caption_base_url), ("model", cfg.caption_model)) if v}
+    ccfg = CaptionConfig.from_env(mode=cfg.captions, **overrides)
+    if ccfg.mode == "mllm":
+        ccfg.require_endpoint()  # before any work
+    captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
+    cfg_hash = config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
+    summary, secs, quarantine = BuildSummary(), {}, []
+    ray = _init_ray(cfg)
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    if not has_gpu and cfg.encode_actors * cfg.encode_cpus > total_cpus - 1:
+        raise ValueError(f"{cfg.encode_actors} encode actors x {cfg.encode_cpus} CPUs leave no CPU of {total_cpus:g} "
+                         "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
+
+    names = _scene_names(cfg)
+    store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
+    summary.scenes = len(store_uris)
+
+    t0 = time.perf_counter()
+    scenes = [open_scene_store(u, heavy=False) for u in store_uris.values()]
+    clips = make_clip_index(scenes, stage, quarantine)
+    write_clip_index(clips, cfg.out)
+    summary.clips = dict(Counter(clips.column("bucket").to_pylist()))
+    secs["clip_index"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cap = caption_clips(clips, cfg.dataroot, ccfg, cfg.out, {s.scene_name: s.description for s in scenes},
+                        progress=cfg.progress)
+    quarantine.extend(cap.quarantine)
+    secs["captions"] = time.perf_counter() - t0
+
+    rows = clips.to_pylist()
+    frames_of = {r["key"]: r["frames"] for r in rows}
+    refs = [ClipRef(r["key"], r["split"], r["scene_name"], r["start"], r["num_frames"], r["height"], r["width"])
+            for r in rows if r["key"] in cap.captions]
+    plans = plan_shards(refs, cfg.samples_per_shard)
+    summary.shards_total = len(plans)
+    splits = sorted({p.split for p in plans})
+    records = {r.path: r for s in splits for r in read_manifest(cfg.out, s)}
+    done = {p.path for p in plans if shard_is_complete(cfg.out, p, records.get(p.path), cfg_hash, cfg.verify_resume)}
+    records = {k: v for k, v in records.items() if k in done}   # stale rows (other config) are dropped
+    todo = [p for p in plans if p.path not in done]
+    summary.shards_skipped = len(done)
+    kept_keys = {k for p in plans if p.path in done for k in p.keys}
+    quarantine.extend(q for q in read_quarantine(cfg.out)
+                      if q.stage in ("frames", "encode", "write") and q.item in kept_keys)
+
+    written = _encode_and_write(ray, cfg, todo, frames_of, store_uris, cap.captions, vae, cfg_hash, has_gpu,
+                                records, splits, quarantine, secs, summary)
+    summary.shards_written = written
+    summary.seconds = secs
+    write_quarantine(cfg.out, _dedupe(quarantine))
+    summary.quarantined = len(_dedupe(quarantine))
+    for r in records.values():
+        summary.samples[r.bucket] = summary.samples.get(r.bucket, 0) + r.samples
+        summary.bytes[r.bucket] = summary.bytes.get(r.bucket, 0) + r.bytes
+    if summary.complete:
+        dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
+            "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
+            "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
+            "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
+            "captions": captions, "config_hash": cfg_hash})
+    return summary
+
+
+def _is_tiny(vae_dir: str) -> bool:
+    from pipeline.vae import TINY_VAE_CONFIG
+    with open(os.path.join(vae_dir, "config.json")) as f:
+        c = json.load(f)
+    return list(c.get("block_out_channels", [])) == list(TINY_VAE_CONFIG["block_out_channels"])
+
+
+def _dedupe(records: list[QuarantineRecord]) -> list[QuarantineRecord]:
+    seen = {(q.stage, q.item, q.reason, q.detail): q for q in records}
+    return [seen[k] for k in sorted(seen)]
+
+
+_ACTORS: dict = {}
+
+
+def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
+    """VAE actors, kept for later builds in the same driver (notebooks, tests): the model loads once."""
+    from dataclasses import replace
+    from pipeline.encode import EncodeActor
+    opts = dict(RESOURCES["vae_actor"]) if has_gpu else {"num_cpus": cfg.encode_cpus}
+    threads = cfg.encode.torch_threads if has_gpu else max(1, int(cfg.encode_cpus))
+    enc = replace(cfg.encode, torch_threads=threads, inject_nan_keys=())  # injection travels with the units
+    key = (repr(enc), _vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())
+    pool = _ACTORS.setdefault(key, [])
+    while len(pool) < cfg.encode_actors:
+        pool.append(ray.remote(**opts)(EncodeActor).remote(enc))
+    return pool[:cfg.encode_actors]
+
+
+def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_hash, has_gpu, records, splits,
+                      quarantine, secs, summary) -> int:
+    t0 = time.perf_counter()
+    units, unit_of = plan_units([c for p in todo for c in p.clips], frames_of,
+                                reuse=reuse_holds(cfg.encode.frame_batch))
+    if not todo:
+        secs["encode+write"] = 0.0
+        return 0
+    actors = _actor_pool(ray, cfg, has_gpu)
+    inject = set(cfg.encode.inject_nan_keys)
+    for us in units.values():
+        for u in us:
+            u.inject_nan = bool(inject & set(u.keys))
+    ftask = ray.remote(**RESOURCES["frames_task"])(frames_task)
+    stask = ray.remote(**RESOURCES["write_task"])(shard_task)
+    uid_ref, pending_calls, calls, call_units = {}, [], 0, {}
+    shard_refs, written = {}, 0
+    need = {p.path: {unit_of[k] for k in p.keys} for p in todo}
+    users = Counter(u for uids in need.values() for u in uids)  # shards still to launch per unit
+    waiting = list(todo)                                        # shards not launched yet, in plan order
+    n_units = sum(len(u) for u in units.values())
+    bar_e, bar_w = _bar(cfg, n_units, "encode units"), _bar(cfg, len(todo), "shards")
+    stop = False
+    dirty, last_manifest = set(), [0.0]
+
+    def launch_ready():
+        nonlocal waiting
+        later = []
+        for p in waiting:
+            if not need[p.path] <= uid_ref.keys():
+                later.append(p)
+                continue
+            refs = sorted({uid_ref[u] for u in need[p.path]}, key=lambda r: r.hex())
+            inp = ShardInputs(p, cfg.out, {c.scene_name: store_uris[c.scene_name] for c in p.clips},
+                              {k: captions[k] for k in p.keys}, {k: unit_of[k] for k in p.keys}, vae,
+                              cfg.encode.store_std, cfg_hash)
+            shard_refs[stask.remote(inp, *refs)] = p
+            for u in need[p.path]:  # the task holds its refs now: forget units no other shard needs,
+                users[u] -= 1       # so latents leave the object store as soon as their shards are written
+                if users[u] == 0:
+                    del uid_ref[u]
+        waiting = later
+
+    def collect(block: bool) -> None:
+        nonlocal written, stop, pending_calls
+        if pending_calls:
+            ready, pending_calls = ray.wait(pending_calls, num_returns=len(pending_calls), timeout=0)
+            for r in ready:
+                bar_e.update(call_units.pop(r))
+        if not shard_refs:
+            return
+        ready, _ = ray.wait(list(shard_refs), num_returns=1 if block else len(shard_refs), timeout=None if block else 0)
+        for r in ready:
+            p = shard_refs.pop(r)
+            if stop:
+                continue
+            try:
+                record, q, _ = ray.get(r)
+            except Exception as e:  # e.g. storage down after retries: not in the manifest, a rerun retries it
+                quarantine.append(QuarantineRecord("write", p.path, "shard_failed", f"{type(e).__name__}: {e}"[:2000]))
+                bar_w.update(1)
+                continue
+            records[record.path] = record
+            quarantine.extend(q)
+            # the manifest is rewritten as shards complete (at most every manifest_every_s): a crash loses at
+            # most the shards of the last interval, which a rerun writes again (same bytes)
+            dirty.add(p.split)
+            if time.perf_counter() - last_manifest[0] >= cfg.manifest_every_s:
+                for s in sorted(dirty):
+                    write_manifest(cfg.out, s, [x for x in records.values() if x.split == s])
+                dirty.clear()
+                last_manifest[0] = time.perf_counter()
+            written += 1
+            bar_w.update(1)
+            if cfg.max_shards is not None and written >= cfg.max_shards:
+                stop = True
+
+    for g, us in sorted(units.items()):
+        if stop:
+            break
+        scene, h, w = g
+        paths = sorted({p for u in us for row in u.frames for p in row})
+        fref = ftask.remote(cfg.dataroot, paths, w, h, cfg.draft)
+        for i in range(0, len(us), cfg.units_per_call):
+            while len(pending_calls) >= cfg.max_inflight:
+                ray.wait(pending_calls, num_returns=1)
+                collect(block=False)
+            chunk = us[i:i + cfg.units_per_call]
+            ref = actors[calls % len(actors)].run.remote(fref, chunk)
+            calls += 1
+            pending_calls.append(ref)
+            call_units[ref] = len(chunk)
+            for u in chunk:
+                uid_ref[u.uid] = ref
+        launch_ready()
+        collect(block=False)
+    while shard_refs and not stop:
+        collect(block=True)
+    if stop:
+        summary.complete = False
+        for r in list(shard_refs) + pending_calls:  # files may land, but no manifest row names them
+            try:
+                ray.cancel(r)
+            except Exception:  # already finished, or an actor task Ray cannot cancel any more
+                pass
+    bar_e.close(), bar_w.close()
+    for s in splits:
+        write_manifest(cfg.out, s, [x for x in records.values() if x.split == s])
+    secs["encode+write"] = time.perf_counter() - t0
+    return written
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    p = argparse.ArgumentParser(prog="mdv2-build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="stage name (configs/stages/NAME.yaml, e.g. demo) or a yaml path")
+    p.add_argument("--dataroot", required=True, help="nuScenes root (holds VERSION/, samples/, sweeps/, maps/)")
+    p.add_argument("--version", default="v1.0-trainval", help="table folder under the dataroot (default v1.0-trainval)")
+    p.add_argument("--out", required=True, help="output root (local folder or s3://...): shards, manifests, quarantine")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKLCogVideoX folder (CogVideoX-2b/vae, or "
+                                                "`python -m pipeline.vae --out DIR` for a tiny random one)")
+    p.add_argument("--captions", choices=["dataset", "mllm", "none"],
+                   help="caption source: nuScenes scene descriptions, an OpenAI-compatible MLLM (needs OPENAI_BASE_URL "
+                        "or --caption-base-url), or empty; default: mllm when OPENAI_BASE_URL is set, else dataset")
+    p.add_argument("--caption-base-url", help="MLLM endpoint (default $OPENAI_BASE_URL)")
+    p.add_argument("--caption-model", help="MLLM model name")
+    p.add_argument("--samples-per-shard", type=int, default=8, help="clips per shard (fixed: decides the shard plan)")
+    p.add_argument("--encode-actors", type=int, default=1, help="VAE actors (one GPU each on a GPU cluster)")
+    p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per VAE actor on a CPU-only cluster")
+    p.add_argument("--units-per-call", type=int, default=4, help="encode units per actor call")
+    p.add_argument("--max-inflight", type=int, default=8, help="encode calls in flight (memory bound)")
+    p.add_argument("--cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS; none = embedded local Ray)")
+    p.add_argument("--limit-scenes", type=int, help="first N scenes (sorted by name) only")
+    p.add_argument("--scenes", nargs="*", default=(), help="only these scene names")
+    p.add_argument("--max-shards", type=int, help="stop after writing N new shards (rerun resumes)")
+    p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size before resizing (slower)")
+    p.add_argument("--device", default="auto", help="encoder device: auto | cpu | cuda")
+    p.add_argument("--views-per-batch", type=int, default=0, help="views encoded together (0 = all, 1 = low memory)")
+    p.add_argument("--tiling", action="store_true", help="spatial VAE tiling (848x1600 buckets)")
+    p.add_argument("--frame-batch", type=int, default=8,
+                   help="frames per causal encoder chunk (diffusers default 8; latent reuse needs a divisor of 8)")
+    p.add_argument("--mean-only", action="store_true", help="store latent_mean only (no latent_std)")
+    p.add_argument("--inject-nan", nargs="*", default=(), metavar="KEY",
+                   help="fault drill: feed NaN frames to the real encoder for these clip keys (they get quarantined)")
+    p.add_argument("--verify-resume", action="store_true", help="re-hash shards listed in the manifest before skipping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    enc = EncodeConfig(vae=a.vae, device=a.device, views_per_batch=a.views_per_batch, tiling=a.tiling,
+                       frame_batch=a.frame_batch, store_std=not a.mean_only, inject_nan_keys=tuple(a.inject_nan))
+    return BuildConfig(stage=a.config, dataroot=a.dataroot, version=a.version, out=a.out, vae=a.vae,
+                       captions=a.captions, caption_base_url=a.caption_base_url, caption_model=a.caption_model,
+                       samples_per_shard=a.samples_per_shard, encode_actors=a.encode_actors,
+                       encode_cpus=a.encode_cpus, units_per_call=a.units_per_call, max_inflight=a.max_inflight,
+                       cpus=a.cpus, address=a.address, limit_scenes=a.limit_scenes, scenes=tuple(a.scenes),
+                       max_shards=a.max_shards, draft=not a.no_draft, verify_resume=a.verify_resume,
+                       progress=not a.no_progress, encode=enc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    t0 = time.perf_counter()
+    summary = run_build(cfg)
+    summary.seconds["total"] = time.perf_counter() - t0
+    print(summary.text())
+    print(f"shards: {os.path.abspath(cfg.out) if not storage.is_remote(cfg.out) else cfg.out}/<split>/<bucket>/; "
+          f"manifests: <split>/{os.path.basename(schema.manifest_path('x'))}; quarantine: {schema.QUARANTINE_FILE}")
+    return 0 if summary.complete else 3
+
+
+if __name__ == "__main__":
+    # run the copy imported as pipeline.build, so Ray workers import the task functions by module name
+    from pipeline.build import main as _main
+    sys.exit(_main())
