@@ -313,6 +313,9 @@ def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
     from dataclasses import replace
     from pipeline.encode import EncodeActor
     opts = dict(RESOURCES["vae_actor"]) if has_gpu else {"num_cpus": cfg.encode_cpus}
+    # encode calls are pure functions of their inputs: a killed actor is restarted (model reloaded in
+    # __init__) and its in-flight calls are retried, so a lost GPU node costs time, not samples
+    opts.update(max_restarts=-1, max_task_retries=-1)
     threads = cfg.encode.torch_threads if has_gpu else max(1, int(cfg.encode_cpus))
     enc = replace(cfg.encode, torch_threads=threads, inject_nan_keys=())  # injection travels with the units
     key = (repr(enc), _vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())

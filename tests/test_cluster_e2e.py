@@ -248,22 +248,26 @@ def test_job_submit_end_to_end(reference, head):
 
 
 def test_killed_task_worker_is_retried(head, inputs, reference, tmp_path):
-    """SIGKILL the worker process running a task mid-build, once per task kind seen (scene, frames, shard):
-    Ray retries the task (default max_retries for system failures) and the output equals the uninterrupted
-    build."""
+    """SIGKILL the worker process running a task mid-build, once per task kind seen (scene, frames, shard),
+    and the VAE actor process: Ray retries the tasks (default max_retries for system failures), restarts the
+    actor and retries its calls (max_restarts / max_task_retries set by the build), and the output equals the
+    uninterrupted build: no sample lost to quarantine."""
     out = str(tmp_path / "out")
     job = submit(head, inputs, out)
-    kinds = ("ray::scene_task", "ray::frames_task", "ray::shard_task")
+    kinds = ("ray::scene_task", "ray::frames_task", "ray::shard_task", "ray::EncodeActor")
     killed: dict[str, int] = {}
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while len(killed) < len(kinds) and time.monotonic() < deadline and job_status(head, job) in ("PENDING", "RUNNING"):
         for pid, cmd in cluster_processes(head.temp_dir).items():
-            kind = cmd.split()[0] if cmd else ""
+            kind = cmd.split()[0].split(".")[0] if cmd else ""  # "ray::EncodeActor.run" -> the actor
+            if kind == "ray::EncodeActor" and "." not in cmd.split()[0]:
+                continue  # kill the actor while it runs a call, not while it is idle
             if kind in kinds and kind not in killed:
                 os.kill(pid, signal.SIGKILL)
                 killed[kind] = pid
         time.sleep(0.05)
     assert killed, "no task worker was seen running"
+    assert "ray::EncodeActor" in killed, f"the VAE actor was never seen encoding (killed {killed})"
     print(f"\nkilled task workers mid-build: {killed}")
     wait_job(head, job)
     files = validate_output(out)
