@@ -5,6 +5,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO       ?= demo_out
+DEMO_STEPS ?= 200
 PY          = $(VENV)/bin/python
 PIP         = $(VENV)/bin/pip
 
@@ -20,9 +21,21 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # Synthetic nuScenes-format data -> scene processing -> tiny CogVAE -> shards -> tiny MVDiT -> sample video.
+# Each line is a command a user can run alone; every step resumes or overwrites, so a re-run is safe.
 demo: setup
 	$(PY) -m pipeline.synth --out $(DEMO)/nuscenes --scenes 2 --seconds 8 --image-size 400x225 --seed 0
-	@echo "demo: synthetic dataset in $(DEMO)/nuscenes"
+	$(PY) -m pipeline.vae --out $(DEMO)/tiny-cogvae
+	$(PY) pipeline/build.py --config demo --dataroot $(DEMO)/nuscenes --version v1.0-synth \
+	    --out $(DEMO)/shards --vae $(DEMO)/tiny-cogvae
+	$(PY) -m pipeline.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
+	    --dataroot $(DEMO)/nuscenes --png $(DEMO)/preview.png > /dev/null
+	$(PY) -m model.text tiny $(DEMO)/t5
+	$(PY) -m model.text build --t5 $(DEMO)/t5 --captions $(DEMO)/shards --out $(DEMO)/text_cache --max-length 64
+	$(PY) -m train.train --config configs/train/demo.yaml --data-root $(DEMO)/shards \
+	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS)
+	$(PY) -m train.sample --ckpt $(DEMO)/run --vae $(DEMO)/tiny-cogvae --out $(DEMO)/sample --bucket 64x128_t9
+	@echo "demo: shards in $(DEMO)/shards (README.md = dataset card), preview $(DEMO)/preview.png,"
+	@echo "      training log $(DEMO)/run/log.jsonl, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"
 
 test: setup
 	$(PY) -m pytest -q

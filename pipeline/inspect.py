@@ -173,7 +173,7 @@ def decode_latents(sample: schema.Sample, vae_dir: str) -> np.ndarray:
     """(V, T, H, W, 3) uint8 RGB decoded from latent_mean by the CogVAE in `vae_dir` (unscaled latents)."""
     import torch
     from diffusers import AutoencoderKLCogVideoX
-    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir, local_files_only=True).eval()
+    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir, local_files_only=True, low_cpu_mem_usage=False).eval()
     z = torch.from_numpy(sample.latent_mean.astype(np.float32))          # (V, 16, T', h, w)
     with torch.no_grad():
         x = vae.decode(z).sample                                         # (V, 3, T, H, W) in [-1, 1]

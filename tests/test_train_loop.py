@@ -1,0 +1,175 @@
+"""train/train.py and train/sample.py end to end with the tiny MVDiT on factory shards (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline import schema
+from tests.factories import write_shards
+from train import checkpoint as ckpt
+from train.config import DataConfig, TrainConfig
+from train.data import BatchStream, find_shards
+from train.train import (TextSource, build_model, compute_loss, ema_update, lr_at, make_optimizer, seed_step,
+                         step_generator, train)
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = """name: t
+buckets:
+  - {height: 32, width: 64, num_frames: 1, batch_size: 4}
+  - {height: 32, width: 64, num_frames: 9, batch_size: 2}
+"""
+VIEWS = schema.VIEWS[:3]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_shards(root / "shards", {(32, 64, 1): 8, (32, 64, 9): 4}, per_shard=2, views=VIEWS, num_boxes=3)
+    write_shards(root / "shards", {(32, 64, 1): 4, (32, 64, 9): 2}, split="val", per_shard=2, views=VIEWS,
+                 num_boxes=3, seed=99)
+    (root / "stage.yaml").write_text(STAGE)
+    # a caption cache, so the trainer processes never import transformers (fast torchrun start)
+    from model.text import T5TextEncoder, TextEmbeddingCache, read_captions, write_tiny_t5
+    write_tiny_t5(root / "t5")
+    TextEmbeddingCache(root / "text_cache").build(read_captions(str(root / "shards")),
+                                                  T5TextEncoder(root / "t5", max_length=16), progress=False)
+    return root
+
+
+def config(root: Path, out: str, steps: int, **kw) -> TrainConfig:
+    d = dict(out=str(root / out), steps=steps, lr=2e-3, warmup=3, ema_decay=0.9, val_every=0, ckpt_every=1000,
+             data=DataConfig(root=str(root / "shards"), stage=str(root / "stage.yaml"), samples_per_chunk=6,
+                             shuffle_buffer=3, text_cache=str(root / "text_cache"), text_max_length=16))
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def test_train_then_resume_equals_uninterrupted(data):
+    torch.set_num_threads(1)
+    train(config(data, "full", 6), progress=False)
+    train(config(data, "half", 3), progress=False)
+    # the CLI path: --resume with no value = the latest checkpoint of --out, with the checkpoint's own config
+    from train.train import main
+    assert main(["--out", str(data / "half"), "--resume", "--steps", "6", "--no-progress"]) == 0
+    a, b = ckpt.resolve(data / "full"), ckpt.resolve(data / "half")
+    assert a.name == b.name == "step-0000006"
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name} differs after resume"
+    sa, sb = ckpt.load_state(a), ckpt.load_state(b)  # torch.load(weights_only=True) inside
+    assert sa["step"] == sb["step"] == 6
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    conf = ckpt.load_config(a)
+    assert conf["train"]["steps"] == 6 and conf["model"]["hidden"] == 64  # the checkpoint carries its config
+    log = [json.loads(line) for line in (data / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert {"loss", "bucket", "loss_by_bucket", "samples_per_s", "latent_tokens_per_s", "lr"} <= set(log[0])
+    assert log[0]["lr"] == pytest.approx(2e-3 / 3)  # linear warm-up
+
+
+def test_warmup_then_constant():
+    cfg = TrainConfig(lr=1e-4, warmup=3000)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4 / 3000)
+    assert lr_at(cfg, 1499) == pytest.approx(0.5e-4)
+    assert lr_at(cfg, 2999) == lr_at(cfg, 10**6) == pytest.approx(1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_gradient_averaging(data):
+    """torchrun, 2 CPU processes (gloo) == one process averaging the two ranks' gradients."""
+    steps = 2
+    cfg = config(data, "ddp", steps)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "train.train", "--no-progress", "--out", cfg.out,
+           "--steps", str(steps), "--data-root", cfg.data.root, "--stage", cfg.data.stage,
+           "--text-cache", cfg.data.text_cache, "--set", "lr=2e-3", "--set", "warmup=3",
+           "--set", "ema_decay=0.9", "--set", "val_every=0", "--set", "data.samples_per_chunk=6",
+           "--set", "data.shuffle_buffer=3", "--set", "data.text_max_length=16"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = load_file(str(ckpt.resolve(cfg.out) / "model.safetensors"))
+    assert ckpt.load_state(cfg.out)["data"]["world"] == 2
+
+    torch.set_num_threads(1)
+    model, ema = build_model(cfg)
+    opt = make_optimizer(cfg, model)
+    shards = find_shards(cfg.data, "train", [])
+    streams = [iter(BatchStream(shards, cfg.data, cfg.seed, rank=r, world=2, stop_step=steps)) for r in range(2)]
+    text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
+    buckets = set()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        opt.zero_grad()
+        for rank in range(2):
+            batch = next(streams[rank])
+            buckets.add(batch.bucket)
+            seed_step(cfg.seed, step, rank)
+            loss = compute_loss(model, batch, text, cfg, step_generator(cfg.seed, step, rank), torch.device("cpu"),
+                                False)
+            (loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, cfg.ema_decay)
+    ref = model.state_dict()
+    moved = max(float((ref[k] - ddp[k]).abs().max()) for k in ddp)
+    init, _ = build_model(cfg)
+    change = max(float((ref[k] - init.state_dict()[k]).abs().max()) for k in ddp)
+    assert change > 1e-3            # training moved the weights...
+    assert moved < 1e-5, moved      # ...and DDP moved them the same way (float reduction order aside)
+
+
+@pytest.mark.slow
+def test_tiny_model_loss_decreases(data):
+    torch.set_num_threads(1)
+    cfg = config(data, "learn", 40, lr=3e-3, warmup=5, val_every=40, val_batches=4)
+    cfg.data.val_split = "train"  # fit the training clips: the loss must fall on them
+    train(cfg, progress=False)
+    log = [json.loads(line) for line in (data / "learn" / "log.jsonl").read_text().splitlines()]
+    first = np.mean([r["loss"] for r in log[:5]])
+    last = np.mean([r["loss"] for r in log[-5:]])
+    assert last < 0.85 * first, (first, last)
+    assert log[-1]["val_loss"] < 0.85 * first
+
+
+@pytest.mark.slow
+def test_sample_writes_videos_and_contact_sheet(data):
+    from pipeline.vae import write_tiny_vae
+    from train.sample import main as sample_main
+    if not (data / "full").exists():
+        train(config(data, "full", 2), progress=False)
+    write_tiny_vae(data / "vae")
+    out = data / "samples"
+    assert sample_main(["--ckpt", str(data / "full"), "--vae", str(data / "vae"), "--out", str(out),
+                        "--bucket", "32x64_t9", "--steps", "3"]) == 0
+    for name in VIEWS:
+        with av.open(str(out / f"{name}.mp4")) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == 9 and frames[0].shape == (32, 64, 3)
+    with av.open(str(out / "grid.mp4")) as c:
+        g = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(g) == 9 and g[0].shape == (32, 3 * 64, 3)  # 3 views -> one row of 3
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape == (32, 3 * 64, 3)
+    info = json.loads((out / "sample.json").read_text())
+    assert info["steps"] == 3 and info["weights"] == "ema"

@@ -1,0 +1,368 @@
+"""Stream training batches from webdataset shards: one bucket per batch, deterministic by step.
+
+Where shards come from: ``data.shards`` URL patterns (local globs, ``{000..009}`` brace
+ranges, ``pipe:`` commands, ``s3://``/``gs://`` through fsspec) or ``data.root``, the
+pipeline's output (its ``{split}/manifest.parquet`` lists the shards and their schema
+version; without a manifest the ``{split}/{H}x{W}_t{T}/shard-*.tar`` folders are globbed).
+A shard's bucket is its ``{H}x{W}_t{T}`` folder; its batch size comes from the stage config.
+
+Determinism (why resume is exact): the bucket of step s is a hash of (seed, rank, s)
+(train/buckets.py). Each (rank, stream, bucket) reads an endless sequence of *chunks*;
+chunk k draws shards with replacement (resampling, so epochs never end) and shuffles
+samples with RNGs seeded by (seed, rank, stream, bucket, k). How many samples a stream has
+consumed before step N follows from the schedule alone, so a resumed run re-opens the
+right chunk and skips the samples already used (reading, not decoding, them).
+
+Failure policy: a shard that cannot be opened or is truncated/corrupt is skipped with a
+counted warning; a sample that breaks the contract is skipped and counted; a shard of
+another schema *major* version stops the run with a clear message (training on a
+different contract would be silently wrong).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline import manifest as manifest_mod
+from pipeline import schema, storage
+from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
+                           stage_specs)
+from train.config import DataConfig
+
+log = logging.getLogger("train.data")
+
+
+class ShardVersionError(RuntimeError):
+    """Shards written under another schema major version; the trainer refuses them."""
+
+
+# ---- URLs ---------------------------------------------------------------------------
+
+def expand_urls(patterns: list[str] | str) -> list[str]:
+    """Brace ranges expanded, globs listed (locally or through fsspec); ``pipe:`` URLs kept as given."""
+    out: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        for url in braceexpand.braceexpand(pattern):
+            if url.startswith("pipe:") or not any(c in url for c in "*?["):
+                out.append(url)
+            else:
+                hits = storage.glob(url)
+                if not hits:
+                    raise FileNotFoundError(f"shard pattern {url!r} matches no file")
+                out.extend(hits)
+    return out
+
+
+def open_url(url: str):
+    """pipe: through webdataset's gopen; s3://, gs://, memory:// through fsspec; else a local file."""
+    if url.startswith("pipe:"):
+        return wds.gopen(url, "rb")
+    if storage.is_remote(url):
+        return storage.open_file(url, "rb")
+    return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split grouped by bucket, with batch sizes from the stage config."""
+    buckets: list[Bucket]
+    urls: dict[str, list[str]]                 # bucket name -> shard URLs
+    samples: dict[str, int] | None = None      # bucket name -> sample count (from the manifest)
+
+
+def find_shards(cfg: DataConfig, split: str, explicit: list[str]) -> ShardSet:
+    samples = None
+    if explicit:
+        urls = expand_urls(explicit)
+    elif cfg.root:
+        records = manifest_mod.read_manifest(cfg.root, split)
+        if records:
+            bad = [r for r in records if schema.schema_major(r.schema_version) != schema.schema_major(schema.SCHEMA_VERSION)]
+            if bad:
+                raise ShardVersionError(
+                    f"{storage.join(cfg.root, schema.manifest_path(split))}: {len(bad)} shards have schema version "
+                    f"{bad[0].schema_version}, this trainer reads schema {schema.SCHEMA_VERSION} (major "
+                    f"{schema.schema_major(schema.SCHEMA_VERSION)}); rebuild the shards with this pipeline version "
+                    f"or use the trainer release that matches them")
+            urls = [storage.join(cfg.root, r.path) for r in records]
+            samples = {}
+            for r in records:
+                samples[r.bucket] = samples.get(r.bucket, 0) + r.samples
+        else:
+            pattern = storage.join(cfg.root, split, "*", "shard-*.tar")
+            urls = storage.glob(pattern)
+    else:
+        raise ValueError("no shards: set data.root (the pipeline's --out) or data.shards (URL patterns)")
+    if not urls:
+        raise FileNotFoundError(f"no {split} shards found (root={cfg.root!r}, shards={explicit!r})")
+    by_shape: dict[tuple, list[str]] = {}
+    for u in urls:
+        by_shape.setdefault(bucket_of_url(u), []).append(u)
+    matched = match_buckets(stage_specs(cfg.stage), list(by_shape))
+    ignored = sorted(schema.bucket_name(*s) for s in by_shape if s not in matched)
+    if ignored:
+        log.warning("stage %r has no batch size for buckets %s; their shards are not used", cfg.stage, ignored)
+    if not matched:
+        raise ValueError(f"none of the {split} buckets {sorted(schema.bucket_name(*s) for s in by_shape)} is in "
+                         f"stage config {cfg.stage!r}; train with the stage the shards were built for")
+    buckets = [matched[s] for s in sorted(matched, key=bucket_sort_key)]
+    return ShardSet(buckets, {b.name: sorted(by_shape[(b.height, b.width, b.num_frames)]) for b in buckets}, samples)
+
+
+# ---- one sample ---------------------------------------------------------------------
+
+@dataclass
+class LoaderStats:
+    corrupt_shards: int = 0   # shards that could not be opened or read to the end
+    bad_samples: int = 0      # samples that broke the contract (incl. partial samples of a truncated shard)
+    samples: int = 0          # samples decoded
+    bytes: int = 0            # raw member bytes read
+
+    def as_dict(self) -> dict:
+        return dict(corrupt_shards=self.corrupt_shards, bad_samples=self.bad_samples,
+                    samples=self.samples, bytes=self.bytes)
+
+
+def decode(raw: dict) -> dict:
+    """Raw webdataset sample -> arrays (validated by pipeline/schema.py, BEV unpacked).
+
+    The posterior draw z = s * (mean + std * eps) is left to the trainer (Batch.sample_latents):
+    float16 mean/std travel at half the bytes, and on a GPU the draw costs nothing.
+    Raises ShardVersionError (fatal) for another schema major, SchemaError for a broken sample."""
+    key, url = raw.get("__key__"), raw.get("__url__")
+    meta_raw = raw.get("meta.json")
+    if meta_raw is not None:
+        try:
+            version = json.loads(meta_raw).get("schema_version")
+        except (ValueError, AttributeError):
+            version = None  # decode_sample names the problem below
+        if version is not None:
+            try:
+                schema.check_schema_version(version, key)
+            except schema.SchemaError as e:
+                raise ShardVersionError(f"shard {url}: {e}") from None
+    s = schema.decode_sample({k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}, key)
+    return dict(key=s.key, caption=s.caption, latent_mean=s.latent_mean, latent_std=s.latent_std,
+                scaling_factor=float(s.meta["vae"]["scaling_factor"]),
+                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar, boxes=s.boxes, box_class=s.box_class,
+                box_mask=s.box_mask, box_view_mask=s.box_view_mask, traj=s.traj,
+                bev=s.bev_masks(), views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
+
+
+# ---- streams --------------------------------------------------------------------------
+
+class BucketStream:
+    """Endless, deterministic stream of decoded samples of one bucket for one (rank, stream)."""
+
+    def __init__(self, urls: list[str], key: tuple[int, ...], cfg: DataConfig, stats: LoaderStats):
+        self.urls, self.key, self.cfg, self.stats = urls, key, cfg, stats
+        self.chunk, self.index, self._it = 0, 0, None
+
+    def seek(self, consumed: int) -> None:
+        self.chunk, skip = divmod(consumed, self.cfg.samples_per_chunk)
+        self._it = self._chunk_iter(self.chunk)
+        for _ in range(skip):  # raw samples only: no decode, no latent draw
+            next(self._it)
+        self.index = skip
+
+    def _handler(self, exn: Exception) -> bool:
+        self.stats.corrupt_shards += 1
+        log.warning("skipping unreadable shard (%d so far): %s", self.stats.corrupt_shards, exn)
+        return True
+
+    def _chunk_iter(self, chunk: int) -> Iterator[dict]:
+        rng = np.random.default_rng((*self.key, chunk))
+        empty = {"draws": 0}
+
+        def shard_draws():
+            while True:
+                empty["draws"] += 1
+                if empty["draws"] > 2 * len(self.urls) + 10:
+                    raise RuntimeError(f"no readable sample in {empty['draws']} shard draws of {self.urls[:3]}...: "
+                                       f"the shards of this bucket are all unreadable (see warnings above)")
+                url = self.urls[int(rng.integers(len(self.urls)))]
+                try:
+                    yield dict(url=url, stream=open_url(url))
+                except Exception as e:  # missing object, failing pipe: counted, not fatal
+                    self._handler(e)
+
+        raw = group_by_keys(tar_file_expander(shard_draws(), handler=self._handler), handler=self._handler)
+        shuffled = wds.filters._shuffle(raw, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
+                                        rng=random.Random(int(rng.integers(2**62))))
+        for n, sample in enumerate(shuffled):
+            if n >= self.cfg.samples_per_chunk:
+                return
+            empty["draws"] = 0
+            yield sample
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self.seek(0)
+            try:
+                raw = next(self._it)
+            except StopIteration:
+                self.chunk, self.index = self.chunk + 1, 0
+                self._it = self._chunk_iter(self.chunk)
+                continue
+            self.index += 1
+            try:
+                out = decode(raw)
+            except schema.SchemaError as e:
+                self.stats.bad_samples += 1
+                log.warning("skipping bad sample (%d so far) from %s: %s", self.stats.bad_samples,
+                            raw.get("__url__"), e)
+                continue
+            self.stats.samples += 1
+            self.stats.bytes += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+            return out
+
+
+@dataclass
+class Batch:
+    """One bucket's batch. Shapes: B samples, V views, T frames, N boxes (padded)."""
+    step: int
+    bucket: str
+    keys: list[str]
+    captions: list[str]
+    latent_mean: torch.Tensor    # (B, V, 16, T', H/8, W/8) float16, unscaled posterior mean
+    latent_std: torch.Tensor | None  # same, posterior std (None when the shards store the mean only)
+    scaling_factor: torch.Tensor # (B,) the VAE scaling factor s of each sample
+    intrinsics: torch.Tensor     # (B, V, 3, 3)
+    cam2lidar: torch.Tensor      # (B, V, 4, 4)
+    boxes: torch.Tensor          # (B, T, N, 7)
+    box_class: torch.Tensor      # (B, N) long
+    box_mask: torch.Tensor       # (B, T, N) bool
+    box_view_mask: torch.Tensor  # (B, T, V, N) bool
+    traj: torch.Tensor           # (B, T, 4, 4)
+    bev: torch.Tensor            # (B, T, 8, 200, 200) bool
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.latent_mean.shape)
+
+    def sample_latents(self, gen: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """z = s * (mean + std * eps), a fresh posterior draw -> (B, V, 16, T', H/8, W/8) float32 on device."""
+        mean = self.latent_mean.to(device).float()
+        s = self.scaling_factor.to(device).float().view(-1, *([1] * (mean.dim() - 1)))
+        if self.latent_std is None:
+            return s * mean
+        eps = torch.randn(mean.shape, generator=gen).to(device)
+        return s * (mean + self.latent_std.to(device).float() * eps)
+
+    def conditions(self, text: torch.Tensor, text_mask: torch.Tensor):
+        from model.conditions import Conditions
+        return Conditions(text=text, text_mask=text_mask, intrinsics=self.intrinsics, cam2lidar=self.cam2lidar,
+                          boxes=self.boxes, box_class=self.box_class, box_mask=self.box_mask,
+                          box_view_mask=self.box_view_mask, traj=self.traj, bev=self.bev.float())
+
+
+def collate(samples: list[dict], step: int, bucket: str) -> Batch:
+    views = {s["views"] for s in samples}
+    if len(views) != 1:
+        raise ValueError(f"bucket {bucket}: samples with different view lists {sorted(views)} cannot share a batch")
+    t_min = min(s["shape"][2] for s in samples)
+    if any(s["shape"][2] != t_min for s in samples):
+        # a "full" bucket mixes clip lengths: keep the common prefix. CogVAE is causal, so the first
+        # latent_frames(t) latents are the latents of the first t frames.
+        tl = schema.latent_frames(t_min)
+        samples = [dict(s, latent_mean=s["latent_mean"][:, :, :tl],
+                        latent_std=None if s["latent_std"] is None else s["latent_std"][:, :, :tl], boxes=s["boxes"][:t_min], box_mask=s["box_mask"][:t_min],
+                        box_view_mask=s["box_view_mask"][:t_min], traj=s["traj"][:t_min], bev=s["bev"][:t_min])
+                   for s in samples]
+    n = max(s["box_class"].shape[0] for s in samples)
+
+    def pad(a: np.ndarray, axis: int, value=0) -> np.ndarray:
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, n - a.shape[axis])
+        return np.pad(a, widths, constant_values=value)
+
+    def stack(name, axis=None, dtype=None):
+        arrs = [pad(s[name], axis) if axis is not None else s[name] for s in samples]
+        t = torch.from_numpy(np.stack(arrs))
+        return t.to(dtype) if dtype is not None else t
+
+    return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
+                 latent_mean=stack("latent_mean"),
+                 latent_std=None if any(s["latent_std"] is None for s in samples) else stack("latent_std"),
+                 scaling_factor=torch.tensor([s["scaling_factor"] for s in samples], dtype=torch.float64),
+                 intrinsics=stack("intrinsics"), cam2lidar=stack("cam2lidar"),
+                 boxes=stack("boxes", 1), box_class=stack("box_class", 0, torch.long), box_mask=stack("box_mask", 1),
+                 box_view_mask=stack("box_view_mask", 2), traj=stack("traj"), bev=stack("bev"))
+
+
+class BatchStream(IterableDataset):
+    """Batches for steps start, start+1, ... of one rank; each DataLoader worker is one stream.
+
+    Step s belongs to stream ``s % streams``, whatever step the run started at, so the
+    stream contents do not depend on where a run was resumed."""
+
+    def __init__(self, shards: ShardSet, cfg: DataConfig, seed: int, rank: int = 0, world: int = 1,
+                 start_step: int = 0, stop_step: int | None = None):
+        self.shards, self.cfg, self.seed, self.rank, self.world = shards, cfg, seed, rank, world
+        self.start, self.stop = start_step, stop_step
+        self.streams = max(1, cfg.num_workers)
+        self.weights = schedule_weights(shards.buckets, cfg.schedule, shards.samples)
+
+    def bucket_of_steps(self, steps: np.ndarray) -> np.ndarray:
+        return bucket_indices(self.weights, self.seed, self.rank, steps)
+
+    def _urls_for(self, urls: list[str], stream: int) -> list[str]:
+        """Split shards by node, then by stream, when there are enough; else share them (seeds still differ)."""
+        parts = self.world * self.streams
+        if len(urls) >= parts:
+            return urls[self.rank * self.streams + stream::parts]
+        if len(urls) >= self.world:
+            return urls[self.rank::self.world]
+        return urls
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.streams:
+            raise RuntimeError(f"BatchStream built for {self.streams} streams but run with {workers} workers")
+        stream = (self.start + worker) % self.streams
+        before = np.arange(stream, self.start, self.streams)  # earlier steps of this stream
+        done = np.bincount(self.bucket_of_steps(before), minlength=len(self.shards.buckets)) if len(before) else \
+            np.zeros(len(self.shards.buckets), np.int64)
+        stats = LoaderStats()
+        streams: dict[int, BucketStream] = {}
+        step = self.start + worker
+        while self.stop is None or step < self.stop:
+            b = int(self.bucket_of_steps(np.array([step]))[0])
+            bucket = self.shards.buckets[b]
+            if b not in streams:
+                key = (self.seed, self.rank, stream, zlib.crc32(bucket.name.encode()))
+                streams[b] = BucketStream(self._urls_for(self.shards.urls[bucket.name], stream), key, self.cfg, stats)
+                streams[b].seek(int(done[b]) * bucket.batch_size)
+            samples = [next(streams[b]) for _ in range(bucket.batch_size)]
+            batch = collate(samples, step, bucket.name)
+            batch.stats = dict(stats.as_dict(), stream=stream)
+            yield batch
+            step += self.streams
+
+
+def make_loader(stream: BatchStream) -> torch.utils.data.DataLoader:
+    """A DataLoader over a BatchStream (batch_size=None: the stream batches by bucket itself)."""
+    kw = dict(num_workers=stream.streams if stream.cfg.num_workers > 0 else 0, batch_size=None)
+    if stream.cfg.num_workers > 0:
+        kw.update(prefetch_factor=2, persistent_workers=False)
+    return torch.utils.data.DataLoader(stream, **kw)
+
+
+def total_stats(per_stream: dict[int, dict]) -> dict:
+    """Sum the cumulative counters that each stream attaches to its batches."""
+    keys = ("corrupt_shards", "bad_samples", "samples", "bytes")
+    return {k: sum(s.get(k, 0) for s in per_stream.values()) for k in keys}

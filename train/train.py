@@ -1,0 +1,377 @@
+"""The lean trainer: MVDiT + rectified flow on bucketed webdataset shards.
+
+    python -m train.train --config configs/train/demo.yaml --set data.root=demo_out/shards --out runs/demo
+    torchrun --nproc_per_node 8 -m train.train --config ... --out runs/stage2     # DDP (NCCL on GPUs)
+    python -m train.train --out runs/demo --resume                                # continue exactly
+
+One step: the schedule picks this step's bucket (train/buckets.py), the stream gives a
+batch of it (train/data.py), each condition is dropped at its rate for CFG, t is drawn
+logit-normal + shifted, the model predicts the velocity of x_t and the MSE is minimised
+(train/flow.py). Adam(W) at a constant LR after a linear warm-up, gradient clipping, an
+fp32 EMA of the weights. Every random draw of step s on rank r comes from a generator
+seeded with (seed, s, r), and the data order is a function of (seed, step), so training
+N steps and resuming N more gives the same weights as training 2N steps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model.conditions import CONDITION_NAMES
+from train import checkpoint as ckpt
+from train import flow
+from train.config import TrainConfig, config_json, load_config
+from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
+
+log = logging.getLogger("train")
+
+# bf16 dense peak TFLOP/s by GPU name, for the MFU estimate (override with peak_tflops)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "4090": 165.0, "A10": 125.0}
+
+
+# ---- small pure pieces (the tests call these) -----------------------------------------
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The one RNG of a (step, rank): timesteps, noise and condition drops all come from it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + rank * 7_919) % (2 ** 63))
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global RNG per (step, rank), for any randomness inside the model (dropout)."""
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2 ** 63))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant (paper Appendix E)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def condition_drops(batch: int, rates: dict[str, float], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """{name: (B,) bool} with each condition dropped independently at its rate."""
+    return {name: torch.rand(batch, generator=gen) < float(rates.get(name, 0.0)) for name in CONDITION_NAMES}
+
+
+def latent_tokens(model_cfg, latents_shape) -> int:
+    b, v, _, tl, h, w = latents_shape
+    p = model_cfg.patch
+    return b * v * tl * math.ceil(h / p) * math.ceil(w / p)
+
+
+def step_flops(model_cfg, n_params: int, latents_shape) -> float:
+    """Training FLOPs of one step: 6 N per token (fwd + bwd of the linears) plus self-attention
+    (spatial over S tokens, temporal over T' frames) in backbone and ControlNet blocks.
+    Cross-view and cross-attention are left out, so this slightly under-counts."""
+    b, v, _, tl, h, w = latents_shape
+    p, d = model_cfg.patch, model_cfg.hidden
+    s = math.ceil(h / p) * math.ceil(w / p)
+    pairs = model_cfg.depth + model_cfg.controlnet_depth
+    attn = 12 * d * pairs * (b * v * tl * s * s + b * v * s * tl * tl)
+    return 6.0 * n_params * b * v * tl * s + attn
+
+
+class TextSource:
+    """Caption -> T5 states: the cache first (model.text.TextEmbeddingCache), else the T5 encoder."""
+
+    def __init__(self, cache: str | None, encoder: str | None, max_length: int, device: str = "cpu"):
+        from model.text import T5TextEncoder, TextEmbeddingCache
+        if not cache and not encoder:
+            raise ValueError("no text source: set data.text_cache (python -m model.text build ...) or "
+                             "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
+        self.cache = TextEmbeddingCache(cache) if cache else None
+        self.encoder = T5TextEncoder(encoder, max_length=max_length, device=device) if encoder else None
+        self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, L, D) float, (B, L) bool."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self.memo]
+        if todo and self.cache is not None and (self.encoder is None or all(c in self.cache for c in todo)):
+            for c in todo:
+                self.memo[c] = self.cache.get(c)
+        elif todo:
+            emb, mask = self.encoder.encode(todo)
+            for c, e, m in zip(todo, emb.cpu(), mask.cpu()):
+                self.memo[c] = (e, m)
+        embs, masks = zip(*(self.memo[c] for c in captions))
+        return torch.stack(embs), torch.stack(masks)
+
+
+def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: torch.Generator,
+                 device: torch.device, autocast: bool, drops: bool = True) -> torch.Tensor:
+    """The rectified-flow v-prediction loss of one batch; every random draw comes from ``gen``."""
+    x0 = batch.sample_latents(gen)                                        # (B, V, 16, T', H', W')
+    b, _, _, tl, h, w = x0.shape
+    emb, mask = text.embed(batch.captions)
+    cond = batch.conditions(emb, mask).to(device)
+    shift = flow.shift_factor(cfg.flow, h * 8, w * 8, tl)
+    t = flow.sample_timesteps(b, cfg.flow, shift, gen)                    # (B,)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = condition_drops(b, cfg.drop if drops else {}, gen)
+    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    xt = flow.interpolate(x0, noise, t)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        pred = model(xt, t, cond, {k: v.to(device) for k, v in drop.items()})
+    return flow.flow_loss(pred, x0, noise)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().float(), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+# ---- setup --------------------------------------------------------------------------
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device_pref == "auto":
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(device_pref)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def build_model(cfg: TrainConfig, state_from: str | None = None):
+    from model.registry import build_from_config, build_model as build_preset
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    if state_from:
+        model = build_from_config(ckpt.load_config(state_from)["model"])
+        model.load_state_dict(ckpt.load_weights(state_from, "model"))
+    else:
+        model = build_preset(cfg.model, **cfg.model_overrides)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    if state_from:
+        ema.load_state_dict(ckpt.load_weights(state_from, "ema"))
+    return model, ema
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r}: use 'adam' or 'adamw'")
+
+
+def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# ---- validation -----------------------------------------------------------------------
+
+class Validator:
+    """A fixed set of val batches with fixed noise: the val loss is comparable across steps."""
+
+    def __init__(self, cfg: TrainConfig, shards: ShardSet):
+        data = copy.deepcopy(cfg.data)
+        data.num_workers = 0
+        self.batches = list(BatchStream(shards, data, seed=cfg.seed + 1, stop_step=cfg.val_batches))
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def __call__(self, model, text: TextSource, device, autocast: bool) -> dict:
+        was = model.training
+        model.eval()
+        per: dict[str, list[float]] = {}
+        for i, batch in enumerate(self.batches):
+            gen = step_generator(self.cfg.seed, 10**9 + i, 0)
+            loss = compute_loss(model, batch, text, self.cfg, gen, device, autocast, drops=False)
+            per.setdefault(batch.bucket, []).append(float(loss))
+        model.train(was)
+        allv = [v for vs in per.values() for v in vs]
+        return {"val_loss": float(np.mean(allv)), "val_loss_by_bucket": {k: float(np.mean(v)) for k, v in per.items()}}
+
+
+# ---- the loop -------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+    rank, world, device = setup_distributed(cfg.device)
+    autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model, ema = build_model(cfg, resume)
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device).train()
+    ema.to(device)
+    opt = make_optimizer(cfg, model)
+    start = 0
+    if resume:
+        state = ckpt.load_state(resume)
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        pos = state["data"]
+        if (pos["world"], pos["streams"]) != (world, max(1, cfg.data.num_workers)):
+            log.warning("resuming with world=%d, streams=%d (checkpoint: %d, %d): the data order differs from an "
+                        "uninterrupted run", world, max(1, cfg.data.num_workers), pos["world"], pos["streams"])
+    # find_unused_parameters: a step's bucket/drops can leave a branch without gradient on one rank
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+    ) if world > 1 else model
+
+    shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
+    stream = BatchStream(shards, cfg.data, cfg.seed, rank, world, start_step=start, stop_step=cfg.steps)
+    text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
+    validator = None
+    if rank == 0 and cfg.val_every > 0:
+        try:
+            validator = Validator(cfg, find_shards(cfg.data, cfg.data.val_split, cfg.data.val_shards))
+        except FileNotFoundError as e:
+            log.warning("no validation: %s", e)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = peak_tflops(cfg, device)
+    if rank == 0:
+        (out / "config.json").write_text(config_json(cfg))
+        logf = open(out / "log.jsonl", "a")
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+        print(f"train: {n_params:,} parameters on {device} x{world}; buckets "
+              + ", ".join(f"{b.name}(bs {b.batch_size}, {len(shards.urls[b.name])} shards)" for b in shards.buckets)
+              + f"; steps {start}->{cfg.steps}", file=sys.stderr)
+
+    def save(step: int) -> None:
+        if rank != 0:
+            return
+        state = {"step": step, "optimizer": opt.state_dict(),
+                 "rng": {"seed": cfg.seed, "torch": torch.get_rng_state()},
+                 "data": {"step": step, "seed": cfg.seed, "world": world, "streams": max(1, cfg.data.num_workers),
+                          "buckets": [b.name for b in shards.buckets], "weights": stream.weights.tolist()}}
+        ckpt.save_checkpoint(out, step, model, ema, state, {"train": cfg.to_dict(), "model": model.config.to_dict()},
+                             cfg.keep_last)
+
+    smooth: dict[str, float] = {}
+    streams: dict[int, dict] = {}
+    last = {"step": start}
+    t_prev = time.perf_counter()
+    for batch in make_loader(stream):
+        step = batch.step
+        seed_step(cfg.seed, step, rank)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        gen = step_generator(cfg.seed, step, rank)
+        loss = compute_loss(ddp, batch, text, cfg, gen, device, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        ema_update(ema, model, cfg.ema_decay)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
+                                     f"check the latents of {batch.keys}")
+        b = batch.latent_shape[0]
+        tokens = latent_tokens(model.config, batch.latent_shape)
+        flops = step_flops(model.config, n_params, batch.latent_shape)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        vals = torch.tensor([float(loss.detach()), b, tokens, flops], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(vals)
+        streams[batch.stats.get("stream", 0)] = batch.stats
+        if rank == 0:
+            lv = float(loss.detach())
+            smooth[batch.bucket] = lv if batch.bucket not in smooth else 0.9 * smooth[batch.bucket] + 0.1 * lv
+            rec = {"step": step + 1, "bucket": batch.bucket, "loss": lv, "loss_mean_ranks": float(vals[0]) / world,
+                   "loss_by_bucket": dict(smooth), "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
+                   "step_s": dt, "samples_per_s": float(vals[1]) / dt, "latent_tokens_per_s": float(vals[2]) / dt,
+                   "loader": total_stats(streams)}
+            if peak:
+                rec["mfu"] = float(vals[3]) / dt / (peak * 1e12 * world)
+            if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+                rec.update(validator(model, text, device, autocast))
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            bar.update(1)
+            if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.steps:
+                bar.set_postfix(loss=f"{lv:.4f}", bucket=batch.bucket, lr=f"{rec['lr']:.2e}")
+        last = {"step": step + 1, "loss": float(loss.detach())}
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    if rank == 0:
+        bar.close()
+        logf.close()
+    if world > 1:
+        dist.barrier()
+    return {"step": last["step"], "loader": total_stats(streams), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mdv2-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=__doc__)
+    ap.add_argument("--config", help="train config YAML (e.g. configs/train/demo.yaml); default: built-in defaults "
+                                     "or, with --resume, the checkpoint's own config")
+    ap.add_argument("--out", help="run folder: log.jsonl, config.json, checkpoints/ (overrides config 'out')")
+    ap.add_argument("--data-root", help="the pipeline's output folder or bucket (data.root)")
+    ap.add_argument("--stage", help="stage config name or path for per-bucket batch sizes (data.stage)")
+    ap.add_argument("--text-encoder", help="local T5 folder (data.text_encoder)")
+    ap.add_argument("--text-cache", help="caption embedding cache folder (data.text_cache)")
+    ap.add_argument("--steps", type=int, help="total optimizer steps")
+    ap.add_argument("--model", help="model preset: tiny | small | paper")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                    help="continue from a checkpoint folder, or (no value) from the latest checkpoint of --out")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config field, e.g. --set flow.cfg_scale=2.5 --set data.num_workers=2")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    resume = None
+    if a.resume is not None:
+        if not a.resume and not a.out and not a.config:
+            ap.error("--resume without a path needs --out (the run folder) or --config")
+        if a.resume:
+            resume = str(ckpt.resolve(a.resume))
+        else:
+            run_dir = a.out or load_config(a.config, a.set).out
+            resume = str(ckpt.resolve(run_dir))
+    if resume and not a.config:  # the checkpoint's own config, so the run continues as it was
+        cfg = load_config(None, a.set, base=ckpt.load_config(resume)["train"])
+    else:
+        cfg = load_config(a.config, a.set)
+    for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed")):
+        if getattr(a, flag) is not None:
+            setattr(cfg, key, getattr(a, flag))
+    for flag, key in (("data_root", "root"), ("stage", "stage"), ("text_encoder", "text_encoder"),
+                      ("text_cache", "text_cache")):
+        if getattr(a, flag) is not None:
+            setattr(cfg.data, key, getattr(a, flag))
+    summary = train(cfg, resume, progress=not a.no_progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
