@@ -316,6 +316,21 @@ def validate_meta(meta: Mapping[str, Any], key: str | None = None) -> dict[str, 
     return {"V": v, "T": t, "Tl": latent_frames(t), "H": h, "W": w}
 
 
+# IEEE 754 exponent bits: a value is NaN or Inf exactly when they are all ones. Testing them on
+# the integer view is ~10x faster than np.isfinite on float16 (no float16 arithmetic in numpy),
+# and the loader checks every latent it reads.
+_EXPONENT_BITS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """True when a float array holds no NaN or Inf."""
+    if arr.dtype.itemsize not in _EXPONENT_BITS or arr.dtype.kind != "f":
+        return bool(np.isfinite(arr).all())
+    uint, mask = _EXPONENT_BITS[arr.dtype.itemsize]
+    bits = np.ascontiguousarray(arr).view(uint)
+    return not bool(np.any((bits & uint(mask)) == uint(mask)))
+
+
 def _check_array(member: Member, arr: np.ndarray, dims: dict, key: str | None) -> None:
     if arr.dtype != np.dtype(member.dtype):
         raise SchemaError(member.name, f"dtype {arr.dtype}, expected {member.dtype}", key)
@@ -323,7 +338,7 @@ def _check_array(member: Member, arr: np.ndarray, dims: dict, key: str | None) -
     if tuple(arr.shape) != expected:
         raise SchemaError(member.name, f"shape {tuple(arr.shape)}, expected {expected} "
                                        f"(V={dims['V']}, T={dims['T']}, N={dims.get('N')})", key)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if arr.dtype.kind == "f" and not all_finite(arr):
         bad = int((~np.isfinite(arr)).sum())
         raise SchemaError(member.name, f"{bad} non-finite values (NaN/Inf); the encoder or source data is broken", key)
 

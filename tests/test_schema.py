@@ -207,3 +207,20 @@ def test_schema_imports_without_torch_or_ray():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_agrees_with_isfinite_on_every_special_value(dtype):
+    info = np.finfo(dtype)
+    specials = [0.0, -0.0, 1.0, -1.0, info.max, -info.max, info.tiny, info.tiny / 4, -info.tiny / 4,  # subnormals
+                np.inf, -np.inf, np.nan, -np.nan]
+    for v in specials:
+        arr = np.zeros((3, 5), dtype)
+        arr[1, 2] = dtype(v)
+        assert schema.all_finite(arr) == bool(np.isfinite(arr).all()), (dtype, v)
+        assert schema.all_finite(arr[:, ::2]) == bool(np.isfinite(arr[:, ::2]).all()), (dtype, v)  # strided view
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2 ** (8 * np.dtype(dtype).itemsize), size=4096, dtype=np.uint64, endpoint=False)
+    arr = bits.astype({2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize]).view(dtype)
+    for chunk in np.array_split(arr, 64):  # random bit patterns: some chunks hold NaN/Inf, some do not
+        assert schema.all_finite(chunk) == bool(np.isfinite(chunk).all())
