@@ -80,7 +80,7 @@ def iter_shard(source: str | os.PathLike | bytes | io.IOBase) -> Iterator[tuple[
     """Yield (key, {member: bytes}) per sample, in tar order. Raises tarfile.TarError on a corrupt shard."""
     if isinstance(source, bytes):
         tar = tarfile.open(fileobj=io.BytesIO(source), mode="r:")
-    elif isinstance(source, io.IOBase):
+    elif hasattr(source, "read"):  # any readable stream: files, fsspec objects, webdataset pipe: streams
         tar = tarfile.open(fileobj=source, mode="r|")
     else:
         tar = tarfile.open(source, mode="r:")

@@ -173,3 +173,17 @@ def test_sample_writes_videos_and_contact_sheet(data):
     assert sheet.shape == (32, 3 * 64, 3)
     info = json.loads((out / "sample.json").read_text())
     assert info["steps"] == 3 and info["weights"] == "ema"
+
+
+def test_sample_conditions_come_from_any_url_form(data):
+    """train.sample reads its conditioning sample through the trainer's URL layer: a pipe: URL gives the same sample."""
+    from train.sample import first_sample
+    cfg = config(data, "urls", 1)
+    local, meta = first_sample(cfg, "val", "32x64_t9", 1)
+    shards = sorted(str(p) for p in (data / "shards" / "val" / "32x64_t9").glob("*.tar"))
+    cfg.data.val_shards = [f"pipe:cat {p}" for p in shards]
+    piped, meta2 = first_sample(cfg, "val", "32x64_t9", 1)
+    assert meta2 == meta and piped["key"] == local["key"]
+    assert np.array_equal(piped["latent_mean"], local["latent_mean"]) and np.array_equal(piped["bev"], local["bev"])
+    with pytest.raises(IndexError, match="out of range"):
+        first_sample(cfg, "val", "32x64_t9", 99)

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import yaml
 
 from pipeline import schema
+from pipeline.buckets import FULL, load_stage  # FULL: a stage's "longest clip of each scene" bucket
 
-STAGE_DIR = Path(__file__).resolve().parents[1] / "configs" / "stages"
 BUCKET_RE = re.compile(r"(\d+)x(\d+)_t(\d+|full)")
-FULL = "full"  # a stage's "longest clip of each scene" bucket: T varies per clip
 
 
 @dataclass(frozen=True)
@@ -41,33 +38,11 @@ class Bucket:
         return schema.bucket_name(self.height, self.width, self.num_frames)
 
 
-def _load_stage_yaml(path: Path):
-    """Fallback reader for configs/stages/*.yaml (name + buckets: height, width, num_frames, batch_size, stride)."""
-    d = yaml.safe_load(path.read_text())
-    if not isinstance(d, dict) or not isinstance(d.get("buckets"), list):
-        raise ValueError(f"{path}: a stage config needs a 'buckets' list (height, width, num_frames, batch_size)")
-    return d
-
-
 def stage_specs(stage: str) -> list[dict]:
-    """The bucket specs of a stage (name under configs/stages/ or a YAML path) as dicts.
-
-    Uses pipeline.buckets.load_stage when it exists (one reader for pipeline and trainer)."""
-    try:
-        from pipeline.buckets import load_stage  # the pipeline's reader, shared with the build
-    except ImportError:
-        load_stage = None
-    if load_stage is not None:
-        st = load_stage(stage)
-        return [dict(height=b.height, width=b.width, num_frames=b.num_frames, batch_size=b.batch_size)
-                for b in st.buckets]
-    path = Path(stage)
-    if not path.suffix:
-        path = STAGE_DIR / f"{stage}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"stage config {stage!r}: no file {path}; pass a name under {STAGE_DIR} or a path")
-    return [dict(height=int(b["height"]), width=int(b["width"]), num_frames=b["num_frames"],
-                 batch_size=int(b.get("batch_size", 1))) for b in _load_stage_yaml(path)["buckets"]]
+    """The bucket specs of a stage (name under configs/stages/ or a YAML path), read by the
+    pipeline's own reader so that build and trainer agree on every bucket and batch size."""
+    return [dict(height=b.height, width=b.width, num_frames=b.num_frames, batch_size=b.batch_size)
+            for b in load_stage(stage).buckets]
 
 
 def bucket_of_url(url: str) -> tuple[int, int, int | str]:

@@ -27,7 +27,7 @@ from pipeline.shardio import iter_shard
 from train import checkpoint as ckpt
 from train import flow
 from train.config import TrainConfig
-from train.data import collate, decode, find_shards
+from train.data import collate, decode, find_shards, open_url
 from train.train import TextSource
 from train.video import contact_sheet, grid, to_uint8, write_mp4
 
@@ -53,10 +53,11 @@ def first_sample(cfg: TrainConfig, split: str, bucket: str | None, index: int) -
         raise ValueError(f"bucket {name!r} not among the {split} buckets {names}")
     n = 0
     for url in shards.urls[name]:
-        for key, members in iter_shard(url):
-            if n == index:
-                return decode(dict(members, __key__=key, __url__=url)), json.loads(members["meta.json"])
-            n += 1
+        with open_url(url) as f:  # local, s3://, gs:// or pipe:, like the trainer
+            for key, members in iter_shard(f):
+                if n == index:
+                    return decode(dict(members, __key__=key, __url__=url)), json.loads(members["meta.json"])
+                n += 1
     raise IndexError(f"{split}/{name} has only {n} samples; --index {index} is out of range")
 
 

@@ -278,14 +278,14 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             g["lr"] = lr_at(cfg, step)
         gen = step_generator(cfg.seed, step, rank)
         loss = compute_loss(ddp, batch, text, cfg, gen, device, autocast)
+        if not torch.isfinite(loss):  # before the update: the weights and the last checkpoint stay clean
+            raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
+                                     f"check the latents of {batch.keys}; resume from {out}/checkpoints/latest")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         ema_update(ema, model, cfg.ema_decay)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
-                                     f"check the latents of {batch.keys}")
         b = batch.latent_shape[0]
         tokens = latent_tokens(model.config, batch.latent_shape)
         flops = step_flops(model.config, n_params, batch.latent_shape)
