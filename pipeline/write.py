@@ -144,6 +144,12 @@ config hash, keys); a reader trusts only shards listed there.
 {members}
 
 Decode with `pipeline.schema.decode_sample`; latents are unscaled: z = scaling_factor · (mean + std · ε).
+
+## More
+- statistics (clip lengths, classes, boxes per frame, BEV coverage, captions): `mdv2-stats <this folder>`
+  writes `stats.md`, `stats.png` and `stats.json` here;
+- a picture of one sample: `mdv2-inspect <shard.tar> --dataroot <nuScenes root> --png preview.png`;
+- streaming into training: `python -m train.train --data-root <this folder> ...` (docs/train.md).
 """
     storage.atomic_write(storage.join(out, schema.DATASET_CARD_FILE), text.encode())
     return text

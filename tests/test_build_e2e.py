@@ -172,3 +172,19 @@ def test_damaged_inputs_are_quarantined_and_everything_else_is_written(ref, ray_
     written = sorted(s.key for _, s in _samples(tmp_path / "out"))
     expected = sorted({r["key"] for r in index} - uses(missing) - uses(corrupt) - {nan_key})
     assert written == expected and summary.complete and summary.quarantined == len(q)
+
+
+def test_dataset_card_lists_what_the_manifests_hold(ref):
+    out, summary = ref
+    card = (Path(out) / schema.DATASET_CARD_FILE).read_text()
+    assert f"sample schema {schema.SCHEMA_VERSION}" in card and "TINY RANDOM WEIGHTS" in card
+    for split in ("train", "val"):
+        per_bucket: dict[str, list[int]] = {}
+        for r in read_manifest(str(out), split):
+            n = per_bucket.setdefault(r.bucket, [0, 0])
+            n[0], n[1] = n[0] + 1, n[1] + r.samples
+        assert per_bucket, split
+        for bucket, (shards, samples) in per_bucket.items():
+            assert f"| {split} | {bucket} | {shards} | {samples} |" in card, (split, bucket)
+    assert f"Quarantined items (see `{schema.QUARANTINE_FILE}`): 0." in card
+    assert "mdv2-stats" in card and "train.train" in card
