@@ -85,7 +85,6 @@ def problem_records(summary: dict) -> list[QuarantineRecord]:
             for p in summary["problems"]]
 
 
-_problem_records = problem_records   # the name pipeline/build.py imports
 
 
 def process_scenes(cfg: ScenesConfig) -> ScenesResult:

@@ -144,9 +144,12 @@ DECODE_REJECTIONS = [
 
 
 def _object_npy():
+    """An object-dtype .npy exactly as np.save writes one: a 1.0 header, then a pickle (never loaded here)."""
     import io
+    import pickle
     buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    buf.write(pickle.dumps(np.array([{"a": 1}], dtype=object), protocol=3))
     return buf.getvalue()
 
 
