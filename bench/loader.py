@@ -6,7 +6,7 @@ Writes factory shards of one realistic bucket (6 views, latent mean + std, BEV) 
 folder and reads them raw with 1 MiB reads twice: from the disk (evicted from the page cache
 first: what the storage gives) and from the page cache (memory bandwidth: no loader reaches
 it). Then a bare sequential tar parse (pipeline.shardio.iter_shard), then BatchStream (tar
-parse, schema validation, BEV unpack, collate) per DataLoader worker count, each run starting
+parse, schema validation, collate; BEV maps stay packed) per DataLoader worker count, each run starting
 from an evicted page cache. Reports samples/s and MB/s of member bytes and the ratios against
 each baseline (goal: >= 0.8 of the raw read from the disk).
 """

@@ -23,8 +23,10 @@ so a stored frame is (8, 200, 25) uint8.
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -255,7 +257,39 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_V1 = b"\x93NUMPY\x01\x00"
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}  # header text -> (dtype, shape, fortran order)
+
+
+def _npy_fast(data: bytes) -> np.ndarray | None:
+    """A well-formed version-1.0 .npy of a plain dtype, read without np.load's per-call header parsing
+    (headers repeat from sample to sample: they are parsed once and cached). None = let np.load decide."""
+    if len(data) < 10 or data[:8] != _NPY_V1:
+        return None
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    header = data[10:offset]
+    spec = _NPY_HEADERS.get(header)
+    if spec is None:
+        try:
+            d = ast.literal_eval(header.decode("latin1"))
+            spec = (np.dtype(d["descr"]), tuple(int(n) for n in d["shape"]), bool(d["fortran_order"]))
+        except Exception:
+            return None
+        if spec[0].hasobject or len(_NPY_HEADERS) > 4096:
+            return None
+        _NPY_HEADERS[header] = spec
+    dtype, shape, fortran = spec
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        return None  # truncated or padded: np.load gives the precise error
+    flat = np.frombuffer(data, dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")  # writable and owned, like np.load
+
+
 def npy_load(data: bytes, member: str = "?", key: str | None = None) -> np.ndarray:
+    fast = _npy_fast(data)
+    if fast is not None:
+        return fast
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # truncated header, object arrays, garbage

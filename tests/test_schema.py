@@ -227,3 +227,27 @@ def test_all_finite_agrees_with_isfinite_on_every_special_value(dtype):
     arr = bits.astype({2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize]).view(dtype)
     for chunk in np.array_split(arr, 64):  # random bit patterns: some chunks hold NaN/Inf, some do not
         assert schema.all_finite(chunk) == bool(np.isfinite(chunk).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(["<f2", "<f4", ">f4", "<f8", "<i8", ">i4", "|u1", "|b1", "<u2"]),
+       shape=st.lists(st.integers(0, 5), min_size=0, max_size=4), fortran=st.booleans(), seed=st.integers(0, 9))
+def test_npy_load_equals_np_load(dtype, shape, fortran, seed):
+    """The cached-header fast path returns what np.load returns: values, dtype, shape, memory order, writability."""
+    import io
+    rng = np.random.default_rng(seed)
+    arr = (rng.standard_normal(shape) * 100).astype(dtype)
+    if fortran:
+        arr = np.asfortranarray(arr)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    ref = np.load(io.BytesIO(data), allow_pickle=False)
+    for _ in range(2):  # second call: header from the cache
+        got = schema.npy_load(data)
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref, equal_nan=False)
+        assert got.flags.f_contiguous == ref.flags.f_contiguous and got.flags.c_contiguous == ref.flags.c_contiguous
+        assert got.flags.writeable and got.flags.owndata
+    if arr.nbytes:
+        with pytest.raises(SchemaError, match="not a readable .npy"):
+            schema.npy_load(data[:-1])  # truncated data after a cached header

@@ -50,7 +50,9 @@ def test_every_batch_is_one_bucket_with_its_batch_size(shards):
         assert all(k.endswith(f"_{t:03d}_{h}x{w}") for k in batch.keys)  # key carries T and HxW
         B = sizes[batch.bucket]
         assert batch.latent_mean.shape == (B, 3, 16, schema.latent_frames(t), h // 8, w // 8)
-        assert batch.bev.shape == (B, t, 8, 200, 200) and batch.bev.dtype == torch.bool
+        assert batch.bev.shape == (B, t, 8, 200, 25) and batch.bev.dtype == torch.uint8  # packed until conditions()
+        cond = batch.conditions(torch.zeros(B, 4, 8), torch.ones(B, 4, dtype=torch.bool))
+        assert cond.bev.shape == (B, t, 8, 200, 200) and cond.bev.dtype == torch.float32
         assert batch.boxes.shape[:2] == (B, t) and batch.box_view_mask.shape[:3] == (B, t, 3)
         seen.add(batch.bucket)
     assert seen == set(sizes)
@@ -195,3 +197,16 @@ def test_other_schema_major_is_refused(tmp_path):
                                                     32, 64, 1, 1, 0, "", "2.0", "", [s["key"]])])
     with pytest.raises(ShardVersionError, match="schema version 2.0"):
         find_shards(cfg, "train", [])
+
+
+def test_torch_bev_unpack_equals_schema_unpack():
+    """The batch keeps BEV maps packed; the torch unpack must give exactly schema.unpack_bev's cells and orientation."""
+    from train.data import unpack_bev
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 3, 8, 200, 200)) < 0.3
+    masks[0, 0, 0, 0, 0] = masks[0, 0, 0, -1, -1] = True     # corners: the first and last cell of the row
+    masks[0, 0, 0, 0, 1:8] = False
+    packed = schema.pack_bev(masks)                           # (..., 200, 25) uint8
+    got = unpack_bev(torch.from_numpy(packed))
+    assert got.dtype == torch.bool and got.shape == masks.shape
+    assert np.array_equal(got.numpy(), schema.unpack_bev(packed)) and np.array_equal(got.numpy(), masks)

@@ -114,7 +114,7 @@ def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: t
     x0 = batch.sample_latents(gen)                                        # (B, V, 16, T', H', W')
     b, _, _, tl, h, w = x0.shape
     emb, mask = text.embed(batch.captions)
-    cond = batch.conditions(emb, mask).to(device)
+    cond = batch.conditions(emb, mask, device)
     shift = flow.shift_factor(cfg.flow, h * 8, w * 8, tl)
     t = flow.sample_timesteps(b, cfg.flow, shift, gen)                    # (B,)
     noise = torch.randn(x0.shape, generator=gen)
