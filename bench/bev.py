@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from _common import Timer, save  # noqa: E402
+from _common import Timer, best, save, synthetic_scene  # noqa: E402
 
 import cv2  # noqa: E402
 
@@ -23,29 +22,14 @@ def main() -> None:
     cv2.setNumThreads(1)
     from pipeline import schema
     from pipeline.bevmap import BevConfig, bev_fast_bits, bev_reference, bits_to_masks, map_geometry, per_class_iou
-    from pipeline.nuscenes import build_timeline, load_map, load_nuscenes
-    from pipeline.synth import write_dataset
+    from pipeline.nuscenes import build_timeline
 
-    root = a.keep or tempfile.mkdtemp(prefix="bench_bev_")
-    if not os.path.isdir(os.path.join(root, "v1.0-synth")):
-        write_dataset(root, scenes=1, seconds=20.0, image_size=(160, 90), seed=0)
-    nusc = load_nuscenes(root, "v1.0-synth")
-    tl = build_timeline(nusc, nusc.scene[0]["name"], check_files=False)
+    _, nusc, name, nusc_map = synthetic_scene(a.keep, "bench_bev_", seed=0)
+    tl = build_timeline(nusc, name, check_files=False)
     poses = tl.lidar2global[::a.frames_step]
-    nusc_map = load_map(root, tl.map_name)
     with Timer() as t_geo:
         map_geometry(nusc_map)   # once per map per process
     bits = bev_fast_bits(nusc_map, poses[:2])  # warm-up
-
-    def best(fn, repeats):
-        """Min over runs: the machine is shared, the minimum is the least disturbed (both paths alike)."""
-        times = []
-        for _ in range(repeats):
-            with Timer() as t:
-                value = fn()
-            times.append(t.seconds)
-        t.seconds = min(times)
-        return t, value
 
     t_fast, bits = best(lambda: bev_fast_bits(nusc_map, poses), 7)
     ref_poses = poses[::2]   # the devkit path is slow: every 2nd frame, per-frame cost compared

@@ -12,7 +12,7 @@ import os
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from _common import Timer, save  # noqa: E402
+from _common import Timer, best, save, synthetic_scene  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,29 +48,13 @@ def main() -> None:
     import pyarrow.parquet as pq
     from pipeline.bevmap import bev_fast_bits, bev_reference, bits_to_packed, map_geometry
     from pipeline.interpolate import errors_vs_truth, interpolate_boxes, load_keyframe_annotations
-    from pipeline.nuscenes import build_timeline, load_map, load_nuscenes
+    from pipeline.nuscenes import build_timeline
     from pipeline.scenestore import build_scene_store, open_scene_store
-    from pipeline.synth import write_dataset
 
-    root = a.keep or tempfile.mkdtemp(prefix="bench_interp_")
-    if not os.path.isdir(os.path.join(root, "v1.0-synth")):
-        write_dataset(root, scenes=1, seconds=20.0, image_size=(160, 90), seed=1)
-    nusc = load_nuscenes(root, "v1.0-synth")
-    name = nusc.scene[0]["name"]
-    nusc_map = load_map(root, nusc.get("log", nusc.scene[0]["log_token"])["location"])
+    root, nusc, name, nusc_map = synthetic_scene(a.keep, "bench_interp_", seed=1)
     map_geometry(nusc_map)  # once per map per process, like the devkit tables
     tl = build_timeline(nusc, name)  # warm-up (first calls into OpenCV/numpy paths)
     bev_fast_bits(nusc_map, tl.lidar2global[:2])
-
-    def best(fn, repeats=3):
-        """Min of a few runs: the machine is shared, the minimum is the least disturbed."""
-        times, value = [], None
-        for _ in range(repeats):
-            with Timer() as t:
-                value = fn()
-            times.append(t.seconds)
-        t.seconds = min(times)
-        return t, value
 
     t_tl, tl = best(lambda: build_timeline(nusc, name))
     t_ann, ann = best(lambda: load_keyframe_annotations(nusc, [s for s in tl.sample_tokens if s]))

@@ -88,16 +88,22 @@ def test_s3_roundtrip(bucket):
     assert storage.glob(storage.join(bucket, "train", "*", "*.tar")) == []
 
 
-def test_manifest_on_s3(bucket, tmp_path):
-    paths = write_shards(tmp_path, {(64, 128, 9): 5}, per_shard=2)
+def _upload(paths, local_root, bucket) -> list:
+    """Write local factory shards (64x128_t9) to the bucket; their manifest rows."""
     records = []
     for p in paths:
-        rel = os.path.relpath(p, tmp_path)
+        rel = os.path.relpath(p, local_root)
         data = p.read_bytes()
         storage.atomic_write(storage.join(bucket, rel), data)
         keys = [k for k, _ in iter_shard(data)]
         records.append(manifest.ShardRecord(rel, "train", "64x128_t9", 64, 128, 9, len(keys), len(data),
                                             sha256_bytes(data), schema.SCHEMA_VERSION, "cfg", keys))
+    return records
+
+
+def test_manifest_on_s3(bucket, tmp_path):
+    paths = write_shards(tmp_path, {(64, 128, 9): 5}, per_shard=2)
+    records = _upload(paths, tmp_path, bucket)
     uri = manifest.write_manifest(bucket, "train", records)
     assert uri == f"{bucket}/train/manifest.parquet"
     back = manifest.read_manifest(bucket, "train")
@@ -132,16 +138,9 @@ def test_flaky_store_manifest_lists_only_whole_shards(bucket, s3_server, tmp_pat
     sha256, and there are no other objects (no temporary or partial keys)."""
     monkeypatch.setattr(storage, "BACKOFF_S", 0.02)
     paths = write_shards(tmp_path, {(64, 128, 9): 6}, per_shard=2)
-    records = []
     with client_retries_off(), FaultProxy(s3_server.port, fail_first=4) as proxy, \
             aws_env({"AWS_ENDPOINT_URL": proxy.endpoint_url}):
-        for p in paths:
-            rel = os.path.relpath(p, tmp_path)
-            data = p.read_bytes()
-            storage.atomic_write(storage.join(bucket, rel), data)
-            keys = [k for k, _ in iter_shard(data)]
-            records.append(manifest.ShardRecord(rel, "train", "64x128_t9", 64, 128, 9, len(keys), len(data),
-                                                sha256_bytes(data), schema.SCHEMA_VERSION, "cfg", keys))
+        records = _upload(paths, tmp_path, bucket)
         manifest.write_manifest(bucket, "train", records)
     assert proxy.failed == 4
     listed = manifest.read_manifest(bucket, "train")
