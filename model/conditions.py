@@ -72,7 +72,7 @@ class Conditions:
         if self.bev.dim() != 5 or tuple(self.bev.shape[:2]) != (B, T):
             raise ValueError(f"Conditions.bev: expected (B={B}, T={T}, 8, H, W), got {tuple(self.bev.shape)}")
         if not schema.valid_num_frames(T):
-            raise ValueError(f"Conditions: T={T} pixel frames; the contract allows 1 or 8k+1 (schema.valid_num_frames)")
+            raise ValueError(f"Conditions: T={T} pixel frames; the model takes any 4k+1 (schema.valid_num_frames)")
 
 
 def latent_len(t: int) -> int:

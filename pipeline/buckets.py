@@ -53,7 +53,7 @@ def _bucket(d: dict, where: str) -> BucketSpec:
     except KeyError as e:
         raise ValueError(f"{where}: bucket {d} lacks {e}; need height, width, num_frames, batch_size") from None
     t = b.num_frames
-    if not (t == FULL or schema.valid_num_frames(t)):
+    if not (t == FULL or schema.valid_bucket_frames(t)):
         raise ValueError(f"{where}: num_frames {t!r} must be 1, 8k+1 or 'full' (CogVAE frame rule)")
     m = schema.VAE_SPATIAL_COMPRESSION
     if b.height % m or b.width % m or b.height <= 0 or b.width <= 0:

@@ -33,13 +33,15 @@ def clip_geometry(sa, start: int, num_frames: int, height: int, width: int) -> d
     boxes = np.asarray(sa.boxes)[idx][:, sel].astype(np.float32)    # (T, N, 7) frame LiDAR
     boxes[~box_mask] = 0.0                                          # padding where absent
     intrinsics = geometry.resize_crop_intrinsics(np.asarray(sa.intrinsics), tuple(sa.image_size), width, height)
-    cam2lidar = np.asarray(sa.cam2lidar, np.float64)               # (V, 4, 4)
-    view = geometry.box_view_visibility(boxes, intrinsics, cam2lidar, width, height)  # (T, V, N)
+    # TODO(exposure time): per-view boxes and per-frame extrinsics from each camera's own time
+    cam2lidar = np.broadcast_to(np.asarray(sa.cam2lidar, np.float64), (len(idx),) + np.shape(sa.cam2lidar))  # (T, V, 4, 4)
+    view_boxes = np.repeat(boxes[:, None], cam2lidar.shape[1], axis=1)                            # (T, V, N, 7)
+    view = geometry.box_view_visibility(boxes, intrinsics, cam2lidar[0], width, height)  # (T, V, N)
     view &= box_mask[:, None, :]
     l2g = np.asarray(sa.lidar2global, np.float64)[idx]             # (T, 4, 4)
     traj = geometry.invert_transform(l2g[0])[None] @ l2g             # LiDAR(t) -> LiDAR(0)
     return {
-        "boxes": boxes, "box_mask": box_mask, "box_view_mask": view,
+        "boxes": boxes, "view_boxes": view_boxes, "box_mask": box_mask, "box_view_mask": view,
         "box_class": np.asarray(sa.box_class)[sel].astype(np.int8),
         "box_track": np.asarray(sa.box_track)[sel].astype(np.int32),
         "intrinsics": intrinsics.astype(np.float32), "cam2lidar": cam2lidar.astype(np.float32),
@@ -56,6 +58,7 @@ def clip_meta(sa, start: int, num_frames: int, height: int, width: int, vae: dic
         "scene_name": str(sa.scene_name), "start_frame": int(start), "num_frames": int(num_frames),
         "fps": schema.FPS, "height": int(height), "width": int(width), "views": [str(v) for v in sa.views],
         "timestamps_us": [int(t) for t in np.asarray(sa.timestamps_us)[idx]],
+        "view_timestamps_us": [[int(t)] * len(sa.views) for t in np.asarray(sa.timestamps_us)[idx]],
         "keyframes": [bool(k) for k in np.asarray(sa.keyframe)[idx]],
         "frames": [[str(p) for p in row] for row in np.asarray(sa.frame_paths)[idx]],
         "vae": dict(vae), "latent": latent,

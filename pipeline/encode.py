@@ -112,7 +112,7 @@ class VaeEncoder:
         each clip cut from them, so one bad clip does not condemn the others (see write_shard_task)."""
         import torch
         v, t = frames.shape[:2]
-        if not schema.valid_num_frames(t):
+        if not schema.valid_bucket_frames(t):
             raise ValueError(f"T={t} frames: CogVAE needs 1 or 8k+1")
         step = self.cfg.views_per_batch or v
         means, stds = [], []

@@ -91,8 +91,8 @@ def box_outlines(sample: schema.Sample, t: int, v: int) -> list[tuple[int, np.nd
     present = np.flatnonzero(sample.box_mask[t])
     if present.size == 0:
         return []
-    corners = geometry.box_corners(sample.boxes[t, present])            # (n, 8, 3) LiDAR
-    lidar2cam = geometry.invert_transform(sample.cam2lidar[v])           # (4, 4)
+    corners = geometry.box_corners(sample.view_boxes[t, v, present])    # (n, 8, 3) LiDAR(t), view v's time
+    lidar2cam = geometry.invert_transform(sample.cam2lidar[t, v])        # (4, 4)
     cam = geometry.transform_points(lidar2cam, corners)                  # (n, 8, 3) camera
     uv, depth = geometry.project(cam, sample.intrinsics[v])              # (n, 8, 2), (n, 8)
     return [(int(n), uv[i], depth[i]) for i, n in enumerate(present)]
@@ -100,8 +100,8 @@ def box_outlines(sample: schema.Sample, t: int, v: int) -> list[tuple[int, np.nd
 
 def _clipped_edges(sample: schema.Sample, t: int, v: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Box edges as pixel segments, each clipped to depth >= NEAR_M (in camera space, before projecting)."""
-    corners = geometry.box_corners(sample.boxes[t, n])                   # (8, 3)
-    cam = geometry.transform_points(geometry.invert_transform(sample.cam2lidar[v]), corners)
+    corners = geometry.box_corners(sample.view_boxes[t, v, n])           # (8, 3)
+    cam = geometry.transform_points(geometry.invert_transform(sample.cam2lidar[t, v]), corners)
     k = np.asarray(sample.intrinsics[v], np.float64)
     out = []
     for a, b in geometry.BOX_EDGES:

@@ -5,6 +5,13 @@ standard library only (no torch, no ray). It is the one place for the view order
 the class tables, the member table, the key format, the path templates and the
 BEV orientation convention.
 
+Time model (schema 2.0): frame t is the reference camera's (CAM_FRONT) exposure, and LiDAR(t)
+is the LiDAR pose at that instant (LIDAR_TOP calibration on CAM_FRONT's ego pose). Each camera
+fires at its own time (nuScenes: about -8 to +35 ms around CAM_FRONT), so every geometric
+quantity is evaluated at the time it describes: ``boxes`` at CAM_FRONT's exposure,
+``view_boxes[t, v]`` at view v's exposure, ``cam2lidar[t, v]`` through view v's own ego pose.
+Their exposure times are ``meta["view_timestamps_us"]`` (T x V).
+
 Coordinate conventions (paper Section 3):
 - Geometry of a frame is in that frame's LiDAR coordinates. For nuScenes the
   LIDAR_TOP frame has x to the right of the car, y forward, z up.
@@ -32,7 +39,7 @@ import numpy as np
 
 from pipeline.npyio import all_finite, read_npy_fast  # noqa: F401  (all_finite is part of the API)
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 PIPELINE_VERSION = "0.1.0"
 
 # ---- views and classes -------------------------------------------------------------
@@ -112,8 +119,14 @@ VAE_SPATIAL_COMPRESSION = 8
 
 
 def valid_num_frames(t: int) -> bool:
-    """CogVAE encodes the first frame alone, then groups of 4; the contract allows 1 or 8k+1."""
-    return isinstance(t, (int, np.integer)) and t >= 1 and (t == 1 or (t - 1) % 8 == 0)
+    """CogVAE encodes the first frame alone, then groups of 4: a sample may have any 4k+1 frames."""
+    return isinstance(t, (int, np.integer)) and t >= 1 and (t - 1) % VAE_TEMPORAL_COMPRESSION == 0
+
+
+def valid_bucket_frames(t: int) -> bool:
+    """The lengths the pipeline builds: 1 or 8k+1 (the paper's buckets; CogVAE's encode() works on
+    8-frame chunks, so latents of a shorter clip are an exact prefix of a longer one's only then)."""
+    return valid_num_frames(t) and (t == 1 or (t - 1) % 8 == 0)
 
 
 def latent_frames(t: int) -> int:
@@ -184,13 +197,17 @@ MEMBERS: tuple[Member, ...] = (
            doc="CogVAE posterior mean, unscaled"),
     Member("latent_std.npy", "float16", lambda d: (d["V"], LATENT_CHANNELS, d["Tl"], d["H"] // 8, d["W"] // 8),
            required=False, doc="CogVAE posterior std"),
-    Member("boxes.npy", "float32", lambda d: (d["T"], d["N"], 7), doc="x y z w l h yaw in frame LiDAR"),
+    Member("boxes.npy", "float32", lambda d: (d["T"], d["N"], 7),
+           doc="reference boxes x y z w l h yaw at CAM_FRONT's exposure, in LiDAR(t)"),
+    Member("view_boxes.npy", "float32", lambda d: (d["T"], d["V"], d["N"], 7),
+           doc="per-view boxes at view v's own exposure, in LiDAR(t)"),
     Member("box_mask.npy", "bool", lambda d: (d["T"], d["N"]), doc="object present in frame"),
     Member("box_view_mask.npy", "bool", lambda d: (d["T"], d["V"], d["N"]), doc="box visible in view"),
     Member("box_class.npy", "int8", lambda d: (d["N"],), doc="class id 0-9"),
     Member("box_track.npy", "int32", lambda d: (d["N"],), doc="instance index within the clip"),
     Member("intrinsics.npy", "float32", lambda d: (d["V"], 3, 3), doc="K at stored resolution"),
-    Member("cam2lidar.npy", "float32", lambda d: (d["V"], 4, 4), doc="camera -> LiDAR"),
+    Member("cam2lidar.npy", "float32", lambda d: (d["T"], d["V"], 4, 4),
+           doc="camera v at its exposure -> global (its own ego pose) -> LiDAR(t)"),
     Member("traj.npy", "float32", lambda d: (d["T"], 4, 4), doc="LiDAR(t) -> LiDAR(0)"),
     Member("bev.npy", "uint8", lambda d: (d["T"], len(MAP_CLASSES), BEV_CELLS, BEV_PACKED_COLS),
            doc="bit-packed BEV masks"),
@@ -202,7 +219,7 @@ ARRAY_FIELDS = tuple(m.name[:-4] for m in MEMBERS if m.name.endswith(".npy"))
 META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "schema_version": str, "pipeline_version": str, "dataset": str, "split": str,
     "scene_token": str, "scene_name": str, "start_frame": int, "num_frames": int, "fps": (int, float),
-    "height": int, "width": int, "views": list, "timestamps_us": list, "keyframes": list,
+    "height": int, "width": int, "views": list, "timestamps_us": list, "view_timestamps_us": list, "keyframes": list,
     "frames": list, "vae": dict, "latent": str, "caption": dict,
 }
 VAE_META_FIELDS = ("name", "scaling_factor", "temporal_compression", "spatial_compression")
@@ -216,13 +233,14 @@ class Sample:
     key: str
     meta: dict[str, Any]
     latent_mean: np.ndarray            # (V, 16, T', H/8, W/8) float16
-    boxes: np.ndarray                  # (T, N, 7) float32
+    boxes: np.ndarray                  # (T, N, 7) float32, at CAM_FRONT's exposure
+    view_boxes: np.ndarray             # (T, V, N, 7) float32, at each view's exposure
     box_mask: np.ndarray               # (T, N) bool
     box_view_mask: np.ndarray          # (T, V, N) bool
     box_class: np.ndarray              # (N,) int8
     box_track: np.ndarray              # (N,) int32
     intrinsics: np.ndarray             # (V, 3, 3) float32
-    cam2lidar: np.ndarray              # (V, 4, 4) float32
+    cam2lidar: np.ndarray              # (T, V, 4, 4) float32
     traj: np.ndarray                   # (T, 4, 4) float32
     bev: np.ndarray                    # (T, 8, 200, 25) uint8, packed
     caption: str
@@ -298,8 +316,8 @@ def validate_meta(meta: Mapping[str, Any], key: str | None = None) -> dict[str, 
             raise SchemaError("meta.json", f"field {name!r} must be {typ}, got {type(meta[name]).__name__}", key)
     t = meta["num_frames"]
     if not valid_num_frames(t):
-        raise SchemaError("meta.json", f"num_frames T={t} must be 1 or 8k+1 (CogVAE: first frame alone, "
-                                       f"then groups of 4, in pairs)", key)
+        raise SchemaError("meta.json", f"num_frames T={t} must be 4k+1 (CogVAE: first frame alone, "
+                                       f"then groups of 4)", key)
     h, w = meta["height"], meta["width"]
     if h <= 0 or w <= 0 or h % VAE_SPATIAL_COMPRESSION or w % VAE_SPATIAL_COMPRESSION:
         raise SchemaError("meta.json", f"height x width {h}x{w} must be positive multiples of 8", key)
@@ -307,11 +325,12 @@ def validate_meta(meta: Mapping[str, Any], key: str | None = None) -> dict[str, 
     if not views or not all(isinstance(v, str) for v in views) or len(set(views)) != len(views):
         raise SchemaError("meta.json", f"views {views!r} must be distinct non-empty names", key)
     v = len(views)
-    for name, n in (("timestamps_us", t), ("keyframes", t), ("frames", t)):
+    for name, n in (("timestamps_us", t), ("view_timestamps_us", t), ("keyframes", t), ("frames", t)):
         if len(meta[name]) != n:
             raise SchemaError("meta.json", f"{name} has {len(meta[name])} entries, expected T={n}", key)
-    if any(not isinstance(row, list) or len(row) != v for row in meta["frames"]):
-        raise SchemaError("meta.json", f"frames must be T x V = {t} x {v} paths", key)
+    for name, what in (("frames", "paths"), ("view_timestamps_us", "timestamps")):
+        if any(not isinstance(row, list) or len(row) != v for row in meta[name]):
+            raise SchemaError("meta.json", f"{name} must be T x V = {t} x {v} {what}", key)
     if meta["latent"] not in LATENT_KINDS:
         raise SchemaError("meta.json", f"latent must be one of {LATENT_KINDS}, got {meta['latent']!r}", key)
     for sub, fields in (("vae", VAE_META_FIELDS), ("caption", CAPTION_META_FIELDS)):

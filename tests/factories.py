@@ -29,6 +29,10 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
     if n:
         box_mask[t // 2:, -1] = False  # one object leaves mid-clip
         boxes[~box_mask] = 0.0
+    # each view sees the objects a few ms later than CAM_FRONT: a small per-view shift along x
+    view_boxes = np.repeat(boxes[:, None], v, axis=1)                     # (T, V, N, 7)
+    view_boxes[..., 0] += (np.arange(v, dtype=np.float32) * 0.01)[None, :, None]
+    view_boxes[~np.broadcast_to(box_mask[:, None, :], (t, v, n))] = 0.0
     traj = np.tile(np.eye(4, dtype=np.float32), (t, 1, 1))
     traj[:, 1, 3] = np.arange(t, dtype=np.float32) * 0.5  # drives forward (LiDAR +y)
     k = np.array([[width * 0.8, 0, width / 2], [0, width * 0.8, height / 2], [0, 0, 1]], np.float32)
@@ -39,6 +43,8 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
         "dataset": "synthetic", "split": split, "scene_token": f"tok-{scene_name}", "scene_name": scene_name,
         "start_frame": start, "num_frames": t, "fps": schema.FPS, "height": height, "width": width,
         "views": list(views), "timestamps_us": [1_000_000 + i * 83_333 for i in range(start, start + t)],
+        "view_timestamps_us": [[1_000_000 + i * 83_333 + 7_000 * (j - 1) for j in range(v)]
+                               for i in range(start, start + t)],
         "keyframes": [i % 6 == 0 for i in range(start, start + t)],
         "frames": [[f"sweeps/{vw}/{scene_name}_{i:04d}.jpg" for vw in views] for i in range(start, start + t)],
         "vae": {"name": "tiny-random", "scaling_factor": 1.15258426, "temporal_compression": 4,
@@ -51,11 +57,11 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
         "meta": meta,
         "latent_mean": (rng.standard_normal(shape) * latent_scale).astype(np.float16),
         "latent_std": (np.abs(rng.standard_normal(shape)) * 0.1).astype(np.float16) if with_std else None,
-        "boxes": boxes, "box_mask": box_mask,
+        "boxes": boxes, "view_boxes": view_boxes, "box_mask": box_mask,
         "box_view_mask": np.broadcast_to(box_mask[:, None, :], (t, v, n)).copy(),
         "box_class": (np.arange(n) % len(schema.OBJECT_CLASSES)).astype(np.int8),
         "box_track": np.arange(n, dtype=np.int32),
-        "intrinsics": np.tile(k, (v, 1, 1)), "cam2lidar": np.tile(np.eye(4, dtype=np.float32), (v, 1, 1)),
+        "intrinsics": np.tile(k, (v, 1, 1)), "cam2lidar": np.tile(np.eye(4, dtype=np.float32), (t, v, 1, 1)),
         "traj": traj, "bev": schema.pack_bev(bev), "caption": caption,
     }
 

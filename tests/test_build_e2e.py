@@ -92,8 +92,8 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
         # view masks: some corner in front of the camera and inside the 64x32 image
         from pipeline.geometry import box_corners
         c = box_corners(s.boxes.astype(np.float64))                                  # (T, N, 8, 3)
-        cam = np.einsum("vij,tnkj->tvnki", np.linalg.inv(s.cam2lidar.astype(np.float64))[:, :3, :3], c) \
-            + np.linalg.inv(s.cam2lidar.astype(np.float64))[None, :, None, None, :3, 3]
+        l2c = np.linalg.inv(s.cam2lidar.astype(np.float64))                         # (T, V, 4, 4)
+        cam = np.einsum("tvij,tnkj->tvnki", l2c[..., :3, :3], c) + l2c[:, :, None, None, :3, 3]
         uvw = np.einsum("vij,tvnkj->tvnki", s.intrinsics.astype(np.float64), cam)
         z = cam[..., 2]
         u, v = uvw[..., 0] / np.where(z == 0, 1e-9, z), uvw[..., 1] / np.where(z == 0, 1e-9, z)

@@ -58,8 +58,9 @@ def _front_camera_sample() -> schema.Sample:
     """One view looking along LiDAR +y (ahead), one box 10 m ahead, 2 m wide, 4 m long, 1.5 m high."""
     s = make_sample(num_frames=1, height=64, width=128, num_boxes=1, views=("CAM_FRONT",), with_std=False)
     r = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], np.float64)  # cam x -> lidar x, cam z -> lidar y, cam y -> -z
-    s["cam2lidar"] = geometry.make_transform(r, [0, 0, 0]).astype(np.float32)[None]
+    s["cam2lidar"] = geometry.make_transform(r, [0, 0, 0]).astype(np.float32)[None, None]
     s["boxes"][:] = np.array([0, 10, 0, 2, 4, 1.5, np.pi / 2], np.float32)  # heading along +y
+    s["view_boxes"][:] = s["boxes"][:, None]
     s["box_mask"][:] = True
     s["box_view_mask"][:] = True
     return schema.decode_sample({f"{n}": b for n, b in schema.encode_sample(s).items()}, key=s["key"])

@@ -115,8 +115,8 @@ def test_bad_inputs_are_named(tiny):
         tiny(x, torch.zeros(1), cond, drop={"txt": torch.tensor([True])})
     with pytest.raises(ValueError, match=r"drop\['boxes'\]"):
         tiny(x, torch.zeros(1), cond, drop={"boxes": torch.tensor([True, False])})
-    with pytest.raises(ValueError, match="8k\\+1"):
-        tiny(x[:, :, :, :2], torch.zeros(1), random_conditions(1, 6, 5, text_dim=32, bev_size=24))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        tiny(x[:, :, :, :2], torch.zeros(1), random_conditions(1, 6, 7, text_dim=32, bev_size=24))
     with pytest.raises(ValueError, match="text_dim=32"):
         tiny(x, torch.zeros(1), random_conditions(1, 6, 9, text_dim=48, bev_size=24))
     assert set(CONDITION_NAMES) == {"text", "camera", "boxes", "traj", "map"}

@@ -81,9 +81,11 @@ def _with(name, value):
 LAT = make_sample()["latent_mean"]
 REJECTIONS = [
     # (description, sample, member, phrase in message)
-    ("T not 1 or 8k+1", _meta(num_frames=8), "meta.json", "8k+1"),
-    ("T zero", _meta(num_frames=0), "meta.json", "8k+1"),
-    ("schema major mismatch", _meta(schema_version="2.0"), "meta.json", "major version 2"),
+    ("T not 4k+1", _meta(num_frames=8), "meta.json", "4k+1"),
+    ("T zero", _meta(num_frames=0), "meta.json", "4k+1"),
+    ("schema major mismatch", _meta(schema_version="3.0"), "meta.json", "major version 3"),
+    ("schema 1.x shard", _meta(schema_version="1.0"), "meta.json", "rebuild the shards"),
+    ("view timestamps not T x V", _meta(view_timestamps_us=[[0]] * 9), "meta.json", "view_timestamps_us must be"),
     ("garbage schema version", _meta(schema_version="latest"), "meta.json", "MAJOR.MINOR"),
     ("missing meta field", {**make_sample(), "meta": {k: v for k, v in make_sample()["meta"].items() if k != "split"}},
      "meta.json", "missing field 'split'"),
@@ -169,7 +171,8 @@ def test_decode_rejects(desc, mutate, member, phrase):
 
 
 def test_frame_count_rules():
-    assert [t for t in range(0, 40) if schema.valid_num_frames(t)] == [1, 9, 17, 25, 33]
+    assert [t for t in range(0, 40) if schema.valid_num_frames(t)] == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37]
+    assert [t for t in range(0, 40) if schema.valid_bucket_frames(t)] == [1, 9, 17, 25, 33]
     assert [schema.latent_frames(t) for t in (1, 9, 17, 33, 65, 129)] == [1, 3, 5, 9, 17, 33]
 
 

@@ -178,24 +178,27 @@ def test_truncated_shard_is_skipped_and_counted(shards, tmp_path, caplog):
     assert len(good) == 7  # 8 samples, one lost in the cut
 
 
-def test_other_schema_major_is_refused(tmp_path):
-    root = tmp_path / "v2"
+@pytest.mark.parametrize("version", ["1.0", "3.0"])
+def test_other_schema_major_is_refused(tmp_path, version):
+    """1.x shards (static extrinsics, one box per frame for all views) and future majors: rebuild."""
+    root = tmp_path / "other"
     s = make_sample(height=32, width=64, num_frames=1, views=VIEWS, num_boxes=2)
     members = schema.encode_sample(s)
     meta = json.loads(members["meta.json"])
-    meta["schema_version"] = "2.0"
+    meta["schema_version"] = version
     members["meta.json"] = schema.meta_bytes(meta)
     from pipeline.shardio import write_shard
     write_shard(root / schema.shard_path("train", 32, 64, 1, 0), [(s["key"], members)])
     (root / "stage.yaml").write_text(STAGE)
     cfg = data_cfg(root)
     ss = find_shards(cfg, "train", [])
-    with pytest.raises(ShardVersionError, match=r"schema major version 2 .*rebuild the shards"):
+    major = version.split(".")[0]
+    with pytest.raises(ShardVersionError, match=rf"schema major version {major} .*rebuild the shards"):
         next(iter(BatchStream(ss, cfg, seed=0, stop_step=1)))
     # with a manifest the refusal comes before any shard is read
     write_manifest(str(root), "train", [ShardRecord(schema.shard_path("train", 32, 64, 1, 0), "train", "32x64_t1",
-                                                    32, 64, 1, 1, 0, "", "2.0", "", [s["key"]])])
-    with pytest.raises(ShardVersionError, match="schema version 2.0"):
+                                                    32, 64, 1, 1, 0, "", version, "", [s["key"]])])
+    with pytest.raises(ShardVersionError, match=f"schema version {version}"):
         find_shards(cfg, "train", [])
 
 

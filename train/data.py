@@ -157,7 +157,7 @@ def decode(raw: dict) -> dict:
     s = schema.decode_sample({k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}, key)
     return dict(key=s.key, caption=s.caption, latent_mean=s.latent_mean, latent_std=s.latent_std,
                 scaling_factor=float(s.meta["vae"]["scaling_factor"]),
-                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar, boxes=s.boxes, box_class=s.box_class,
+                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar[0], boxes=s.boxes, box_class=s.box_class,
                 box_mask=s.box_mask, box_view_mask=s.box_view_mask, traj=s.traj,
                 bev=s.bev, views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
 
