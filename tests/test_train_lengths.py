@@ -128,3 +128,24 @@ def test_decode_of_an_even_latent_count_keeps_frame_timing(tmp_path):
     frames = decode_latents(str(tmp_path / "vae"), lat, 1.0, "cpu")
     assert frames.shape == (1, 13, 32, 32, 3)
     np.testing.assert_array_equal(frames[:, :9], decode_latents(str(tmp_path / "vae"), lat[:, :, :3], 1.0, "cpu"))
+
+
+def test_contact_sheet_draws_each_views_boxes_through_its_own_extrinsics(tmp_path):
+    """Two views with the same rotation; view 1 fired later, after the ego moved 5 m to the left,
+    and its boxes moved with it. Each view's box must land on its image centre: drawing view 1
+    with view 0's extrinsics or boxes would put it ~16 px off."""
+    from PIL import Image
+    from train.video import CLASS_COLOURS, contact_sheet
+    k = np.array([[32.0, 0, 32.0], [0, 32.0, 16.0], [0, 0, 1]])
+    r = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])            # camera z (forward) = LiDAR x
+    c2l = np.tile(np.eye(4), (2, 1, 1))
+    c2l[:, :3, :3] = r
+    c2l[1, 1, 3] = 5.0
+    boxes = np.array([[[10.0, 0, 0, 2, 2, 2, 0]], [[10.0, 5, 0, 2, 2, 2, 0]]])   # (V, N, 7)
+    path = contact_sheet(tmp_path / "s.png", np.zeros((2, 32, 64, 3), np.uint8), boxes, np.array([True]),
+                         np.array([0]), np.stack([k, k]), c2l, ["A", "B"])
+    sheet = np.asarray(Image.open(path))
+    for v in range(2):
+        tile = sheet[:, 64 * v:64 * (v + 1)]
+        cols = np.nonzero((tile == CLASS_COLOURS[0]).all(-1))[1]
+        assert len(cols) > 10 and abs(cols.mean() - 31.5) < 1.0, (v, cols.mean())
