@@ -179,7 +179,8 @@ class MVDiT(nn.Module):
         residuals: list[torch.Tensor] = []
         if self.controlnet is not None and controlnet_scale != 0.0:
             bev = cond.bev * (~drops["map"]).to(cond.bev.dtype)[:, None, None, None, None]
-            rays = rays_lidar(cond.intrinsics.float(), cond.cam2lidar.float(), h, w, p * 8).to(tok.dtype)  # (B, V, T', S, 3)
+            # per view and latent frame (B, V, T', S, 3)
+            rays = rays_lidar(cond.intrinsics.float(), cond.cam2lidar.float(), h, w, p * 8).to(tok.dtype)
             residuals = self.controlnet(tok, bev, rays, cam, drops["camera"], t0, keys, key_mask, rope_t,
                                         self._run_block)
         for i, block in enumerate(self.blocks):

@@ -143,7 +143,8 @@ def test_bad_inputs_are_named(tiny):
         tiny(x, torch.zeros(1), random_conditions(1, 6, 9, text_dim=48, bev_size=24))
     assert set(CONDITION_NAMES) == {"text", "camera", "boxes", "traj", "map"}
     moved = cond.to("cpu", dtype=torch.float64)
-    assert isinstance(moved, Conditions) and moved.view_boxes.dtype == torch.float64 and moved.box_mask.dtype == torch.bool
+    assert isinstance(moved, Conditions) and moved.view_boxes.dtype == torch.float64
+    assert moved.box_mask.dtype == torch.bool
 
 
 def test_clip_without_boxes_and_empty_caption(tiny):
