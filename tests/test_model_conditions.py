@@ -119,6 +119,7 @@ def test_camera_tokens_per_latent_frame(model):
         c2l = cond.cam2lidar.clone()
         c2l[:, 5:9, 1, :3, 3] += torch.tensor([0.0, 0.8, 0.0])                     # view 1 moves on in group 2
         moved = model.camera(cond.intrinsics, c2l, H, W)
+    assert (moved[0, 1, 2] - moved[0, 1, 1]).abs().max() > 1e-4                      # differs per latent frame
     d = (cam - moved).abs().amax(-1)[0]                                              # (V, T')
     assert d[1, 2] > 1e-4
     d[1, 2] = 0
