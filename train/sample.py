@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                     "than the sample holds its last frame, shorter takes its first frames")
     a = ap.parse_args(argv)
     if a.frames is not None and not schema.valid_num_frames(a.frames):
+        lo = 4 * ((a.frames - 1) // 4) + 1
+        near = f"use {lo} or {lo + 4}" if a.frames > 1 else "use 1 or more"
         print(f"mdv2-sample: error: --frames {a.frames}: the model generates 4k+1 frames (1, 5, 9, 13, 17, ...); "
-              f"use {4 * max(0, (a.frames - 1) // 4) + 1} or {4 * max(0, (a.frames - 1) // 4 + 1) + 1}",
-              file=sys.stderr)
+              f"{near}", file=sys.stderr)
         return 2
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                   a.seed, a.device, a.text_encoder, a.text_cache, a.frames)
