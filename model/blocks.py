@@ -156,8 +156,9 @@ class STDiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, t0: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
                 rope_t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x (B, V, T', S, D); t0 (B, 6, D); cond (B, T', Lc, D) keys shared by the views of a
-        frame; cond_mask (B, V, T', Lc) bool; rope_t cos/sin (T', d_head)."""
+        """x (B, V, T', S, D); t0 (B, 6, D); cond (B, V, T', Lc, D) keys of each view and latent
+        frame (each view sees its own boxes and camera); cond_mask (B, V, T', Lc) bool; rope_t
+        cos/sin (T', d_head)."""
         B, V, T, S, D = x.shape
         mod = (self.scale_shift_table[None] + t0)[:, None, None, None]                  # (B,1,1,1,6,D)
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = mod.unbind(-2)
@@ -170,8 +171,7 @@ class STDiTBlock(nn.Module):
         x = x + g_a * h
         if self.cross_view is not None:
             x = x + self.cross_view(x)
-        # keys (B, 1, T', Lc, D) are broadcast over the views inside Attention
-        x = x + self.cross_attn(self.norm_cross(x), cond[:, None], mask=cond_mask[:, :, :, None, None, :])
+        x = x + self.cross_attn(self.norm_cross(x), cond, mask=cond_mask[:, :, :, None, None, :])
         x = x + g_m * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
         return x
 

@@ -1,7 +1,11 @@
 """The condition bundle MVDiT consumes (one batch), and the names the CFG drop API uses.
 
 Shapes follow the sample contract (pipeline/schema.py) with a batch axis in front.
-T is the pixel-frame count (1 or 8k+1); the latent has T' = (T - 1) // 4 + 1 frames.
+T is the pixel-frame count (any 4k+1); the latent has T' = (T - 1) // 4 + 1 frames.
+Geometry follows schema 2.0's time model: each view's boxes and extrinsics are at that view's
+own exposure in frame t, expressed in LiDAR(t) (the reference frame of `traj` and `bev`).
+The reference boxes (`boxes.npy`, CAM_FRONT time) stay in the loader's Batch; the model reads
+`view_boxes` only, so they are not part of this bundle.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ class Conditions:
     text: torch.Tensor           # (B, L, D_text) float, T5 encoder states
     text_mask: torch.Tensor      # (B, L) bool, True = real token
     intrinsics: torch.Tensor     # (B, V, 3, 3) at the stored image resolution
-    cam2lidar: torch.Tensor      # (B, V, 4, 4) camera -> LiDAR
-    boxes: torch.Tensor          # (B, T, N, 7) x y z w l h yaw in each frame's LiDAR
+    cam2lidar: torch.Tensor      # (B, T, V, 4, 4) camera v at its exposure -> LiDAR(t)
+    view_boxes: torch.Tensor     # (B, T, V, N, 7) x y z w l h yaw at view v's exposure, in LiDAR(t)
     box_class: torch.Tensor      # (B, N) long, class id 0-9
     box_mask: torch.Tensor       # (B, T, N) bool, False = padding / absent in that frame
     box_view_mask: torch.Tensor  # (B, T, V, N) bool, box visible in view
@@ -35,7 +39,7 @@ class Conditions:
 
     @property
     def num_frames(self) -> int:
-        return int(self.boxes.shape[1])
+        return int(self.traj.shape[1])
 
     @property
     def num_views(self) -> int:
@@ -56,11 +60,11 @@ class Conditions:
         """Raise ValueError naming the field whose shape disagrees with the others."""
         B = self.batch_size if batch is None else batch
         V = self.num_views if views is None else views
-        T, N = self.boxes.shape[1], self.boxes.shape[2]
+        T, N = self.num_frames, self.box_class.shape[1]
         L = self.text.shape[1]
         want = {
-            "text_mask": (B, L), "intrinsics": (B, V, 3, 3), "cam2lidar": (B, V, 4, 4),
-            "boxes": (B, T, N, 7), "box_class": (B, N), "box_mask": (B, T, N),
+            "text_mask": (B, L), "intrinsics": (B, V, 3, 3), "cam2lidar": (B, T, V, 4, 4),
+            "view_boxes": (B, T, V, N, 7), "box_class": (B, N), "box_mask": (B, T, N),
             "box_view_mask": (B, T, V, N), "traj": (B, T, 4, 4),
         }
         if self.text.dim() != 3 or self.text.shape[0] != B:
@@ -84,28 +88,33 @@ def random_conditions(batch: int, views: int, frames: int, boxes: int = 4, text_
                       text_dim: int = 32, bev_size: int = 200, generator: torch.Generator | None = None,
                       ) -> Conditions:
     """A plausible random bundle for tests/benches: boxes within 40 m moving slowly, ~30 % of the
-    tracks padded (absent in every frame), cameras spread around the ring, random BEV bits."""
+    tracks padded (absent in every frame), cameras spread around the ring, random BEV bits.
+    Per-view geometry as the rig makes it: view v fires 7 ms after view v-1, so its boxes are
+    shifted along their velocity and its extrinsics by the ego's motion (0.5 m per frame)."""
     g = generator
     B, V, T, N = batch, views, frames, boxes
     xyz = (torch.rand(B, 1, N, 3, generator=g) - 0.5) * torch.tensor([80.0, 80.0, 2.0])
     vel = (torch.rand(B, 1, N, 3, generator=g) - 0.5) * torch.tensor([1.0, 1.0, 0.0])
-    t = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1)
-    centre = xyz + vel * t                                               # (B, T, N, 3)
-    size = (1.0 + 3.0 * torch.rand(B, 1, N, 3, generator=g)).expand(B, T, N, 3)
-    yaw = ((torch.rand(B, 1, N, 1, generator=g) - 0.5) * 6.28).expand(B, T, N, 1)
+    t = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1, 1)
+    dt = (torch.arange(V, dtype=torch.float32) * 0.084).view(1, 1, V, 1, 1)  # 7 ms in frames of 83 ms
+    centre = xyz[:, :, None] + vel[:, :, None] * (t + dt)                # (B, T, V, N, 3)
+    size = (1.0 + 3.0 * torch.rand(B, 1, 1, N, 3, generator=g)).expand(B, T, V, N, 3)
+    yaw = ((torch.rand(B, 1, 1, N, 1, generator=g) - 0.5) * 6.28).expand(B, T, V, N, 1)
     box_mask = torch.rand(B, 1, N, generator=g).expand(B, T, N) > 0.3
     K = torch.tensor([[100.0, 0, 64.0], [0, 100.0, 32.0], [0, 0, 1]]).expand(B, V, 3, 3).clone()
-    c2l = torch.eye(4).expand(B, V, 4, 4).clone()
+    c2l = torch.eye(4).expand(B, T, V, 4, 4).clone()
     ang = torch.arange(V, dtype=torch.float32) * (6.2832 / V)
     c2l[..., 0, 0], c2l[..., 0, 2] = torch.cos(ang), torch.sin(ang)
     c2l[..., 2, 0], c2l[..., 2, 2] = -torch.sin(ang), torch.cos(ang)
+    c2l[..., 1, 3] = 0.5 * dt.view(1, 1, V)                              # the ego moved on since CAM_FRONT
+    t = t.view(1, T, 1, 1)
     traj = torch.eye(4).expand(B, T, 4, 4).clone()
     traj[..., 1, 3] = t.view(1, T) * 0.5
     return Conditions(
         text=torch.randn(B, text_len, text_dim, generator=g),
         text_mask=torch.arange(text_len).expand(B, text_len) < text_len - 2,
         intrinsics=K, cam2lidar=c2l,
-        boxes=torch.cat([centre, size, yaw], -1).contiguous(),
+        view_boxes=torch.cat([centre, size, yaw], -1).contiguous(),
         box_class=torch.randint(0, 10, (B, N), generator=g),
         box_mask=box_mask.contiguous(),
         box_view_mask=torch.rand(B, T, V, N, generator=g) > 0.5,

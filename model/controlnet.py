@@ -5,8 +5,9 @@ map masks (B, T, 8, 200, 200)
   -> temporal downsampling shaped like CogVAE's (two stages; each keeps the first frame and
      merges the following frames pairwise with a trainable linear map initialised to the
      average, as the VAE's time-compressing DownSample3D does)  (B, T', 625, D)
-  -> per view: the view's token grid cross-attends to the BEV tokens; its queries are the
-     token's viewing ray in LiDAR axes (from K^-1 and cam2lidar) + the camera token, the keys
+  -> per view and latent frame: the view's token grid cross-attends to the BEV tokens; its
+     queries are the token's viewing ray in LiDAR(t) axes (from K^-1 and the latent frame's
+     cam2lidar, CogVAE-grouped) + the view's camera token of that frame, the keys
      carry the BEV cell position, so attention can learn the ground-plane <-> image mapping
      (B, V, T', S, D)
   -> zero-initialised projection added to the noisy-latent tokens
@@ -84,13 +85,11 @@ class BEVControlNet(nn.Module):
                 drop_camera: torch.Tensor, t0: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
                 rope_t, run_block) -> list[torch.Tensor]:
         """x (B, V, T', S, D) embedded noisy latent; bev (B, T, C, Hb, Wb) (zeros where dropped);
-        rays (B, V, S, 3); cam_tok (B, V, D) (already null where dropped); drop_camera (B,) bool.
-        Returns one residual (B, V, T', S, D) per ControlNet block, already projected."""
+        rays (B, V, T', S, 3) per latent frame; cam_tok (B, V, T', D) (already null where dropped);
+        drop_camera (B,) bool. Returns one residual (B, V, T', S, D) per ControlNet block, already projected."""
         kv = self.norm_bev(self.bev_tokens(bev))                                # (B, T', G, D)
-        q = self.ray_mlp(self.ray_fourier(rays))                                 # (B, V, S, D)
-        q = torch.where(drop_camera[:, None, None, None], self.null_ray.to(q.dtype), q) + cam_tok[:, :, None]
-        Tl = x.shape[2]
-        q = q[:, :, None].expand(-1, -1, Tl, -1, -1)                              # (B, V, T', S, D)
+        q = self.ray_mlp(self.ray_fourier(rays))                                 # (B, V, T', S, D)
+        q = torch.where(drop_camera[:, None, None, None, None], self.null_ray.to(q.dtype), q) + cam_tok[..., None, :]
         view_bev = self.bev_attn(q, kv[:, None])                                 # keys broadcast over V
         h = x + self.input_proj(view_bev)
         out = []

@@ -2,12 +2,17 @@
 
 - timestep: sinusoidal features of 1000 * t -> MLP (t is the rectified-flow time in [0, 1]);
 - text: MLP projection of T5 encoder states;
-- camera: MLP on Fourier features of (K normalised by the image size, R, t) -> one token per view;
-- boxes: per-frame MLP on Fourier features of the 8 corners + class embedding, then the
-  spatial-temporal encoder: a temporal transformer with RoPE inside each CogVAE group (first
-  frame alone, then groups of 4) and a learned merge of each group into one latent frame,
-  so T -> T' = (T - 1) // 4 + 1 without reduce-and-repeat (the paper's "4x down");
+- camera: MLP on Fourier features of (K normalised by the image size, R, t) per view and pixel
+  frame (schema 2.0: cam2lidar[t, v] is camera v at its own exposure -> LiDAR(t), so it moves
+  with the ego), then a learned merge of each CogVAE group -> one token per view and latent frame;
+- boxes: each view's own boxes (view_boxes[t, v], at v's exposure): per-frame MLP on Fourier
+  features of the 8 corners + class embedding, then the spatial-temporal encoder, one track
+  per (view, object): a causal temporal transformer with RoPE over the whole clip, then a
+  learned merge of each CogVAE group (first frame alone, then groups of 4) into one latent
+  frame, so T -> T' = (T - 1) // 4 + 1 without reduce-and-repeat (the paper's "4x down", Fig. 4b);
 - trajectory: the same spatial-temporal encoder with an MLP on the ego poses.
+
+CogVAE grouping of pixel frames (frame 0 alone, then 4k-3..4k -> latent k) is `latent_groups`.
 """
 from __future__ import annotations
 
@@ -51,6 +56,17 @@ class Fourier(nn.Module):
         return torch.cat([x[..., None], ang.sin(), ang.cos()], -1).flatten(-2)
 
 
+def latent_groups(x: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """(B, T, ...) -> (B, T', group, ...): pixel frames of each latent frame (frame 0 alone, then
+    groups of `group`). Frame 0's group is left-padded with copies of frame 0, as CogVAE's causal
+    convolutions replicate-pad it, so a static signal gives the same group at every latent frame."""
+    B, T = x.shape[:2]
+    if (T - 1) % group:
+        raise ValueError(f"{T} frames: CogVAE grouping needs 1 + {group}k frames")
+    x = torch.cat([x[:, :1].expand(B, group - 1, *x.shape[2:]), x], 1)
+    return x.reshape(B, (T - 1) // group + 1, group, *x.shape[2:])
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
@@ -66,29 +82,49 @@ class TimestepEmbedder(nn.Module):
 
 
 class CameraEmbedder(nn.Module):
-    """Per-view camera token from intrinsics (normalised by the image size, so one embedding
-    serves every bucket) and camera->LiDAR rotation and translation."""
+    """Camera token per view and latent frame from intrinsics (normalised by the image size, so
+    one embedding serves every bucket) and the per-frame camera->LiDAR(t) rotation and
+    translation: one token per pixel frame, then the 4 tokens of each CogVAE group are
+    concatenated and merged by a linear map initialised to their average (so a static rig
+    starts with the same token in every latent frame, and within-group motion stays learnable)."""
 
-    def __init__(self, dim: int, num_freqs: int):
+    def __init__(self, dim: int, num_freqs: int, group: int = 4):
         super().__init__()
+        self.group = group
         self.fourier = Fourier(num_freqs)
         self.mlp = Mlp(self.fourier.out_dim(4 + 9 + 3), dim, dim)
+        self.merge = nn.Linear(group * dim, dim)
+
+    def init_average(self) -> None:
+        D = self.merge.out_features
+        with torch.no_grad():
+            self.merge.weight.copy_(torch.eye(D).repeat(1, self.group) / self.group)
+            self.merge.bias.zero_()
 
     def forward(self, intrinsics: torch.Tensor, cam2lidar: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """intrinsics (B, V, 3, 3), cam2lidar (B, V, 4, 4), image size in pixels -> (B, V, D)."""
+        """intrinsics (B, V, 3, 3), cam2lidar (B, T, V, 4, 4), image size in pixels -> (B, V, T', D)."""
+        T = cam2lidar.shape[1]
         k = torch.stack([intrinsics[..., 0, 0] / width, intrinsics[..., 1, 1] / height,
                          intrinsics[..., 0, 2] / width, intrinsics[..., 1, 2] / height], -1)   # (B, V, 4)
+        k = k[:, None].expand(-1, T, -1, -1)                                                   # (B, T, V, 4)
         feats = torch.cat([k, cam2lidar[..., :3, :3].flatten(-2), cam2lidar[..., :3, 3] / METRIC_SCALE], -1)
-        return self.mlp(self.fourier(feats))
+        tok = latent_groups(self.mlp(self.fourier(feats)), self.group)                        # (B, T', G, V, D)
+        return self.merge(tok.permute(0, 3, 1, 2, 4).flatten(-2))                             # (B, V, T', D)
 
 
 class SpatialTemporalEncoder(nn.Module):
     """Per-track tokens (B, T, N, D) -> (B, T', N, D) aligned with CogVAE's causal temporal
-    compression: latent frame 0 sees pixel frame 0 only, latent k >= 1 sees frames 4k-3..4k.
-    A temporal transformer with RoPE mixes the frames of each group (attention never crosses a
-    group, so each latent frame depends only on its own frames); the group's 4 frame slots are
-    concatenated and projected (a learned downsampling that keeps per-frame order, unlike a
-    pool-and-repeat). Absent frames (mask False) are zeroed and excluded from attention."""
+    compression (paper Fig. 4b): a temporal transformer with RoPE (positions = pixel frame
+    index) relates each track's frames over the whole clip, then the 4 frame slots of each
+    CogVAE group are concatenated and projected (a learned downsampling that keeps per-frame
+    order, unlike a pool-and-repeat). Frame 0 owns latent 0 alone: its group is left-padded
+    with G-1 absent slots, as the causal VAE pads it. Absent frames (mask False) are zeroed
+    and excluded from attention.
+
+    Attention is causal (frame i sees frames <= i), like CogVAE itself, whose latent k depends
+    on pixel frames <= 4k only. So latent k's token depends on frames <= 4k: the tokens of a
+    clip's prefix are the prefix of the clip's tokens, whatever its length, which keeps the
+    trainer's common-prefix crop and the sampler's length change consistent with training."""
 
     def __init__(self, dim: int, heads: int, layers: int, group: int = 4):
         super().__init__()
@@ -108,21 +144,20 @@ class SpatialTemporalEncoder(nn.Module):
         Tl = (T - 1) // G + 1
         if N == 0:   # a clip without objects: nothing to encode (reshapes of empty tensors are ambiguous)
             return self.merge(x.new_zeros(B, Tl, 0, G * D)), mask.new_zeros(B, Tl, 0)
-        x = x * mask[..., None]
-        # first frame alone: left-pad its group with G-1 absent slots (the causal VAE pads the
-        # first frame the same way), so every latent frame owns exactly G slots
-        x = torch.cat([x.new_zeros(B, G - 1, N, D), x], 1).view(B, Tl, G, N, D).permute(0, 1, 3, 2, 4)
-        m = torch.cat([mask.new_zeros(B, G - 1, N), mask], 1).view(B, Tl, G, N).permute(0, 1, 3, 2)
-        # (B, T', N, G, D), (B, T', N, G); positions = pixel frame index for RoPE
-        cos, sin = rope_cos_sin(torch.arange(G, device=x.device, dtype=torch.float32), D // self.heads)
-        eye = torch.eye(G, dtype=torch.bool, device=x.device)
-        attn_mask = (m[..., None, :] | eye)[..., None, :, :]        # (B, T', N, 1, G, G); self always allowed
+        L = Tl * G
+        x = torch.cat([x.new_zeros(B, G - 1, N, D), x * mask[..., None]], 1).transpose(1, 2)  # (B, N, L, D)
+        m = torch.cat([mask.new_zeros(B, G - 1, N), mask], 1).transpose(1, 2)               # (B, N, L)
+        pos = torch.arange(L, device=x.device, dtype=torch.float32) - (G - 1)                # pixel frame index
+        cos, sin = rope_cos_sin(pos, D // self.heads)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        eye = torch.eye(L, dtype=torch.bool, device=x.device)
+        attn_mask = ((m[..., None, :] & causal) | eye)[:, :, None]  # (B, N, 1, L, L); self always allowed
         for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
             x = x + attn(self.norms[2 * i](x), mask=attn_mask, rope=(cos, sin))
             x = x + mlp(self.norms[2 * i + 1](x))
             x = x * m[..., None]
-        out = self.merge(x.flatten(-2))                             # (B, T', N, D)
-        return out, m.any(-1)
+        out = self.merge(x.reshape(B, N, Tl, G * D)).transpose(1, 2)                        # (B, T', N, D)
+        return out, m.reshape(B, N, Tl, G).any(-1).transpose(1, 2)
 
 
 class BoxEmbedder(nn.Module):
@@ -133,14 +168,19 @@ class BoxEmbedder(nn.Module):
         self.cls = nn.Embedding(num_classes, dim)
         self.st = SpatialTemporalEncoder(dim, heads, layers)
 
-    def forward(self, boxes: torch.Tensor, box_class: torch.Tensor, box_mask: torch.Tensor,
+    def forward(self, view_boxes: torch.Tensor, box_class: torch.Tensor, box_mask: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """boxes (B, T, N, 7), box_class (B, N), box_mask (B, T, N) -> (B, T', N, D), (B, T', N)."""
+        """view_boxes (B, T, V, N, 7), box_class (B, N), box_mask (B, T, N)
+        -> (B, T', V, N, D), (B, T', V, N). Each (view, object) is its own track, so view v's
+        tokens depend on view v's boxes only."""
+        B, T, V, N, _ = view_boxes.shape
+        mask = box_mask[:, :, None].expand(B, T, V, N)
         # padded slots may hold anything (even NaN): replace before any arithmetic touches them
-        boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes))
-        corners = box_corners(boxes) / METRIC_SCALE                                 # (B, T, N, 8, 3)
-        tok = self.mlp(self.fourier(corners.flatten(-2))) + self.cls(box_class.clamp(min=0))[:, None]
-        return self.st(tok, box_mask)
+        boxes = torch.where(mask[..., None], view_boxes, torch.zeros_like(view_boxes))
+        corners = box_corners(boxes) / METRIC_SCALE                                 # (B, T, V, N, 8, 3)
+        tok = self.mlp(self.fourier(corners.flatten(-2))) + self.cls(box_class.clamp(min=0))[:, None, None]
+        out, m = self.st(tok.flatten(2, 3), mask.flatten(2, 3))                     # (B, T', V*N, D)
+        return out.unflatten(2, (V, N)), m.unflatten(2, (V, N))
 
 
 class TrajEmbedder(nn.Module):
@@ -172,12 +212,15 @@ class TextProjection(nn.Module):
 
 
 def rays_lidar(intrinsics: torch.Tensor, cam2lidar: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
-    """Unit ray directions (in LiDAR axes) through the centres of an h x w token grid whose cells
-    are `stride` pixels: (B, V, 3, 3), (B, V, 4, 4) -> (B, V, h*w, 3)."""
+    """Unit ray directions (in LiDAR(t) axes) through the centres of an h x w token grid whose
+    cells are `stride` pixels, per latent frame: (B, V, 3, 3), (B, T, V, 4, 4) -> (B, V, T', h*w, 3).
+    A latent frame's ray is the normalised mean of its pixel frames' rays (CogVAE groups); the
+    mean is taken over the rotations, which is the same thing since K is per view."""
     dev = intrinsics.device
     v, u = torch.meshgrid((torch.arange(h, device=dev) + 0.5) * stride,
                           (torch.arange(w, device=dev) + 0.5) * stride, indexing="ij")
     pix = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3).to(intrinsics)     # (S, 3)
     d_cam = torch.einsum("bvij,sj->bvsi", torch.linalg.inv(intrinsics.float()).to(intrinsics), pix)
-    d = torch.einsum("bvij,bvsj->bvsi", cam2lidar[..., :3, :3], d_cam)
+    rot = latent_groups(cam2lidar[..., :3, :3]).mean(2)                                   # (B, T', V, 3, 3)
+    d = torch.einsum("btvij,bvsj->bvtsi", rot, d_cam)
     return F.normalize(d, dim=-1)

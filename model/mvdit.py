@@ -8,7 +8,8 @@ latent x (B, V, 16, T', H', W')  --pad H', W' to even, patchify (1, 2, 2)-->  to
   -> final adaLN layer -> unpatchify -> crop -> velocity (B, V, 16, T', H', W').
 
 Cross-attention keys of view v at latent frame k: [null-text slot, text tokens, traj token of
-frame k, null-box slot, box tokens of frame k visible in v, camera tokens (only v's unmasked)].
+frame k, null-box slot, v's own box tokens of frame k (from view_boxes[:, v], masked to those
+visible in v), v's camera token of frame k]. Keys are per (view, latent frame): (B, V, T', Lc, D).
 The "null" slots make the CFG drop a masking operation: a dropped condition is replaced by its
 learned null token, a kept one masks the null token out.
 """
@@ -77,6 +78,7 @@ class MVDiT(nn.Module):
         nn.init.normal_(self.boxes.cls.weight, std=0.02)
         for p in (self.null_text, self.null_camera, self.null_box, self.null_traj):
             nn.init.normal_(p, std=0.02)
+        self.camera.init_average()
         nn.init.zeros_(self.t_block[1].weight)
         nn.init.zeros_(self.t_block[1].bias)
         for block in self.blocks:
@@ -114,7 +116,7 @@ class MVDiT(nn.Module):
 
     def encode_conditions(self, cond: Conditions, drops: dict[str, torch.Tensor], height: int, width: int,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> keys (B, T', Lc, D), key mask (B, V, T', Lc) bool, camera tokens (B, V, D)."""
+        """-> keys (B, V, T', Lc, D), key mask (B, V, T', Lc) bool, camera tokens (B, V, T', D)."""
         B, V = cond.batch_size, cond.num_views
         dt = self.x_embed.weight.dtype
         if cond.text.shape[-1] != self.config.text_dim:
@@ -126,28 +128,24 @@ class MVDiT(nn.Module):
         txt = torch.cat([self.null_text.to(dt).expand(B, 1, -1), txt], 1)
         d = drops["text"][:, None]
         txt_mask = torch.cat([d, cond.text_mask.bool() & ~d], 1)                          # (B, 1+L)
-        # camera: one token per view
-        cam = self.camera(cond.intrinsics.to(dt), cond.cam2lidar.to(dt), height, width)   # (B, V, D)
-        cam = torch.where(drops["camera"][:, None, None], self.null_camera.to(dt), cam)
+        # camera: one token per view and latent frame (per-frame extrinsics, CogVAE groups)
+        cam = self.camera(cond.intrinsics.to(dt), cond.cam2lidar.to(dt), height, width)   # (B, V, T', D)
+        cam = torch.where(drops["camera"][:, None, None, None], self.null_camera.to(dt), cam)
         # trajectory: one token per latent frame
         trj = self.traj(cond.traj.to(dt))                                                 # (B, T', D)
         trj = torch.where(drops["traj"][:, None, None], self.null_traj.to(dt), trj)
         Tl = trj.shape[1]
-        # boxes: [null slot, N tracks] per latent frame; visible in view v if present and seen by
-        # v in any pixel frame of the group
-        box, _ = self.boxes(cond.boxes.to(dt), cond.box_class.long(), cond.box_mask.bool())  # (B, T', N, D)
+        # boxes: [null slot, N tracks] per view and latent frame, from that view's own boxes; a
+        # track is a key of view v if present and seen by v in any pixel frame of the group
+        box, _ = self.boxes(cond.view_boxes.to(dt), cond.box_class.long(), cond.box_mask.bool())  # (B, T', V, N, D)
         vis = group_any(cond.box_mask.bool()[:, :, None] & cond.box_view_mask.bool())   # (B, T', V, N)
-        db = drops["boxes"]
-        vis = vis & ~db[:, None, None, None]
-        box = torch.cat([self.null_box.to(dt).expand(B, Tl, 1, -1), box], 2)
-        box_mask = torch.cat([db[:, None, None, None].expand(B, Tl, V, 1), vis], 3).permute(0, 2, 1, 3)
-        keys = torch.cat([txt[:, None].expand(B, Tl, -1, -1), trj[:, :, None], box,
-                          cam[:, None].expand(B, Tl, V, -1)], 2)                          # (B, T', Lc, D)
-        eye = torch.eye(V, dtype=torch.bool, device=cam.device)
-        mask = torch.cat([txt_mask[:, None, None].expand(B, V, Tl, -1),
-                          torch.ones(B, V, Tl, 1, dtype=torch.bool, device=cam.device),
-                          box_mask,
-                          eye[None, :, None].expand(B, V, Tl, V)], 3)                     # (B, V, T', Lc)
+        db = drops["boxes"][:, None, None, None]
+        box = torch.cat([self.null_box.to(dt).expand(B, Tl, V, 1, -1), box], 3).transpose(1, 2)  # (B, V, T', 1+N, D)
+        box_mask = torch.cat([db.expand(B, Tl, V, 1), vis & ~db], 3).transpose(1, 2)     # (B, V, T', 1+N)
+        keys = torch.cat([txt[:, None, None].expand(B, V, Tl, -1, -1), trj[:, None, :, None].expand(B, V, Tl, 1, -1),
+                          box, cam[:, :, :, None]], 3)                                    # (B, V, T', Lc, D)
+        ones = torch.ones(B, V, Tl, 1, dtype=torch.bool, device=cam.device)
+        mask = torch.cat([txt_mask[:, None, None].expand(B, V, Tl, -1), ones, box_mask, ones], 3)  # (B, V, T', Lc)
         return keys, mask, cam
 
     # ---- forward ------------------------------------------------------------------------------
@@ -181,6 +179,7 @@ class MVDiT(nn.Module):
         residuals: list[torch.Tensor] = []
         if self.controlnet is not None and controlnet_scale != 0.0:
             bev = cond.bev * (~drops["map"]).to(cond.bev.dtype)[:, None, None, None, None]
+            # per view and latent frame (B, V, T', S, 3)
             rays = rays_lidar(cond.intrinsics.float(), cond.cam2lidar.float(), h, w, p * 8).to(tok.dtype)
             residuals = self.controlnet(tok, bev, rays, cam, drops["camera"], t0, keys, key_mask, rope_t,
                                         self._run_block)

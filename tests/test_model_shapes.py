@@ -1,6 +1,7 @@
 """MVDiT shapes across buckets, presets/config round trip, describe CLI, input errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,11 +38,28 @@ def test_forward_shapes_across_buckets(tiny, frames, views, hw):
     assert Tl == schema.latent_frames(frames) and Tl in (1, 3, 5, 9)
     g = torch.Generator().manual_seed(frames)
     cond = random_conditions(2, views, frames, text_dim=32, bev_size=40, generator=g)
+    assert cond.view_boxes.shape == (2, frames, views, 4, 7) and cond.cam2lidar.shape == (2, frames, views, 4, 4)
     x = torch.randn(2, views, 16, Tl, *hw, generator=g)
     with torch.no_grad():
         out = tiny(x, torch.tensor([0.1, 0.9]), cond)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("frames", [5, 13])
+def test_any_4k_plus_1_length_forward_backward(frames):
+    """Lengths no bucket has (4k+1 but not 8k+1) train: forward, backward, a gradient everywhere."""
+    torch.manual_seed(frames)
+    m = _perturb(build_model("tiny"))
+    g = torch.Generator().manual_seed(frames)
+    cond = random_conditions(1, 2, frames, text_dim=32, bev_size=16, generator=g)
+    x = torch.randn(1, 2, 16, latent_len(frames), 4, 4, generator=g)
+    out = m(x, torch.tensor([0.5]), cond)
+    assert out.shape == x.shape and latent_len(frames) == (frames - 1) // 4 + 1
+    out.square().mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    assert m.boxes.st.merge.weight.grad.abs().sum() > 0 and m.camera.merge.weight.grad.abs().sum() > 0
 
 
 def test_odd_latent_is_padded_and_cropped():
@@ -111,6 +129,10 @@ def test_bad_inputs_are_named(tiny):
         tiny(x[:, :, :, :2], torch.zeros(1), cond)
     with pytest.raises(ValueError, match="intrinsics"):
         tiny(x[:, :3], torch.zeros(1), cond)
+    with pytest.raises(ValueError, match=r"cam2lidar: expected shape \(1, 9, 6, 4, 4\)"):
+        tiny(x, torch.zeros(1), dataclasses.replace(cond, cam2lidar=cond.cam2lidar[:, 0]))  # schema 1.x static rig
+    with pytest.raises(ValueError, match="view_boxes"):
+        tiny(x, torch.zeros(1), dataclasses.replace(cond, view_boxes=cond.view_boxes[:, :, 0]))
     with pytest.raises(ValueError, match="unknown condition"):
         tiny(x, torch.zeros(1), cond, drop={"txt": torch.tensor([True])})
     with pytest.raises(ValueError, match=r"drop\['boxes'\]"):
@@ -121,7 +143,8 @@ def test_bad_inputs_are_named(tiny):
         tiny(x, torch.zeros(1), random_conditions(1, 6, 9, text_dim=48, bev_size=24))
     assert set(CONDITION_NAMES) == {"text", "camera", "boxes", "traj", "map"}
     moved = cond.to("cpu", dtype=torch.float64)
-    assert isinstance(moved, Conditions) and moved.boxes.dtype == torch.float64 and moved.box_mask.dtype == torch.bool
+    assert isinstance(moved, Conditions) and moved.view_boxes.dtype == torch.float64
+    assert moved.box_mask.dtype == torch.bool
 
 
 def test_clip_without_boxes_and_empty_caption(tiny):

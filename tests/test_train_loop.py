@@ -173,6 +173,21 @@ def test_sample_writes_videos_and_contact_sheet(data):
     assert sheet.shape == (32, 3 * 64, 3)
     info = json.loads((out / "sample.json").read_text())
     assert info["steps"] == 3 and info["weights"] == "ema"
+    # a length no bucket had: 13 frames from the 9-frame sample (conditions held on the last frame)
+    out13 = data / "samples13"
+    assert sample_main(["--ckpt", str(data / "full"), "--vae", str(data / "vae"), "--out", str(out13),
+                        "--bucket", "32x64_t9", "--steps", "2", "--frames", "13"]) == 0
+    with av.open(str(out13 / f"{VIEWS[0]}.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 13
+    info = json.loads((out13 / "sample.json").read_text())
+    assert info["frames"][1] == 13 and info["source_frames"] == 9 and info["length_rule"] == "hold"
+
+
+def test_sample_refuses_a_length_that_is_not_4k_plus_1(data, capsys):
+    from train.sample import main as sample_main
+    assert sample_main(["--ckpt", str(data), "--vae", str(data), "--out", str(data / "x"), "--frames", "11"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mdv2-sample: error: --frames 11") and "9 or 13" in err[0]
 
 
 def test_sample_conditions_come_from_any_url_form(data):

@@ -38,6 +38,7 @@ from webdataset.tariterators import group_by_keys
 
 from pipeline import manifest as manifest_mod
 from pipeline import schema, storage
+from train import clip_length
 from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
                            stage_specs)
 from train.config import DataConfig
@@ -157,8 +158,8 @@ def decode(raw: dict) -> dict:
     s = schema.decode_sample({k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}, key)
     return dict(key=s.key, caption=s.caption, latent_mean=s.latent_mean, latent_std=s.latent_std,
                 scaling_factor=float(s.meta["vae"]["scaling_factor"]),
-                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar[0], boxes=s.boxes, box_class=s.box_class,
-                box_mask=s.box_mask, box_view_mask=s.box_view_mask, traj=s.traj,
+                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar, boxes=s.boxes, view_boxes=s.view_boxes,
+                box_class=s.box_class, box_mask=s.box_mask, box_view_mask=s.box_view_mask, traj=s.traj,
                 bev=s.bev, views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
 
 
@@ -271,8 +272,9 @@ class Batch:
     latent_std: torch.Tensor | None  # same, posterior std (None when the shards store the mean only)
     scaling_factor: torch.Tensor # (B,) the VAE scaling factor s of each sample
     intrinsics: torch.Tensor     # (B, V, 3, 3)
-    cam2lidar: torch.Tensor      # (B, V, 4, 4)
-    boxes: torch.Tensor          # (B, T, N, 7)
+    cam2lidar: torch.Tensor      # (B, T, V, 4, 4) camera v at its exposure -> LiDAR(t)
+    boxes: torch.Tensor          # (B, T, N, 7) reference boxes (CAM_FRONT time); the model reads view_boxes
+    view_boxes: torch.Tensor     # (B, T, V, N, 7) each view's boxes at its own exposure, in LiDAR(t)
     box_class: torch.Tensor      # (B, N) long
     box_mask: torch.Tensor       # (B, T, N) bool
     box_view_mask: torch.Tensor  # (B, T, V, N) bool
@@ -297,7 +299,7 @@ class Batch:
         """The model's Conditions on ``device``; the BEV maps travel packed and are unpacked there."""
         from model.conditions import Conditions
         return Conditions(text=text, text_mask=text_mask, intrinsics=self.intrinsics, cam2lidar=self.cam2lidar,
-                          boxes=self.boxes, box_class=self.box_class, box_mask=self.box_mask,
+                          view_boxes=self.view_boxes, box_class=self.box_class, box_mask=self.box_mask,
                           box_view_mask=self.box_view_mask, traj=self.traj,
                           bev=unpack_bev(self.bev.to(device)).float()).to(device)
 
@@ -317,15 +319,15 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
     views = {s["views"] for s in samples}
     if len(views) != 1:
         raise ValueError(f"bucket {bucket}: samples with different view lists {sorted(views)} cannot share a batch")
-    t_min = min(s["shape"][2] for s in samples)
-    if any(s["shape"][2] != t_min for s in samples):
-        # a "full" bucket mixes clip lengths: keep the common prefix. CogVAE is causal, so the first
-        # latent_frames(t) latents are the latents of the first t frames.
-        tl = schema.latent_frames(t_min)
-        samples = [dict(s, latent_mean=s["latent_mean"][:, :, :tl],
-                        latent_std=None if s["latent_std"] is None else s["latent_std"][:, :, :tl], boxes=s["boxes"][:t_min], box_mask=s["box_mask"][:t_min],
-                        box_view_mask=s["box_view_mask"][:t_min], traj=s["traj"][:t_min], bev=s["bev"][:t_min])
-                   for s in samples]
+    lengths = [s["shape"][2] for s in samples]
+    if len(set(lengths)) > 1:
+        # a "full" bucket mixes clip lengths: keep a common prefix (train/clip_length.py says when
+        # its latents are exact: always for the pipeline's 8k+1 clips)
+        t, exact = clip_length.common_prefix(lengths)
+        if not exact:
+            log.warning("bucket %s: clips of %s frames share no exact CogVAE prefix; cropped to %d frames, "
+                        "latents of the longer clips approximate", bucket, sorted(set(lengths)), t)
+        samples = [clip_length.crop_frames(s, t) for s in samples]
     n = max(s["box_class"].shape[0] for s in samples)
 
     def pad(a: np.ndarray, axis: int, value=0) -> np.ndarray:
@@ -343,7 +345,8 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
                  latent_std=None if any(s["latent_std"] is None for s in samples) else stack("latent_std"),
                  scaling_factor=torch.tensor([s["scaling_factor"] for s in samples], dtype=torch.float64),
                  intrinsics=stack("intrinsics"), cam2lidar=stack("cam2lidar"),
-                 boxes=stack("boxes", 1), box_class=stack("box_class", 0, torch.long), box_mask=stack("box_mask", 1),
+                 boxes=stack("boxes", 1), view_boxes=stack("view_boxes", 2),
+                 box_class=stack("box_class", 0, torch.long), box_mask=stack("box_mask", 1),
                  box_view_mask=stack("box_view_mask", 2), traj=stack("traj"), bev=stack("bev"))
 
 

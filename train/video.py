@@ -68,12 +68,14 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, intrin
     return np.asarray(img)
 
 
-def contact_sheet(path: str | Path, frames: np.ndarray, boxes: np.ndarray, box_mask: np.ndarray,
+def contact_sheet(path: str | Path, frames: np.ndarray, view_boxes: np.ndarray, box_mask: np.ndarray,
                   classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str]) -> Path:
-    """One frame of every view (frames (V, H, W, 3)) with that frame's boxes (N, 7), labelled, in a grid."""
+    """One frame t of every view (frames (V, H, W, 3)) with that frame's boxes, labelled, in a grid.
+    Schema 2.0: view v draws its own boxes view_boxes[t, v] (V, N, 7) through its own extrinsics
+    cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects."""
     tiles = []
     for v in range(frames.shape[0]):
-        tile = draw_boxes(frames[v], boxes[box_mask], classes[box_mask], intrinsics[v], cam2lidar[v])
+        tile = draw_boxes(frames[v], view_boxes[v][box_mask], classes[box_mask], intrinsics[v], cam2lidar[v])
         img = Image.fromarray(tile)
         ImageDraw.Draw(img).text((2, 1), names[v], fill=(255, 255, 255))
         tiles.append(np.asarray(img))
