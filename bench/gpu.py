@@ -12,8 +12,8 @@
 (b) Trainer steps (bf16 autocast, rectified-flow loss, AdamW, grad clip, fp32 EMA: the step of
     train/train.py on a batch held in memory) of the `small` and `paper` presets on a
     224x400 T=17 and a 424x800 T=9 batch, gradient checkpointing off and on: step time, peak
-    memory (torch.cuda.max_memory_allocated), MFU = FLOPs counted by torch's FlopCounterMode
-    on the meta device / step time / peak.
+    memory (torch.cuda.max_memory_allocated, next to model/memory.py's estimate for the same
+    step), MFU = FLOPs counted by torch's FlopCounterMode on the meta device / step time / peak.
 
 Each measurement runs in its own try/except: an error (out of memory included) is recorded
 in the JSON under its key and the check goes on. Writes bench/results/gpu.json. On a machine
@@ -115,10 +115,9 @@ def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
     if not _cuda():   # smoke: tiles that fit the small clip
         ec.tile_height, ec.tile_width = 20, 30
     torch.manual_seed(0)
-    with torch.device(DEVICE):
-        # CogVideoX-2b VAE architecture (the diffusers defaults), random weights; smoke: the tiny one
-        vae = AutoencoderKLCogVideoX() if _cuda() else AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)
-    vae = vae.to(torch.bfloat16 if _cuda() else torch.float32).eval().requires_grad_(False)
+    # CogVideoX-2b VAE architecture (the diffusers defaults), random weights; smoke: the tiny one
+    vae = AutoencoderKLCogVideoX() if _cuda() else AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)
+    vae = vae.to(DEVICE, torch.bfloat16 if _cuda() else torch.float32).eval().requires_grad_(False)
     vae.num_sample_frames_batch_size = ec.frame_batch       # as pipeline/encode.py load_vae
     if tiling:
         vae.enable_tiling(tile_sample_min_height=ec.tile_height, tile_sample_min_width=ec.tile_width,
@@ -172,8 +171,11 @@ class Trainer:
         from train.train import make_optimizer
         self.preset, self.cfg = preset, TrainConfig(model=preset, optimizer="adamw", lr=1e-5)
         torch.manual_seed(0)
-        with torch.device(DEVICE):
-            self.model = build_model(preset).train()
+        try:
+            with torch.device(DEVICE):                      # initialised on the GPU: seconds, not minutes
+                self.model = build_model(preset).train()
+        except Exception:  # noqa: BLE001  (any surprise of on-device init: the slow, sure path)
+            self.model = build_model(preset).to(DEVICE).train()
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         self.opt = make_optimizer(self.cfg, self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
@@ -212,16 +214,26 @@ def bench_steps(tr: Trainer, shape, checkpointing: bool, batch: int, repeats: in
                 text_len: int, boxes: int) -> dict:
     import torch
     from train.train import step_flops
+    from model.memory import estimate
     _, h, w, f = shape
+    # model/memory.py's estimate for this very step, next to the measured peak (docs/train.md's plan)
+    est = estimate(tr.model.config, tr.n_params, batch, h, w, f, sp=1, checkpointing=checkpointing,
+                   text_len=text_len, boxes=boxes, views=CLIP["views"]).total / 1e9
     tr.model.enable_gradient_checkpointing(checkpointing)
-    step = tr.step_fn(batch, h, w, f, text_len, boxes)
-    _reset_peak()
-    step()                                                      # warm-up (allocates the AdamW states)
-    times = _timed(step, repeats)
+    try:
+        step = tr.step_fn(batch, h, w, f, text_len, boxes)
+        _reset_peak()
+        step()                                                  # warm-up (allocates the AdamW states)
+        times = _timed(step, repeats)
+    except torch.OutOfMemoryError as e:
+        tr.opt.zero_grad(set_to_none=True)
+        return {**_error(e), "estimated_peak_gb": est}
     sec = statistics.median(times)
     flops = count_flops(tr.preset, batch, h, w, f, text_len, boxes)
     lat = (batch, CLIP["views"], 16, (f - 1) // 4 + 1, h // 8, w // 8)
-    out = {"step_s": sec, "step_s_all": times, "peak_mem_gib": _peak_gib(),
+    peak_gib = _peak_gib()
+    out = {"step_s": sec, "step_s_all": times, "peak_mem_gib": peak_gib, "estimated_peak_gb": est,
+           "measured_peak_gb": peak_gib * 2 ** 30 / 1e9 if peak_gib is not None else None,
            "params": tr.n_params, "batch": batch, "tflop_per_step": flops / 1e12,
            "tflop_per_step_analytic": step_flops(tr.model.config, tr.n_params, lat) / 1e12,
            "achieved_tflops": flops / sec / 1e12}

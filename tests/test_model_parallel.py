@@ -107,6 +107,7 @@ def _split_gather_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_split_then_gather_round_trip_and_gradient_slices():
     mp.spawn(_split_gather_worker, args=(2, _free_port()), nprocs=2)
 

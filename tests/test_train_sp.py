@@ -2,9 +2,12 @@
 moves the weights as the single-process reference does."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +20,14 @@ from train.train import (TextSource, build_model, compute_loss, ema_update, lr_a
                          step_generator)
 
 
-def _torchrun(cfg, nproc: int, sp: int) -> dict:
+def _torchrun(cfg, nproc: int, sp: int, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(_free_port()), "-m", "train.train", "--no-progress", "--out", cfg.out,
            "--steps", str(cfg.steps), "--sp", str(sp), "--data-root", cfg.data.root, "--stage", cfg.data.stage,
            "--text-cache", cfg.data.text_cache, "--set", "lr=2e-3", "--set", "warmup=3",
            "--set", "ema_decay=0.9", "--set", "val_every=0", "--set", "data.samples_per_chunk=6",
-           "--set", "data.shuffle_buffer=3", "--set", "data.text_max_length=16"]
+           "--set", "data.shuffle_buffer=3", "--set", "data.text_max_length=16", *extra]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ckpt.load_state(cfg.out)["data"]["world"] == nproc // sp        # data-parallel streams
@@ -66,8 +69,12 @@ def _check(got: dict, ref: dict, init: dict) -> None:
 def test_sp2_trainer_equals_one_process(data):
     """dp=1 x sp=2: two ranks train one batch stream, split over tokens."""
     cfg = config(data, "sp2", 2)
-    got = _torchrun(cfg, nproc=2, sp=2)
+    # validation on the last step: the whole SP group of rank 0 runs the split model
+    got = _torchrun(cfg, 2, 2, "--set", "val_every=2", "--set", "val_batches=1")
     _check(got, *_reference(cfg, dp=1))
+    log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "val_loss" in log[-1] and "val_loss" not in log[0]
+    assert math.isfinite(log[-1]["val_loss"])
 
 
 @pytest.mark.slow
