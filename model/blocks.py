@@ -64,7 +64,6 @@ class Attention(nn.Module):
 
     sequence_parallel = None  # model/parallel.py sets it on spatial and cross-view attention
 
-
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = True):
         super().__init__()
         if dim % heads:

@@ -20,11 +20,11 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model import parallel
 from model.blocks import FinalLayer, STDiTBlock, rope_cos_sin, sincos_2d
 from model.conditions import CONDITION_NAMES, Conditions, latent_len
 from model.config import ModelConfig
 from model.controlnet import BEVControlNet
-from model import parallel
 from model.embedders import (BoxEmbedder, CameraEmbedder, TextProjection, TimestepEmbedder, TrajEmbedder,
                              rays_lidar)
 
