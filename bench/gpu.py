@@ -24,6 +24,7 @@ the test suite does, so the GPU run finds no Python error.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -142,6 +143,7 @@ def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
 
 # ---- (b) trainer steps ----------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def count_flops(preset: str, batch: int, height: int, width: int, frames: int, text_len: int, boxes: int) -> float:
     """fwd + bwd FLOPs of one step, counted on the meta device (no memory)."""
     import torch
