@@ -62,6 +62,8 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention with q/k RMS-norm (stabilises
     bf16 training as in Open-Sora 1.2) and optional RoPE on q and k."""
 
+    sequence_parallel = None  # model/parallel.py sets it on spatial and cross-view attention
+
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = True):
         super().__init__()
         if dim % heads:
@@ -93,7 +95,10 @@ class Attention(nn.Module):
         v = v.expand(*lead, h, lk, d).reshape(-1, h, lk, d)
         if mask is not None:
             mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # (N, h, Lq, d)
+        if self.sequence_parallel is not None:   # tokens split over ranks: all-to-all over heads
+            out = self.sequence_parallel.attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)               # (N, h, Lq, d)
         return self.proj(out.view(*lead, h, lq, d).transpose(-2, -3).reshape(*lead, lq, -1))
 
 

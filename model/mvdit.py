@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model import parallel
 from model.blocks import FinalLayer, STDiTBlock, rope_cos_sin, sincos_2d
 from model.conditions import CONDITION_NAMES, Conditions, latent_len
 from model.config import ModelConfig
@@ -38,6 +39,8 @@ def group_any(m: torch.Tensor) -> torch.Tensor:
 
 
 class MVDiT(nn.Module):
+    sequence_parallel = None  # model/parallel.py: this rank holds a slice of the spatial tokens
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
@@ -170,6 +173,7 @@ class MVDiT(nn.Module):
         tok = rearrange(xp, "b v c t (h p) (w q) -> b v t (h w) (c p q)", p=p, q=p)
         tok = self.x_embed(tok.to(self.x_embed.weight.dtype))                           # (B, V, T', S, D)
         tok = tok + sincos_2d(h, w, cfg.hidden, cfg.pe_base, device=x.device).to(tok.dtype)
+        tok = parallel.split(self.sequence_parallel, tok, dim=3)                         # (B, V, T', S_l, D)
 
         t_emb = self.t_embedder(timestep)                                                 # (B, D)
         t0 = self.t_block(t_emb).view(B, 6, cfg.hidden)
@@ -181,12 +185,14 @@ class MVDiT(nn.Module):
             bev = cond.bev * (~drops["map"]).to(cond.bev.dtype)[:, None, None, None, None]
             # per view and latent frame (B, V, T', S, 3)
             rays = rays_lidar(cond.intrinsics.float(), cond.cam2lidar.float(), h, w, p * 8).to(tok.dtype)
+            rays = parallel.split(self.sequence_parallel, rays, dim=2)                   # (B, V, S_l, 3)
             residuals = self.controlnet(tok, bev, rays, cam, drops["camera"], t0, keys, key_mask, rope_t,
                                         self._run_block)
         for i, block in enumerate(self.blocks):
             tok = self._run_block(block, tok, t0, keys, key_mask, rope_t)
             if i < len(residuals):
                 tok = tok + controlnet_scale * residuals[i]
-        out = self.final(tok, t_emb)                                                     # (B, V, T', S, C*p*p)
+        out = self.final(tok, t_emb)                                                     # (B, V, T', S_l, C*p*p)
+        out = parallel.gather(self.sequence_parallel, out, dim=3)                        # (B, V, T', S, C*p*p)
         out = rearrange(out, "b v t (h w) (c p q) -> b v c t (h p) (w q)", h=h, w=w, p=p, q=p)
         return out[..., :H, :W].to(x.dtype)

@@ -66,6 +66,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     drop: dict = field(default_factory=lambda: dict(DEFAULT_DROP))
     grad_checkpointing: bool = False
+    sp: int = 1                        # sequence parallel ranks per sample (world = dp x sp; train/distributed.py)
     precision: str = "auto"            # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
     log_every: int = 10                # console refresh; the JSONL log gets every step

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from model.conditions import CONDITION_NAMES
 from train import checkpoint as ckpt
 from train import flow
+from train.distributed import check_sp, make_topology, wrap_ddp
 from train.config import TrainConfig, config_json, load_config
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
 
@@ -212,6 +213,7 @@ class Validator:
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     rank, world, device = setup_distributed(cfg.device)
+    topo = make_topology(rank, world, cfg.sp)     # world = dp x sp; an SP group shares one batch
     autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     out = Path(cfg.out)
     if rank == 0:
@@ -230,19 +232,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         pos = state["data"]
-        if (pos["world"], pos["streams"]) != (world, max(1, cfg.data.num_workers)):
-            log.warning("resuming with world=%d, streams=%d (checkpoint: %d, %d): the data order differs from an "
-                        "uninterrupted run", world, max(1, cfg.data.num_workers), pos["world"], pos["streams"])
-    # find_unused_parameters: a step's bucket/drops can leave a branch without gradient on one rank
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
-    ) if world > 1 else model
+        if (pos["world"], pos["streams"]) != (topo.dp, max(1, cfg.data.num_workers)):
+            log.warning("resuming with dp=%d, streams=%d (checkpoint: %d, %d): the data order differs from an "
+                        "uninterrupted run", topo.dp, max(1, cfg.data.num_workers), pos["world"], pos["streams"])
+    if topo.sp > 1:  # after the EMA copy: the EMA stays a plain single-process model
+        from model.parallel import enable_sequence_parallel
+        enable_sequence_parallel(model, topo.sp_group)
+    ddp = wrap_ddp(model, topo, device)
 
     shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
-    stream = BatchStream(shards, cfg.data, cfg.seed, rank, world, start_step=start, stop_step=cfg.steps)
+    stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start, stop_step=cfg.steps)
     text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
     validator = None
-    if rank == 0 and cfg.val_every > 0:
+    if topo.dp_rank == 0 and cfg.val_every > 0:  # the whole SP group of rank 0 runs the (split) model
         try:
             validator = Validator(cfg, find_shards(cfg.data, cfg.data.val_split, cfg.data.val_shards))
         except FileNotFoundError as e:
@@ -253,7 +255,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         (out / "config.json").write_text(config_json(cfg))
         logf = open(out / "log.jsonl", "a")
         bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
-        print(f"train: {n_params:,} parameters on {device} x{world}; buckets "
+        print(f"train: {n_params:,} parameters on {device} x{world} (sp {topo.sp}); buckets "
               + ", ".join(f"{b.name}(bs {b.batch_size}, {len(shards.urls[b.name])} shards)" for b in shards.buckets)
               + f"; steps {start}->{cfg.steps}", file=sys.stderr)
 
@@ -262,7 +264,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             return
         state = {"step": step, "optimizer": opt.state_dict(),
                  "rng": {"seed": cfg.seed, "torch": torch.get_rng_state()},
-                 "data": {"step": step, "seed": cfg.seed, "world": world, "streams": max(1, cfg.data.num_workers),
+                 "data": {"step": step, "seed": cfg.seed, "world": topo.dp, "streams": max(1, cfg.data.num_workers),
                           "buckets": [b.name for b in shards.buckets], "weights": stream.weights.tolist()}}
         ckpt.save_checkpoint(out, step, model, ema, state, {"train": cfg.to_dict(), "model": model.config.to_dict()},
                              cfg.keep_last)
@@ -273,10 +275,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     t_prev = time.perf_counter()
     for batch in make_loader(stream):
         step = batch.step
-        seed_step(cfg.seed, step, rank)
+        seed_step(cfg.seed, step, topo.dp_rank)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        gen = step_generator(cfg.seed, step, rank)
+        gen = step_generator(cfg.seed, step, topo.dp_rank)
         loss = compute_loss(ddp, batch, text, cfg, gen, device, autocast)
         if not torch.isfinite(loss):  # before the update: the weights and the last checkpoint stay clean
             raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
@@ -296,6 +298,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         vals = torch.tensor([float(loss.detach()), b, tokens, flops], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(vals)
+            vals[1:] /= topo.sp  # the ranks of an SP group share one batch
+        val = None
+        if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+            val = validator(model, text, device, autocast)
         streams[batch.stats.get("stream", 0)] = batch.stats
         if rank == 0:
             lv = float(loss.detach())
@@ -306,8 +312,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                    "loader": total_stats(streams)}
             if peak:
                 rec["mfu"] = float(vals[3]) / dt / (peak * 1e12 * world)
-            if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-                rec.update(validator(model, text, device, autocast))
+            if val is not None:
+                rec.update(val)
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             bar.update(1)
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="total optimizer steps")
     ap.add_argument("--model", help="model preset: tiny | small | paper")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--sp", type=int, help="sequence parallel size: tokens of a sample split over this many ranks "
+                                           "(must divide the world size and the head count)")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from a checkpoint folder, or (no value) from the latest checkpoint of --out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -358,13 +366,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, a.set, base=ckpt.load_config(resume)["train"])
     else:
         cfg = load_config(a.config, a.set)
-    for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed")):
+    for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed"), ("sp", "sp")):
         if getattr(a, flag) is not None:
             setattr(cfg, key, getattr(a, flag))
     for flag, key in (("data_root", "root"), ("stage", "stage"), ("text_encoder", "text_encoder"),
                       ("text_cache", "text_cache")):
         if getattr(a, flag) is not None:
             setattr(cfg.data, key, getattr(a, flag))
+    try:
+        check_sp(cfg.sp, int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as e:
+        ap.error(str(e))
     summary = train(cfg, resume, progress=not a.no_progress)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
