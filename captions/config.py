@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import UserError
+
 MODES = ("mllm", "dataset", "none")
 LAYOUTS = ("mosaic", "separate")
 DETAILS = ("auto", "low", "high")
@@ -22,7 +24,7 @@ PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPT_VERSION = "v1"
 
 
-class CaptionConfigError(ValueError):
+class CaptionConfigError(UserError, ValueError):
     """A caption configuration that cannot work; the message says what to set."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field
 
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.encode import EncodeConfig
 
 
@@ -77,7 +77,7 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     def parse(self, argv: list[str] | None = None) -> BuildConfig:
         return to_config(self.parse_args(argv))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import manifest, schema, storage
+from pipeline import cli, manifest, schema, storage
 from pipeline.shardio import iter_shard
 
 STATS_MD, STATS_PNG, STATS_JSON = "stats.md", "stats.png", "stats.json"  # relative to the output root
@@ -120,7 +120,7 @@ def splits_of(out: str) -> list[str]:
 def collect(cfg: StatsConfig) -> DatasetStats:
     splits = splits_of(cfg.out)
     if not splits:
-        raise FileNotFoundError(f"{cfg.out}: no {schema.manifest_path('<split>')} found; is this a build output "
+        raise cli.InputNotFound(f"{cfg.out}: no {schema.manifest_path('<split>')} found; is this a build output "
                                 f"root (the --out of pipeline/build.py)?")
     per_bucket: dict[tuple[str, str], BucketStats] = {}
     samples = SampleStats()
@@ -206,8 +206,9 @@ def write_report(cfg: StatsConfig, st: DatasetStats) -> dict[str, str]:
     return paths
 
 
+@cli.entry(user_errors=(schema.SchemaError,))  # a shard that breaks the contract is bad input here
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mdv2-stats", description=__doc__.split("\n\n", 1)[0],
+    p = cli.ArgumentParser(prog="mdv2-stats", description=__doc__.split("\n\n", 1)[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="build output root (local folder or s3://…): reads OUT/<split>/manifest.parquet and shards")
     p.add_argument("--report-dir", help="write stats.md/png/json here instead of OUT")
@@ -215,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = StatsConfig(a.out, a.report_dir, a.max_shards, not a.no_progress)
-    try:
-        st = collect(cfg)
-    except (FileNotFoundError, schema.SchemaError) as e:
-        print(f"mdv2-stats: {e}", file=sys.stderr)
-        return 2
+    st = collect(cfg)
     print(markdown(st))
     paths = write_report(cfg, st)
     print(f"written: {paths['md']}, {paths['png']}, {paths['json']}")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model.conditions import CONDITION_NAMES, Conditions
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.shardio import iter_shard
 from train import checkpoint as ckpt
 from train import flow
@@ -50,7 +50,7 @@ def first_sample(cfg: TrainConfig, split: str, bucket: str | None, index: int) -
     names = [b.name for b in shards.buckets]
     name = bucket or names[0]
     if name not in names:
-        raise ValueError(f"bucket {name!r} not among the {split} buckets {names}")
+        raise cli.BadInput(f"bucket {name!r} not among the {split} buckets {names}")
     n = 0
     for url in shards.urls[name]:
         with open_url(url) as f:  # local, s3://, gs:// or pipe:, like the trainer
@@ -58,7 +58,7 @@ def first_sample(cfg: TrainConfig, split: str, bucket: str | None, index: int) -
                 if n == index:
                     return decode(dict(members, __key__=key, __url__=url)), json.loads(members["meta.json"])
                 n += 1
-    raise IndexError(f"{split}/{name} has only {n} samples; --index {index} is out of range")
+    raise cli.OutOfRange(f"{split}/{name} has only {n} samples; --index {index} is out of range")
 
 
 @torch.no_grad()
@@ -116,8 +116,9 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
     return info
 
 
+@cli.entry(user_errors=(schema.SchemaError,))  # shards that break the contract are bad input here
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mdv2-sample", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = cli.ArgumentParser(prog="mdv2-sample", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description=__doc__)
     ap.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     ap.add_argument("--vae", required=True, help="CogVAE folder (diffusers AutoencoderKLCogVideoX, local)")
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-encoder", help="T5 folder (default: the run's)")
     ap.add_argument("--text-cache", help="text embedding cache (default: the run's)")
     a = ap.parse_args(argv)
+    from pipeline.encode import vae_meta
+    vae_meta(a.vae)  # a --vae folder without config.json fails now, not after sampling
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                   a.seed, a.device, a.text_encoder, a.text_cache)
     print(json.dumps(info))
