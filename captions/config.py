@@ -122,6 +122,8 @@ class CaptionConfig:
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "CaptionConfig":
         """A YAML or JSON file with CaptionConfig fields. It may name the key's env var
         (``api_key_env``) but must not contain a key."""
+        if not Path(path).is_file():
+            raise CaptionConfigError(f"caption config {path} not found; pass a YAML or JSON file of CaptionConfig fields")
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
             import yaml

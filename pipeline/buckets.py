@@ -75,7 +75,7 @@ def load_stage(name_or_path: str) -> StageConfig:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise cli.BadInput(f"stage config {path} is not valid YAML: {e}") from None
+        raise cli.BadInput(f"stage config {path} is not valid YAML: {cli.yaml_problem(e)}") from None
     if not isinstance(d, dict) or not isinstance(d.get("buckets"), list) or not d["buckets"]:
         raise cli.BadInput(f"{path}: expected a mapping with a non-empty 'buckets' list")
     buckets = [_bucket(b, f"{path} bucket {i}") for i, b in enumerate(d["buckets"])]

@@ -80,6 +80,13 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
 
 
+def yaml_problem(e: Exception) -> str:
+    """A yaml.YAMLError as 'problem at line L, column C' (its own text spans several lines with a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def entry(main: Callable | None = None, *, user_errors: tuple[type[BaseException], ...] = ()):
     """Decorate a command's ``main(argv) -> int``: user errors -> one ``error:`` line on stderr, exit code 2.
 

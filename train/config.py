@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import BadInput, InputNotFound
+from pipeline.cli import BadInput, InputNotFound, yaml_problem
 
 # The paper drops text, camera, boxes and trajectory at 15 % each (Appendix E). The map is
 # never dropped in training; CFG uses the null (all-zero) map in the unconditional branch.
@@ -113,7 +113,7 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as e:
-            raise BadInput(f"train config {path} is not valid YAML: {e}") from None
+            raise BadInput(f"train config {path} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise BadInput(f"train config {path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
     for item in overrides:
