@@ -55,6 +55,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["a caption"]}), d / "captions.parquet")
+    from pipeline import manifest  # a build output made by an older pipeline: schema 1.x shards
+    manifest.write_manifest(str(d / "old"), "train", [manifest.ShardRecord(
+        "train/64x128_t9/shard-000000.tar", "train", "64x128_t9", 64, 128, 9, 1, 10, "0" * 64, "1.3", "cfg", ["k"])])
     return {"d": d, "data": d / "data", "vae": d / "vae", "out": d / "out"}
 
 
@@ -111,6 +114,8 @@ MISTAKES = [
     ("mdv2-train", ["--config", "{d}/nope.yaml"], "train config"),
     ("mdv2-train", ["--config", "{d}/keys.yaml"], "unknown train config keys ['optimiser']"),
     ("mdv2-train", ["--resume", "{d}/empty"], "not a checkpoint folder"),
+    ("mdv2-train", ["--config", "configs/train/demo.yaml", "--data-root", "{d}/old", "--text-cache", "{d}/empty",
+                    "--out", "{out}/run", "--steps", "1", "--no-progress"], "rebuild the shards"),
     # mdv2-sample
     ("mdv2-sample", ["--ckpt", "{d}/empty", "--vae", "{vae}", "--out", "{out}"], "not a checkpoint folder"),
     ("mdv2-sample", ["--ckpt", "{d}/empty", "--vae", "{d}/empty", "--out", "{out}"], "has no config.json"),
