@@ -86,6 +86,8 @@ MISTAKES = [
     ("build", ["--config", "demo", "--dataroot", "{data}", "--version", "v1.0-synth", "--out", "{out}",
                "--vae", "{vae}", "--scenes", "scene-0009"], "not in"),
     ("mdv2-build", ["--config", "demo", "--out", "{out}"], "required"),
+    ("mdv2-build", ["--config", "demo", "--dataroot", "{data}", "--out", "{out}", "--vae", "{vae}",
+                    "--samples-per-shard", "0"], "--samples-per-shard must be > 0"),
     # mdv2-scenes
     ("mdv2-scenes", ["--dataroot", "{data}", "--version", "v1.0-mini", "--out", "{out}"], "--version is one of"),
     ("mdv2-scenes", ["--dataroot", "{data}", "--version", "v1.0-synth", "--out", "{out}", "--stage", "huge"],
