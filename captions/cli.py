@@ -16,8 +16,8 @@ import argparse
 import logging
 import sys
 
-from pipeline import cli
 from captions.config import LAYOUTS, MODES, CaptionConfig, load_prompt, prompt_versions
+from pipeline import cli
 
 EXAMPLES = """examples:
   # vLLM serving Qwen2.5-VL on this machine
@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace, default_mode: str | None = None) 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.ArgumentParser(prog="mdv2-caption", description=__doc__, epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="{clips,shards,folder,prompts}")
     p = sub.add_parser("clips", help="caption the clip index of a build output folder",
                        description="Caption the middle frame of every clip in the clip index into "

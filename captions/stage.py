@@ -57,7 +57,7 @@ def clip_items(clips: pa.Table, dataroot: str) -> list[CaptionItem]:
     missing = need - set(clips.column_names)
     if missing:
         raise BadInput(f"clip index lacks columns {sorted(missing)} (has {clips.column_names}); "
-                         f"rebuild it with pipeline/buckets.py")
+                       f"rebuild it with pipeline/buckets.py")
     cols = {c: clips.column(c).to_pylist() for c in ("key", "middle_frame_paths", "scene_name", "scene_token")
             if c in clips.column_names}
     items = []

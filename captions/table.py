@@ -78,7 +78,7 @@ class CaptionTable:
             missing = set(COLUMNS) - set(table.column_names)
             if missing:
                 raise BadInput(f"{uri}: not a caption table (missing columns {sorted(missing)}); "
-                                 f"move it away or pass another --out")
+                               f"move it away or pass another --out")
             for row in table.select(list(COLUMNS)).to_pylist():
                 self._put(row)
 

@@ -82,7 +82,7 @@ def folder_items(root: str | Path) -> list[CaptionItem]:
     root = Path(root)
     if not root.is_dir():
         raise InputNotFound(f"{root} is not a folder of clips (expected ROOT/<clip>/<VIEW>.mp4 or "
-                                f"ROOT/<clip>/<VIEW>/*.jpg)")
+                            f"ROOT/<clip>/<VIEW>/*.jpg)")
     items = []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
@@ -94,7 +94,7 @@ def folder_items(root: str | Path) -> list[CaptionItem]:
         items.append(CaptionItem(key=key, load_views=lambda s=sources: load_views(s), scene_name=key))
     if not items:
         raise InputNotFound(f"no clips under {root}: expected <clip>/<VIEW>.mp4, <clip>/<VIEW>/*.jpg, "
-                                f"<clip>.mp4 or <clip>/*.jpg")
+                            f"<clip>.mp4 or <clip>/*.jpg")
     return items
 
 

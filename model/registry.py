@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from pipeline.cli import ArgumentParser, UnknownName, entry
 from model.mvdit import MVDiT
+from pipeline.cli import ArgumentParser, UnknownName, entry
 
 PRESETS: dict[str, ModelConfig] = {
     # tests / CPU smoke runs: a 6-view 9-frame 64x128 step is well under a second on CPU

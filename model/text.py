@@ -60,7 +60,7 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
         if not Path(folder, "config.json").exists():
             raise InputNotFound(f"{folder}: no T5 config.json; point --t5 at a save_pretrained folder "
-                                    "(e.g. google/t5-v1_1-xxl downloaded beforehand, or `python -m model.text tiny DIR`)")
+                                "(e.g. google/t5-v1_1-xxl downloaded beforehand, or `python -m model.text tiny DIR`)")
         self.folder, self.max_length, self.device = str(folder), max_length, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.model = T5EncoderModel.from_pretrained(self.folder, local_files_only=True, dtype=dtype)
@@ -104,8 +104,8 @@ class TextEmbeddingCache:
         file = self._index["entries"].get(h)
         if file is None:
             raise UnknownName(f"caption {text[:60]!r}... (sha256 {h[:12]}) is not in the text cache {self.path}; "
-                           "rebuild it with `python -m model.text build --captions ... --out "
-                           f"{self.path}`")
+                              "rebuild it with `python -m model.text build --captions ... --out "
+                              f"{self.path}`")
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         states = self._handles[file].get_tensor(h).float()                      # (n, D)

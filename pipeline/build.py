@@ -174,7 +174,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if not has_gpu and cfg.encode_actors * cfg.encode_cpus > total_cpus - 1:
         raise cli.BadInput(f"{cfg.encode_actors} encode actors x {cfg.encode_cpus} CPUs leave no CPU of {total_cpus:g} "
-                         "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
+                           "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
 
     store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
     summary.scenes = len(store_uris)

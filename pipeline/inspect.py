@@ -55,7 +55,8 @@ def load_sample(uri: str, key: str | None = None) -> schema.Sample:
             return schema.decode_sample(members, key=k)
     if not keys:
         raise cli.BadInput(f"{uri}: the shard holds no samples")
-    raise cli.UnknownName(f"{uri}: no sample {key!r}; the shard holds {len(keys)}: {keys[:5]}{' …' if len(keys) > 5 else ''}")
+    raise cli.UnknownName(f"{uri}: no sample {key!r}; the shard holds {len(keys)}: "
+                          f"{keys[:5]}{' …' if len(keys) > 5 else ''}")
 
 
 def describe(sample: schema.Sample) -> str:

@@ -215,7 +215,7 @@ def write_report(cfg: StatsConfig, st: DatasetStats) -> dict[str, str]:
 @cli.entry(user_errors=(schema.SchemaError,))  # a shard that breaks the contract is bad input here
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="mdv2-stats", description=__doc__.split("\n\n", 1)[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="build output root (local folder or s3://…): reads OUT/<split>/manifest.parquet and shards")
     p.add_argument("--report-dir", help="write stats.md/png/json here instead of OUT")
     p.add_argument("--max-shards", type=int, help="per split, read the samples of the first N shards only (quick look)")

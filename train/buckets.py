@@ -50,7 +50,7 @@ def bucket_of_url(url: str) -> tuple[int, int, int | str]:
     hits = BUCKET_RE.findall(url)
     if not hits:
         raise cli.BadInput(f"cannot tell the bucket of shard {url!r}: shards must live in a folder named like "
-                         f"{schema.BUCKET_TEMPLATE!r} (e.g. 224x400_t17), as pipeline/build.py writes them")
+                           f"{schema.BUCKET_TEMPLATE!r} (e.g. 224x400_t17), as pipeline/build.py writes them")
     h, w, t = hits[-1]
     return int(h), int(w), (t if t == FULL else int(t))
 
@@ -81,7 +81,7 @@ def schedule_weights(buckets: Sequence[Bucket], mode: str | Mapping[str, float] 
     elif mode == "proportional":
         if samples is None or any(b.name not in samples for b in buckets):
             raise cli.BadInput("schedule 'proportional' needs per-bucket sample counts from a manifest "
-                             "(data.root with manifest.parquet); use 'balanced' for bare URLs")
+                               "(data.root with manifest.parquet); use 'balanced' for bare URLs")
         w = np.array([samples[b.name] / b.batch_size for b in buckets], dtype=float)
     else:
         raise cli.BadInput(f"unknown schedule {mode!r}: use 'balanced', 'proportional' or a {{bucket: weight}} map")

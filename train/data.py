@@ -117,7 +117,7 @@ def find_shards(cfg: DataConfig, split: str, explicit: list[str]) -> ShardSet:
         log.warning("stage %r has no batch size for buckets %s; their shards are not used", cfg.stage, ignored)
     if not matched:
         raise cli.BadInput(f"none of the {split} buckets {sorted(schema.bucket_name(*s) for s in by_shape)} is in "
-                         f"stage config {cfg.stage!r}; train with the stage the shards were built for")
+                           f"stage config {cfg.stage!r}; train with the stage the shards were built for")
     buckets = [matched[s] for s in sorted(matched, key=bucket_sort_key)]
     return ShardSet(buckets, {b.name: sorted(by_shape[(b.height, b.width, b.num_frames)]) for b in buckets}, samples)
 

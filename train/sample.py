@@ -119,7 +119,7 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
 @cli.entry(user_errors=(schema.SchemaError,))  # shards that break the contract are bad input here
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="mdv2-sample", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description=__doc__)
+                            description=__doc__)
     ap.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     ap.add_argument("--vae", required=True, help="CogVAE folder (diffusers AutoencoderKLCogVideoX, local)")
     ap.add_argument("--out", required=True, help="folder for <VIEW>.mp4, grid.mp4, contact_sheet.png, sample.json")

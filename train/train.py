@@ -90,7 +90,7 @@ class TextSource:
         from model.text import T5TextEncoder, TextEmbeddingCache
         if not cache and not encoder:
             raise cli.BadInput("no text source: set data.text_cache (python -m model.text build ...) or "
-                             "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
+                               "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
         self.cache = TextEmbeddingCache(cache) if cache else None
         self.encoder = T5TextEncoder(encoder, max_length=max_length, device=device) if encoder else None
         self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 @cli.entry
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="mdv2-train", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description=__doc__)
+                            description=__doc__)
     ap.add_argument("--config", help="train config YAML (e.g. configs/train/demo.yaml); default: built-in defaults "
                                      "or, with --resume, the checkpoint's own config")
     ap.add_argument("--out", help="run folder: log.jsonl, config.json, checkpoints/ (overrides config 'out')")
