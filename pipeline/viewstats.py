@@ -72,6 +72,10 @@ class ViewStats:
         """One sample; box_mask is its (T, N) bool ``box_mask``."""
         names = list(meta["views"])
         t, n, v = box_mask.shape[0], box_mask.shape[1], len(names)
+        for member in ("box_view_mask.npy", "view_boxes.npy", "boxes.npy"):
+            if member not in members:
+                raise schema.SchemaError(member, f"missing (schema {meta.get('schema_version')}); this mdv2-stats "
+                                                 f"reads schema {schema.SCHEMA_VERSION}: rebuild the shards", key)
         view_mask = schema.npy_load(members["box_view_mask.npy"], "box_view_mask.npy", key)   # (T, V, N) bool
         view_boxes = schema.npy_load(members["view_boxes.npy"], "view_boxes.npy", key)        # (T, V, N, 7)
         boxes = schema.npy_load(members["boxes.npy"], "boxes.npy", key)                       # (T, N, 7)

@@ -143,6 +143,17 @@ def test_stats_per_view_time_model(tmp_path, capsys):
     assert "| CAM_FRONT | 18 | 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 |" in md
 
 
+def test_stats_refuses_shards_without_view_members(tmp_path, capsys):
+    s = make_sample()
+    members = {k: v for k, v in schema.encode_sample(s).items() if k != "view_boxes.npy"}  # as a 1.x shard
+    p = tmp_path / schema.shard_path("train", 64, 128, 9, 0)
+    write_shard(p, [(s["key"], members)])
+    _manifest_for(tmp_path, [p], "train")
+    assert stats.main([str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'view_boxes.npy': missing" in err and "rebuild the shards" in err
+
+
 def test_nearest_rank_matches_numpy():
     rng = np.random.default_rng(0)
     x = rng.integers(-50, 50, 1001)
