@@ -16,7 +16,8 @@ import argparse
 import logging
 import sys
 
-from captions.config import LAYOUTS, MODES, CaptionConfig, CaptionConfigError, load_prompt, prompt_versions
+from captions.config import LAYOUTS, MODES, CaptionConfig, load_prompt, prompt_versions
+from pipeline import cli
 
 EXAMPLES = """examples:
   # vLLM serving Qwen2.5-VL on this machine
@@ -81,8 +82,8 @@ def config_from_args(args: argparse.Namespace, default_mode: str | None = None) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mdv2-caption", description=__doc__, epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="mdv2-caption", description=__doc__, epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="{clips,shards,folder,prompts}")
     p = sub.add_parser("clips", help="caption the clip index of a build output folder",
                        description="Caption the middle frame of every clip in the clip index into "
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -140,13 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             res = caption_folder(args.root, args.out, config_from_args(args, default_mode="mllm"), progress)
             print(res.summary())
             return 0
-    except (CaptionConfigError, FileNotFoundError) as e:
-        print(f"mdv2-caption: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:
         from captions.client import CaptionFatal
-        if isinstance(e, CaptionFatal):
-            print(f"mdv2-caption: error: {e}", file=sys.stderr)
+        if isinstance(e, CaptionFatal) and not cli.debug_requested(argv):  # the server refused: exit code 3
+            print(f"error: {cli.one_line(e)}", file=sys.stderr)
             return 3
         raise
     return 1
@@ -159,7 +158,7 @@ def _clips(args: argparse.Namespace, cfg: CaptionConfig, progress: bool) -> int:
     from pipeline.manifest import read_table
     uri = args.clips or storage.join(args.out, schema.CLIP_INDEX_FILE)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"no clip index at {uri}: run the build's clip stage first or pass --clips")
+        raise cli.InputNotFound(f"no clip index at {uri}: run the build's clip stage first or pass --clips")
     clips = read_table(uri)
     res = caption_clips(clips, args.dataroot, cfg, args.out, progress=progress)
     write_quarantine_file(storage.join(args.out, schema.QUARANTINE_FILE), res.quarantine,

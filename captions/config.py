@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import UserError
+
 MODES = ("mllm", "dataset", "none")
 LAYOUTS = ("mosaic", "separate")
 DETAILS = ("auto", "low", "high")
@@ -22,7 +24,7 @@ PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPT_VERSION = "v1"
 
 
-class CaptionConfigError(ValueError):
+class CaptionConfigError(UserError, ValueError):
     """A caption configuration that cannot work; the message says what to set."""
 
 
@@ -120,6 +122,8 @@ class CaptionConfig:
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "CaptionConfig":
         """A YAML or JSON file with CaptionConfig fields. It may name the key's env var
         (``api_key_env``) but must not contain a key."""
+        if not Path(path).is_file():
+            raise CaptionConfigError(f"caption config {path} not found; pass a YAML or JSON file of CaptionConfig fields")
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
             import yaml

@@ -24,6 +24,7 @@ from captions.engine import CaptionItem, CaptionResult, run_captions
 from captions.images import View
 from captions.table import write_quarantine_file
 from pipeline import schema, storage
+from pipeline.cli import InputNotFound
 from pipeline.manifest import QuarantineRecord, read_manifest, write_manifest
 from pipeline.shardio import iter_shard, sha256_bytes, tar_bytes
 
@@ -71,7 +72,7 @@ def recaption_shards(out: str, cfg: CaptionConfig, dataroot: str | None, splits:
                                  f"--dataroot (the folder that meta.json 'frames' paths are relative to)")
     splits = splits or find_splits(out)
     if not splits:
-        raise FileNotFoundError(f"no {schema.manifest_path('<split>')} under {out}: is it a build output folder?")
+        raise InputNotFound(f"no {schema.manifest_path('<split>')} under {out}: is it a build output folder?")
     quarantine: list[QuarantineRecord] = []
     manifests = {s: read_manifest(out, s) for s in splits}
     bad_shards: set[str] = set()

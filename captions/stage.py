@@ -21,6 +21,7 @@ from captions.config import CaptionConfig
 from captions.engine import CaptionItem, CaptionResult, run_captions
 from captions.images import View
 from pipeline import schema, storage
+from pipeline.cli import BadInput
 
 
 def view_label(path: str, index: int, num_views: int) -> str:
@@ -55,8 +56,8 @@ def clip_items(clips: pa.Table, dataroot: str) -> list[CaptionItem]:
     need = {"key", "middle_frame_paths"}
     missing = need - set(clips.column_names)
     if missing:
-        raise ValueError(f"clip index lacks columns {sorted(missing)} (has {clips.column_names}); "
-                         f"rebuild it with pipeline/buckets.py")
+        raise BadInput(f"clip index lacks columns {sorted(missing)} (has {clips.column_names}); "
+                       f"rebuild it with pipeline/buckets.py")
     cols = {c: clips.column(c).to_pylist() for c in ("key", "middle_frame_paths", "scene_name", "scene_token")
             if c in clips.column_names}
     items = []

@@ -23,6 +23,7 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.cli import BadInput
 from pipeline.manifest import QuarantineRecord, read_table, write_table
 
 CAPTION_SCHEMA = pa.schema([
@@ -76,8 +77,8 @@ class CaptionTable:
             table = read_table(uri)
             missing = set(COLUMNS) - set(table.column_names)
             if missing:
-                raise ValueError(f"{uri}: not a caption table (missing columns {sorted(missing)}); "
-                                 f"move it away or pass another --out")
+                raise BadInput(f"{uri}: not a caption table (missing columns {sorted(missing)}); "
+                               f"move it away or pass another --out")
             for row in table.select(list(COLUMNS)).to_pylist():
                 self._put(row)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from captions.engine import CaptionItem
 from captions.images import View
 from pipeline import schema
+from pipeline.cli import InputNotFound
 
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
@@ -80,8 +81,8 @@ def load_views(sources: dict[str, Path]) -> list[View]:
 def folder_items(root: str | Path) -> list[CaptionItem]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder of clips (expected ROOT/<clip>/<VIEW>.mp4 or "
-                                f"ROOT/<clip>/<VIEW>/*.jpg)")
+        raise InputNotFound(f"{root} is not a folder of clips (expected ROOT/<clip>/<VIEW>.mp4 or "
+                            f"ROOT/<clip>/<VIEW>/*.jpg)")
     items = []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
@@ -92,8 +93,8 @@ def folder_items(root: str | Path) -> list[CaptionItem]:
         key = entry.stem if entry.is_file() else entry.name
         items.append(CaptionItem(key=key, load_views=lambda s=sources: load_views(s), scene_name=key))
     if not items:
-        raise FileNotFoundError(f"no clips under {root}: expected <clip>/<VIEW>.mp4, <clip>/<VIEW>/*.jpg, "
-                                f"<clip>.mp4 or <clip>/*.jpg")
+        raise InputNotFound(f"no clips under {root}: expected <clip>/<VIEW>.mp4, <clip>/<VIEW>/*.jpg, "
+                            f"<clip>.mp4 or <clip>/*.jpg")
     return items
 
 

@@ -185,7 +185,7 @@ class MVDiT(nn.Module):
             bev = cond.bev * (~drops["map"]).to(cond.bev.dtype)[:, None, None, None, None]
             # per view and latent frame (B, V, T', S, 3)
             rays = rays_lidar(cond.intrinsics.float(), cond.cam2lidar.float(), h, w, p * 8).to(tok.dtype)
-            rays = parallel.split(self.sequence_parallel, rays, dim=2)                   # (B, V, S_l, 3)
+            rays = parallel.split(self.sequence_parallel, rays, dim=3)                   # (B, V, T', S_l, 3)
             residuals = self.controlnet(tok, bev, rays, cam, drops["camera"], t0, keys, key_mask, rope_t,
                                         self._run_block)
         for i, block in enumerate(self.blocks):

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -15,6 +14,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.mvdit import MVDiT
+from pipeline.cli import ArgumentParser, UnknownName, entry
 
 PRESETS: dict[str, ModelConfig] = {
     # tests / CPU smoke runs: a 6-view 9-frame 64x128 step is well under a second on CPU
@@ -32,7 +32,7 @@ PRESETS: dict[str, ModelConfig] = {
 def build_model(preset: str, **overrides) -> MVDiT:
     """A freshly initialised MVDiT of a preset; `overrides` replace ModelConfig fields."""
     if preset not in PRESETS:
-        raise KeyError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise UnknownName(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     return MVDiT(replace(PRESETS[preset], **overrides))
 
 
@@ -59,8 +59,9 @@ def describe(name: str) -> dict:
     return {"preset": name, "config": PRESETS[name].to_dict(), "parameters": parts}
 
 
+@entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mdv2-describe", description=(
+    ap = ArgumentParser(prog="mdv2-describe", description=(
         "Describe the MVDiT presets: parameter counts (total, backbone blocks, BEV ControlNet, "
         "condition encoders) and the config of each. Models are built on the meta device, so the "
         "1B+ 'paper' preset costs no memory."))

@@ -13,7 +13,6 @@ max_length with zeros and returns the mask.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -25,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from pipeline.cli import ArgumentParser, BadInput, InputNotFound, UnknownName, entry
 
 DEFAULT_MAX_LENGTH = 300
 INDEX_FILE = "index.json"
@@ -58,8 +59,8 @@ class T5TextEncoder:
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         from transformers import AutoTokenizer, T5EncoderModel
         if not Path(folder, "config.json").exists():
-            raise FileNotFoundError(f"{folder}: no T5 config.json; point --t5 at a save_pretrained folder "
-                                    "(e.g. google/t5-v1_1-xxl downloaded beforehand, or `python -m model.text tiny DIR`)")
+            raise InputNotFound(f"{folder}: no T5 config.json; point --t5 at a save_pretrained folder "
+                                "(e.g. google/t5-v1_1-xxl downloaded beforehand, or `python -m model.text tiny DIR`)")
         self.folder, self.max_length, self.device = str(folder), max_length, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.model = T5EncoderModel.from_pretrained(self.folder, local_files_only=True, dtype=dtype)
@@ -102,9 +103,9 @@ class TextEmbeddingCache:
         h = caption_hash(text)
         file = self._index["entries"].get(h)
         if file is None:
-            raise KeyError(f"caption {text[:60]!r}... (sha256 {h[:12]}) is not in the text cache {self.path}; "
-                           "rebuild it with `python -m model.text build --captions ... --out "
-                           f"{self.path}`")
+            raise UnknownName(f"caption {text[:60]!r}... (sha256 {h[:12]}) is not in the text cache {self.path}; "
+                              "rebuild it with `python -m model.text build --captions ... --out "
+                              f"{self.path}`")
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         states = self._handles[file].get_tensor(h).float()                      # (n, D)
@@ -127,8 +128,8 @@ class TextEmbeddingCache:
                 "dtype": str(dtype).replace("torch.", "")}
         if self.meta and {k: self.meta.get(k) for k in ("max_length", "dim")} != \
                 {k: meta[k] for k in ("max_length", "dim")}:
-            raise ValueError(f"text cache {self.path} was built with {self.meta}; this encoder gives {meta}. "
-                             "Use a new --out folder.")
+            raise BadInput(f"text cache {self.path} was built with {self.meta}; this encoder gives {meta}. "
+                           "Use a new --out folder.")
         by_hash = {caption_hash(t): t for t in texts}
         todo = sorted(h for h in by_hash if h not in self._index["entries"])
         self.path.mkdir(parents=True, exist_ok=True)
@@ -159,24 +160,27 @@ def read_captions(source: str) -> list[str]:
     webdataset shards under a folder."""
     if source.endswith(".parquet"):
         import pyarrow.parquet as pq
+        if not os.path.exists(source):
+            raise InputNotFound(f"--captions {source}: no such caption table")
         table = pq.read_table(source, columns=["text"])
         return [t for t in table.column("text").to_pylist() if t is not None]
     if os.path.isdir(source):
         from pipeline.shardio import iter_shard
         tars = sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True))
         if not tars:
-            raise FileNotFoundError(f"{source}: no *.tar shards below this folder")
+            raise InputNotFound(f"{source}: no *.tar shards below this folder")
         out = []
         for tar in tqdm(tars, desc="reading captions"):
             for _key, members in iter_shard(tar):
                 if "caption.txt" in members:
                     out.append(members["caption.txt"].decode("utf-8"))
         return out
-    raise ValueError(f"--captions {source!r}: give a .parquet caption table or a folder of shards")
+    raise BadInput(f"--captions {source!r}: give a .parquet caption table or a folder of shards")
 
 
+@entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.text", description=(
+    ap = ArgumentParser(prog="python -m model.text", description=(
         "Text condition tools. `tiny DIR` writes a tiny random T5 encoder + byte tokenizer (tests, "
         "smoke runs). `build` encodes every distinct caption once into a safetensors cache keyed by "
         "sha256(caption), so training never runs T5 per step."))

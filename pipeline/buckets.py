@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import schema, storage
+from pipeline import cli, schema, storage
 from pipeline.manifest import QuarantineRecord, read_table, write_table
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "configs" / "stages"
@@ -46,20 +46,22 @@ class StageConfig:
 def _bucket(d: dict, where: str) -> BucketSpec:
     unknown = set(d) - {"height", "width", "num_frames", "batch_size", "stride"}
     if unknown:
-        raise ValueError(f"{where}: unknown bucket keys {sorted(unknown)}")
+        raise cli.BadInput(f"{where}: unknown bucket keys {sorted(unknown)}")
     try:
         b = BucketSpec(int(d["height"]), int(d["width"]), d["num_frames"], int(d["batch_size"]),
                        None if d.get("stride") is None else int(d["stride"]))
     except KeyError as e:
-        raise ValueError(f"{where}: bucket {d} lacks {e}; need height, width, num_frames, batch_size") from None
+        raise cli.BadInput(f"{where}: bucket {d} lacks {e}; need height, width, num_frames, batch_size") from None
+    except (TypeError, ValueError) as e:
+        raise cli.BadInput(f"{where}: bucket {d}: {e}; height, width, batch_size and stride are integers") from None
     t = b.num_frames
     if not (t == FULL or schema.valid_bucket_frames(t)):
-        raise ValueError(f"{where}: num_frames {t!r} must be 1, 8k+1 or 'full' (CogVAE frame rule)")
+        raise cli.BadInput(f"{where}: num_frames {t!r} must be 1, 8k+1 or 'full' (CogVAE frame rule)")
     m = schema.VAE_SPATIAL_COMPRESSION
     if b.height % m or b.width % m or b.height <= 0 or b.width <= 0:
-        raise ValueError(f"{where}: {b.height}x{b.width} must be positive multiples of {m} (the VAE's stride)")
+        raise cli.BadInput(f"{where}: {b.height}x{b.width} must be positive multiples of {m} (the VAE's stride)")
     if b.batch_size < 1 or (b.stride is not None and b.stride < 1):
-        raise ValueError(f"{where}: batch_size and stride must be >= 1")
+        raise cli.BadInput(f"{where}: batch_size and stride must be >= 1")
     return b
 
 
@@ -69,14 +71,17 @@ def load_stage(name_or_path: str) -> StageConfig:
     path = Path(s) if ("/" in s or s.endswith((".yaml", ".yml"))) else STAGES_DIR / f"{s}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in STAGES_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"stage config {path} not found; known stages: {known}")
-    d = yaml.safe_load(path.read_text())
+        raise cli.InputNotFound(f"stage config {path} not found; known stages: {known}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise cli.BadInput(f"stage config {path} is not valid YAML: {cli.yaml_problem(e)}") from None
     if not isinstance(d, dict) or not isinstance(d.get("buckets"), list) or not d["buckets"]:
-        raise ValueError(f"{path}: expected a mapping with a non-empty 'buckets' list")
+        raise cli.BadInput(f"{path}: expected a mapping with a non-empty 'buckets' list")
     buckets = [_bucket(b, f"{path} bucket {i}") for i, b in enumerate(d["buckets"])]
     names = [b.name for b in buckets]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate buckets {names}")
+        raise cli.BadInput(f"{path}: duplicate buckets {names}")
     return StageConfig(name=str(d.get("name", path.stem)), buckets=buckets)
 
 

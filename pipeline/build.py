@@ -31,7 +31,7 @@ from collections import Counter
 
 from tqdm import tqdm  # noqa: E402
 
-from pipeline import schema, storage  # noqa: E402
+from pipeline import cli, schema, storage  # noqa: E402
 from pipeline.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
 from pipeline.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
 from pipeline.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
@@ -103,15 +103,14 @@ def _bar(cfg: BuildConfig, total: int, desc: str):
 
 
 def _scene_names(cfg: BuildConfig) -> list[str]:
-    path = os.path.join(cfg.dataroot, cfg.version, "scene.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --dataroot must contain the {cfg.version}/ table folder")
+    from pipeline.nuscenes import check_tables
+    path = os.path.join(check_tables(cfg.dataroot, cfg.version), "scene.json")
     with open(path) as f:
         names = sorted(s["name"] for s in json.load(f))
     if cfg.scenes:
         unknown = sorted(set(cfg.scenes) - set(names))
         if unknown:
-            raise ValueError(f"--scenes {unknown} not in {path}")
+            raise cli.BadInput(f"--scenes {unknown} not in {path}")
         names = [n for n in names if n in set(cfg.scenes)]
     return names[:cfg.limit_scenes] if cfg.limit_scenes else names
 
@@ -169,14 +168,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
     cfg_hash = config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
     summary, secs, quarantine = BuildSummary(), {}, []
+    names = _scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
     ray = _init_ray(cfg)
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if not has_gpu and cfg.encode_actors * cfg.encode_cpus > total_cpus - 1:
-        raise ValueError(f"{cfg.encode_actors} encode actors x {cfg.encode_cpus} CPUs leave no CPU of {total_cpus:g} "
-                         "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
+        raise cli.BadInput(f"{cfg.encode_actors} encode actors x {cfg.encode_cpus} CPUs leave no CPU of {total_cpus:g} "
+                           "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
 
-    names = _scene_names(cfg)
     store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
     summary.scenes = len(store_uris)
 
@@ -375,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     return build_parser(__doc__).parse(argv)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field
 
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.encode import EncodeConfig
 
 
@@ -77,7 +77,7 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     def parse(self, argv: list[str] | None = None) -> BuildConfig:
         return to_config(self.parse_args(argv))
 
@@ -121,6 +121,9 @@ def build_parser(description: str | None) -> _Parser:
 
 
 def to_config(a: argparse.Namespace) -> BuildConfig:
+    for flag in ("samples_per_shard", "encode_actors", "encode_cpus", "units_per_call", "max_inflight", "frame_batch"):
+        if getattr(a, flag) <= 0:
+            raise cli.BadInput(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     enc = EncodeConfig(vae=a.vae, device=a.device, views_per_batch=a.views_per_batch, tiling=a.tiling,
                        frame_batch=a.frame_batch, store_std=not a.mean_only, inject_nan_keys=tuple(a.inject_nan))
     return BuildConfig(stage=a.config, dataroot=a.dataroot, version=a.version, out=a.out, vae=a.vae,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import schema
+from pipeline import cli, schema
 
 
 @dataclass
@@ -56,12 +56,12 @@ def vae_meta(vae_dir: str) -> dict[str, Any]:
     import os
     cfg_path = os.path.join(vae_dir, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"--vae {vae_dir!r} has no config.json: pass the vae/ folder of a CogVideoX "
+        raise cli.InputNotFound(f"--vae {vae_dir!r} has no config.json: pass the vae/ folder of a CogVideoX "
                                 f"checkpoint or create a tiny one with `python -m pipeline.vae --out DIR`")
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("_class_name") != "AutoencoderKLCogVideoX":
-        raise ValueError(f"{cfg_path}: _class_name is {cfg.get('_class_name')!r}, expected AutoencoderKLCogVideoX")
+        raise cli.BadInput(f"{cfg_path}: _class_name is {cfg.get('_class_name')!r}, expected AutoencoderKLCogVideoX")
     name = os.path.basename(os.path.normpath(vae_dir))
     parent = os.path.basename(os.path.dirname(os.path.normpath(vae_dir)))
     return {"name": f"{parent}/{name}" if name == "vae" and parent else name,

@@ -24,7 +24,7 @@ import tempfile
 import cv2
 import numpy as np
 
-from pipeline import geometry, schema, storage
+from pipeline import cli, geometry, schema, storage
 from pipeline.shardio import iter_shard
 
 # Class colours (RGB) match the synthetic renderer's palette, so a preview of synthetic data shows each
@@ -45,6 +45,8 @@ BEV_PANEL = 400     # BEV drawn at 2 px per cell
 
 def load_sample(uri: str, key: str | None = None) -> schema.Sample:
     """The sample `key` (default: the first) of a shard at a local path or object-store URI."""
+    if not storage.exists(uri):
+        raise cli.InputNotFound(f"shard {uri} not found; pass a shard .tar (local path or s3://…)")
     data = storage.read_bytes(uri)
     keys = []
     for k, members in iter_shard(data):
@@ -52,8 +54,9 @@ def load_sample(uri: str, key: str | None = None) -> schema.Sample:
         if key is None or k == key:
             return schema.decode_sample(members, key=k)
     if not keys:
-        raise ValueError(f"{uri}: the shard holds no samples")
-    raise KeyError(f"{uri}: no sample {key!r}; the shard holds {len(keys)}: {keys[:5]}{' …' if len(keys) > 5 else ''}")
+        raise cli.BadInput(f"{uri}: the shard holds no samples")
+    raise cli.UnknownName(f"{uri}: no sample {key!r}; the shard holds {len(keys)}: "
+                          f"{keys[:5]}{' …' if len(keys) > 5 else ''}")
 
 
 def describe(sample: schema.Sample) -> str:
@@ -253,8 +256,9 @@ def save_png(img: np.ndarray, path: str) -> None:
     storage.atomic_write(path, buf.getvalue())
 
 
+@cli.entry(user_errors=(schema.SchemaError,))  # a shard that breaks the contract is bad input here
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="mdv2-inspect", description=__doc__.split("\n\n", 1)[0] + " Prints meta.json and the member table; "
         "with --png also draws the views with projected boxes next to the BEV map for the first, middle and last "
         "frame.", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -265,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", help="write the preview picture here (local path or URI)")
     p.add_argument("--scale", type=int, help="enlarge views this many times (default: to about 240 px wide)")
     a = p.parse_args(argv)
-    try:
-        sample = load_sample(a.shard, a.key)
-    except (KeyError, ValueError, OSError, schema.SchemaError) as e:
-        print(f"mdv2-inspect: {e}", file=sys.stderr)
-        return 2
+    if a.dataroot and not storage.exists(a.dataroot):
+        raise cli.InputNotFound(f"--dataroot {a.dataroot} not found; pass the nuScenes root the shard was built from")
+    if a.vae:
+        from pipeline.encode import vae_meta
+        vae_meta(a.vae)  # a folder without config.json fails here, before any drawing
+    sample = load_sample(a.shard, a.key)
     print(describe(sample))
     if a.png:
         save_png(render_preview(sample, a.dataroot, a.vae, a.scale), a.png)

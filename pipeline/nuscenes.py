@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.geometry import invert_transform, make_transform
 
 DEFAULT_TOLERANCE_S = 0.05  # cameras of one nuScenes frame fire within ~50 ms of CAM_FRONT
@@ -65,10 +65,22 @@ class Timeline:
 def load_nuscenes(dataroot: str, version: str):
     """One devkit instance per (dataroot, version) per process (loading trainval takes ~30 s)."""
     from nuscenes.nuscenes import NuScenes
-    if not os.path.isdir(os.path.join(dataroot, version)):
-        raise FileNotFoundError(f"no nuScenes tables at {os.path.join(dataroot, version)}: pass --dataroot (the "
-                                f"folder holding {version}/, samples/, sweeps/, maps/) and --version")
+    check_tables(dataroot, version)
     return NuScenes(version=version, dataroot=dataroot, verbose=False)
+
+
+def check_tables(dataroot: str, version: str) -> str:
+    """The table folder DATAROOT/VERSION, or a user error naming the versions that are there."""
+    path = os.path.join(dataroot, version)
+    if os.path.isfile(os.path.join(path, "scene.json")):
+        return path
+    if not os.path.isdir(dataroot):
+        raise cli.InputNotFound(f"--dataroot {dataroot} is not a folder: pass the nuScenes root (the folder holding "
+                                f"{version}/, samples/, sweeps/, maps/)")
+    have = sorted(d for d in os.listdir(dataroot) if os.path.isfile(os.path.join(dataroot, d, "scene.json")))
+    raise cli.InputNotFound(f"no nuScenes tables at {path} (no scene.json): "
+                            + (f"--version is one of {have} here" if have else
+                               "--dataroot must be the folder holding VERSION/, samples/, sweeps/, maps/"))
 
 
 @lru_cache(maxsize=8)
@@ -76,7 +88,7 @@ def load_map(dataroot: str, map_name: str):
     from nuscenes.map_expansion.map_api import NuScenesMap
     path = os.path.join(dataroot, "maps", "expansion", f"{map_name}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"map expansion {path} is missing: install the nuScenes map expansion "
+        raise cli.InputNotFound(f"map expansion {path} is missing: install the nuScenes map expansion "
                                 f"(maps/expansion/*.json) under the dataroot")
     return NuScenesMap(dataroot=dataroot, map_name=map_name)
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from pipeline import manifest
+from pipeline import cli, manifest
 from pipeline.bevmap import BevConfig
 from pipeline.buckets import clip_counts, load_stage, make_clip_index, write_clip_index
 from pipeline.manifest import QuarantineRecord
-from pipeline.nuscenes import DEFAULT_TOLERANCE_S, load_nuscenes
+from pipeline.nuscenes import DEFAULT_TOLERANCE_S, check_tables, load_nuscenes
 from pipeline.scenestore import build_scene_store_status, open_scene_store
 
 STAGE = "scenes"
@@ -90,6 +90,7 @@ def problem_records(summary: dict) -> list[QuarantineRecord]:
 def process_scenes(cfg: ScenesConfig) -> ScenesResult:
     t0 = time.perf_counter()
     stage = load_stage(cfg.stage) if cfg.stage else None   # fail on a bad stage before hours of work
+    check_tables(cfg.dataroot, cfg.version)                 # and on a wrong --dataroot / --version
     names = sorted(cfg.scenes) if cfg.scenes else list_scenes(cfg.dataroot, cfg.version)
     args = dict(dataroot=cfg.dataroot, version=cfg.version, out=cfg.out, force=cfg.force,
                 tolerance_s=cfg.tolerance_s, bev_resolution_m=cfg.bev_resolution_m)
@@ -147,8 +148,9 @@ def summary_text(res: ScenesResult) -> str:
     return "\n".join(lines)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="mdv2-scenes", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataroot", required=True, help="nuScenes root: holds VERSION/, samples/, sweeps/, maps/")
@@ -169,11 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                        stage=None if a.stage.lower() == "none" else a.stage, scenes=a.scenes, workers=a.workers,
                        force=a.force, tolerance_s=a.tolerance_ms / 1000, bev_resolution_m=a.bev_resolution,
                        progress=not a.no_progress)
-    try:
-        res = process_scenes(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad dataroot/version/stage: no traceback
-        print(f"mdv2-scenes: error: {e}", file=sys.stderr)
-        return 2
+    res = process_scenes(cfg)
     write_quarantine(cfg.out, res.quarantine)
     print(summary_text(res))
     return 0 if res.summaries or not (cfg.scenes or res.quarantine) else 1

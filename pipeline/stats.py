@@ -6,8 +6,9 @@
 Per split and bucket: shards, samples, hours of video (a clip of T frames at 12 fps lasts
 T / 12 s; the six views of a clip count once). Over the samples: class histogram (objects =
 tracks per clip, and box-frames), objects per frame, caption length in words and caption
-source. Only the small members (meta, boxes' masks and classes, caption) are parsed; the
-latents are skipped. Shards are read in manifest order, so the numbers are deterministic.
+source, and per view the schema-2.0 time model (pipeline/viewstats.py: visible boxes, exposure
+offsets from CAM_FRONT, view_boxes' displacement from the reference boxes). Only the small
+members (meta, boxes and their masks and classes, caption) are parsed; the latents are skipped. Shards are read in manifest order, so the numbers are deterministic.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import manifest, schema, storage
+from pipeline import cli, manifest, schema, storage
 from pipeline.shardio import iter_shard
+from pipeline.viewstats import ViewStats
 
 STATS_MD, STATS_PNG, STATS_JSON = "stats.md", "stats.png", "stats.json"  # relative to the output root
 OBJECTS_PER_FRAME_BINS = (0, 1, 2, 5, 10, 20, 50, 100)
@@ -59,6 +61,7 @@ class SampleStats:
     objects_per_frame: Counter = field(default_factory=Counter)   # count -> frames with that many objects
     caption_words: list[int] = field(default_factory=list)
     caption_source: Counter = field(default_factory=Counter)
+    views: ViewStats = field(default_factory=ViewStats)
 
     def add(self, members: dict[str, bytes], key: str) -> None:
         meta = json.loads(members["meta.json"])
@@ -76,6 +79,7 @@ class SampleStats:
         self.objects_per_frame.update(int(x) for x in mask.sum(1))
         self.caption_words.append(len(members.get("caption.txt", b"").decode("utf-8").split()))
         self.caption_source[str(meta.get("caption", {}).get("source"))] += 1
+        self.views.add(meta, members, mask, key)
 
 
 @dataclass
@@ -103,6 +107,7 @@ class DatasetStats:
                               "median": _r(np.median(words)) if words.size else 0.0,
                               "max": int(words.max()) if words.size else 0},
             "caption_source": dict(sorted(s.caption_source.items())),
+            "views": s.views.to_json(),
             "mismatches": self.mismatches,
         }
 
@@ -120,7 +125,7 @@ def splits_of(out: str) -> list[str]:
 def collect(cfg: StatsConfig) -> DatasetStats:
     splits = splits_of(cfg.out)
     if not splits:
-        raise FileNotFoundError(f"{cfg.out}: no {schema.manifest_path('<split>')} found; is this a build output "
+        raise cli.InputNotFound(f"{cfg.out}: no {schema.manifest_path('<split>')} found; is this a build output "
                                 f"root (the --out of pipeline/build.py)?")
     per_bucket: dict[tuple[str, str], BucketStats] = {}
     samples = SampleStats()
@@ -165,6 +170,7 @@ def markdown(st: DatasetStats) -> str:
     lines += ["", "## Captions", "", f"words per caption: mean {w['mean']}, median {w['median']}, max {w['max']}", "",
               "| source | samples |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in j["caption_source"].items()]
+    lines += [""] + st.samples.views.markdown()
     if st.mismatches:
         lines += ["", "## Manifest mismatches", ""] + [f"- {m}" for m in st.mismatches]
     return "\n".join(lines) + "\n"
@@ -206,20 +212,17 @@ def write_report(cfg: StatsConfig, st: DatasetStats) -> dict[str, str]:
     return paths
 
 
+@cli.entry(user_errors=(schema.SchemaError,))  # a shard that breaks the contract is bad input here
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mdv2-stats", description=__doc__.split("\n\n", 1)[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="mdv2-stats", description=__doc__.split("\n\n", 1)[0],
+                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="build output root (local folder or s3://…): reads OUT/<split>/manifest.parquet and shards")
     p.add_argument("--report-dir", help="write stats.md/png/json here instead of OUT")
     p.add_argument("--max-shards", type=int, help="per split, read the samples of the first N shards only (quick look)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = StatsConfig(a.out, a.report_dir, a.max_shards, not a.no_progress)
-    try:
-        st = collect(cfg)
-    except (FileNotFoundError, schema.SchemaError) as e:
-        print(f"mdv2-stats: {e}", file=sys.stderr)
-        return 2
+    st = collect(cfg)
     print(markdown(st))
     paths = write_report(cfg, st)
     print(f"written: {paths['md']}, {paths['png']}, {paths['json']}")

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.geometry import invert_transform, matrix_to_quat, yaw_to_quat
 from pipeline.synth_render import CLASS_COLORS, OTHER_COLOR, SceneArt, render_view
 from pipeline.synth_tables import (TRUTH_COLUMNS, MapBuilder, attribute_for, chain, lidar_points, pose_records,
@@ -55,16 +55,16 @@ class SynthConfig:
 
     def check(self) -> None:
         if self.scenes < 1:
-            raise ValueError(f"--scenes must be >= 1, got {self.scenes}")
+            raise cli.BadInput(f"--scenes must be >= 1, got {self.scenes}")
         if round(self.seconds * schema.FPS) < 11:
-            raise ValueError(f"--seconds {self.seconds} gives fewer than 11 camera frames (two keyframes "
-                             "need at least 11 at 12 Hz); use --seconds >= 1")
+            raise cli.BadInput(f"--seconds {self.seconds} gives fewer than 11 camera frames (two keyframes "
+                               "need at least 11 at 12 Hz); use --seconds >= 1")
         w, h = self.image_size
         if w < 16 or h < 16:
-            raise ValueError(f"--image-size {w}x{h} is too small; use at least 16x16 (default 1600x900)")
+            raise cli.BadInput(f"--image-size {w}x{h} is too small; use at least 16x16 (default 1600x900)")
         if self.map_name not in schema.NUSCENES_MAPS:
-            raise ValueError(f"--map-name {self.map_name!r} is not one of the nuScenes maps "
-                             f"{schema.NUSCENES_MAPS} (the devkit's NuScenesMap accepts only those)")
+            raise cli.BadInput(f"--map-name {self.map_name!r} is not one of the nuScenes maps "
+                               f"{schema.NUSCENES_MAPS} (the devkit's NuScenesMap accepts only those)")
 
 
 @dataclass
@@ -357,8 +357,9 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="mdv2-synth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a synthetic dataset in the real nuScenes v1.0 layout that nuscenes-devkit's NuScenes\n"
                     "and NuScenesMap load unchanged: 13 tables in OUT/VERSION/, 6 cameras at ~12 Hz (samples/ +\n"
@@ -375,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-name", default="singapore-onenorth", choices=schema.NUSCENES_MAPS,
                    help="log location / map-expansion name (must be a real nuScenes map name)")
     a = p.parse_args(argv)
-    try:
-        info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True)
-    except ValueError as e:
-        p.error(str(e))
+    info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True)
     print(f"wrote {len(info.scene_names)} scenes ({', '.join(info.scene_names)}), {info.num_samples} samples, "
           f"{info.num_annotations} annotations, {info.num_images} images, {info.num_bytes / 1e6:.1f} MB "
           f"in {info.seconds_taken:.1f} s -> {info.root} (version {info.version}, map {info.map_name})")

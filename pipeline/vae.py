@@ -9,9 +9,10 @@ downloaded CogVideoX-2b or CogVideoX-5b checkpoint (DESIGN.md §8).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from pipeline import cli
 
 # DESIGN.md §8: same architecture family as the real VAE, 8 channels per block instead of 128-512.
 TINY_VAE_CONFIG = dict(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
@@ -31,14 +32,17 @@ def write_tiny_vae(folder: str | os.PathLike, seed: int = 0) -> str:
     return str(folder)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="mdv2-tiny-vae",
         description="Write a tiny random-weight CogVideoX VAE (diffusers AutoencoderKLCogVideoX, save_pretrained "
                     "format) for tests and the demo. " + TINY_VAE_NOTE)
     p.add_argument("--out", required=True, help="folder to write (config.json + diffusion_pytorch_model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     a = p.parse_args(argv)
+    if os.path.isfile(a.out):
+        raise cli.BadInput(f"--out {a.out} is a file; pass a folder to write the VAE into")
     folder = write_tiny_vae(a.out, a.seed)
     print(f"tiny CogVAE written to {folder}\nNOTE: {TINY_VAE_NOTE}")
     return 0

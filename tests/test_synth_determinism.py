@@ -57,7 +57,6 @@ def test_cli_writes_and_summarises(tmp_path, capsys):
     (["--map-name", "boston"], "invalid choice"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        main(["--out", str(tmp_path / "x")] + argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x")] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err

@@ -187,7 +187,7 @@ def test_sample_refuses_a_length_that_is_not_4k_plus_1(data, capsys):
     from train.sample import main as sample_main
     assert sample_main(["--ckpt", str(data), "--vae", str(data), "--out", str(data / "x"), "--frames", "11"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mdv2-sample: error: --frames 11") and "9 or 13" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: --frames 11") and "9 or 13" in err[0]
 
 
 def test_sample_conditions_come_from_any_url_form(data):

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.buckets import FULL, load_stage  # FULL: a stage's "longest clip of each scene" bucket
 
 BUCKET_RE = re.compile(r"(\d+)x(\d+)_t(\d+|full)")
@@ -49,8 +49,8 @@ def bucket_of_url(url: str) -> tuple[int, int, int | str]:
     """(H, W, T or "full") from a shard URL's ``{H}x{W}_t{T}`` folder (schema.BUCKET_TEMPLATE)."""
     hits = BUCKET_RE.findall(url)
     if not hits:
-        raise ValueError(f"cannot tell the bucket of shard {url!r}: shards must live in a folder named like "
-                         f"{schema.BUCKET_TEMPLATE!r} (e.g. 224x400_t17), as pipeline/build.py writes them")
+        raise cli.BadInput(f"cannot tell the bucket of shard {url!r}: shards must live in a folder named like "
+                           f"{schema.BUCKET_TEMPLATE!r} (e.g. 224x400_t17), as pipeline/build.py writes them")
     h, w, t = hits[-1]
     return int(h), int(w), (t if t == FULL else int(t))
 
@@ -74,19 +74,19 @@ def schedule_weights(buckets: Sequence[Bucket], mode: str | Mapping[str, float] 
     if isinstance(mode, Mapping):
         missing = [b.name for b in buckets if b.name not in mode]
         if missing:
-            raise ValueError(f"bucket_weights lacks {missing}; give a weight for every bucket")
+            raise cli.BadInput(f"bucket_weights lacks {missing}; give a weight for every bucket")
         w = np.array([float(mode[b.name]) for b in buckets])
     elif mode == "balanced":
         w = np.ones(len(buckets))
     elif mode == "proportional":
         if samples is None or any(b.name not in samples for b in buckets):
-            raise ValueError("schedule 'proportional' needs per-bucket sample counts from a manifest "
-                             "(data.root with manifest.parquet); use 'balanced' for bare URLs")
+            raise cli.BadInput("schedule 'proportional' needs per-bucket sample counts from a manifest "
+                               "(data.root with manifest.parquet); use 'balanced' for bare URLs")
         w = np.array([samples[b.name] / b.batch_size for b in buckets], dtype=float)
     else:
-        raise ValueError(f"unknown schedule {mode!r}: use 'balanced', 'proportional' or a {{bucket: weight}} map")
+        raise cli.BadInput(f"unknown schedule {mode!r}: use 'balanced', 'proportional' or a {{bucket: weight}} map")
     if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"bucket weights must be >= 0 with a positive sum, got {w.tolist()}")
+        raise cli.BadInput(f"bucket weights must be >= 0 with a positive sum, got {w.tolist()}")
     return w / w.sum()
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.cli import InputNotFound
+
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 
@@ -59,7 +61,7 @@ def resolve(path: str | Path) -> Path:
             return cand / (cand / LATEST).read_text().strip()
     if (p / "state.pt").exists():
         return p
-    raise FileNotFoundError(f"{path}: not a checkpoint folder (state.pt) nor a run with {CKPT_DIR}/{LATEST}")
+    raise InputNotFound(f"{path}: not a checkpoint folder (state.pt) nor a run with {CKPT_DIR}/{LATEST}")
 
 
 def load_config(path: str | Path) -> dict:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.cli import BadInput, InputNotFound, yaml_problem
+
 # The paper drops text, camera, boxes and trajectory at 15 % each (Appendix E). The map is
 # never dropped in training; CFG uses the null (all-zero) map in the unconditional branch.
 DEFAULT_DROP = {"text": 0.15, "camera": 0.15, "boxes": 0.15, "traj": 0.15, "map": 0.0}
@@ -84,14 +86,14 @@ class TrainConfig:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}")
+            raise BadInput(f"unknown train config keys {sorted(unknown)}")
         data = DataConfig(**_known(DataConfig, d.pop("data", {}) or {}, "data"))
         flow = FlowConfig(**_known(FlowConfig, d.pop("flow", {}) or {}, "flow"))
         cfg = cls(data=data, flow=flow, **d)
         cfg.betas = tuple(cfg.betas)
         unknown_drop = set(cfg.drop) - set(DEFAULT_DROP)
         if unknown_drop:
-            raise ValueError(f"drop: unknown conditions {sorted(unknown_drop)}; known: {list(DEFAULT_DROP)}")
+            raise BadInput(f"drop: unknown conditions {sorted(unknown_drop)}; known: {list(DEFAULT_DROP)}")
         return cfg
 
 
@@ -99,7 +101,7 @@ def _known(klass, d: dict, where: str) -> dict:
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown keys in '{where}': {sorted(unknown)}; known: {sorted(names)}")
+        raise BadInput(f"unknown keys in '{where}': {sorted(unknown)}; known: {sorted(names)}")
     return d
 
 
@@ -107,10 +109,17 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
     """YAML file (or a ``base`` dict, e.g. a checkpoint's config) + ``section.field=value`` overrides."""
     d: dict = json.loads(json.dumps(base)) if base else {}
     if path:
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise InputNotFound(f"train config {path} not found; pass a YAML file such as configs/train/demo.yaml")
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BadInput(f"train config {path} is not valid YAML: {yaml_problem(e)}") from None
+        if not isinstance(d, dict):
+            raise BadInput(f"train config {path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. flow.cfg_scale=2.5")
+            raise BadInput(f"--set {item!r}: expected key=value, e.g. flow.cfg_scale=2.5")
         key, value = item.split("=", 1)
         node = d
         parts = key.split(".")

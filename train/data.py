@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from pipeline import manifest as manifest_mod
-from pipeline import schema, storage
+from pipeline import cli, schema, storage
 from train import clip_length
 from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
                            stage_specs)
@@ -46,7 +46,7 @@ from train.config import DataConfig
 log = logging.getLogger("train.data")
 
 
-class ShardVersionError(RuntimeError):
+class ShardVersionError(cli.UserError, RuntimeError):
     """Shards written under another schema major version; the trainer refuses them."""
 
 
@@ -62,7 +62,7 @@ def expand_urls(patterns: list[str] | str) -> list[str]:
             else:
                 hits = storage.glob(url)
                 if not hits:
-                    raise FileNotFoundError(f"shard pattern {url!r} matches no file")
+                    raise cli.InputNotFound(f"shard pattern {url!r} matches no file")
                 out.extend(hits)
     return out
 
@@ -106,9 +106,9 @@ def find_shards(cfg: DataConfig, split: str, explicit: list[str]) -> ShardSet:
             pattern = storage.join(cfg.root, split, "*", "shard-*.tar")
             urls = storage.glob(pattern)
     else:
-        raise ValueError("no shards: set data.root (the pipeline's --out) or data.shards (URL patterns)")
+        raise cli.BadInput("no shards: set data.root (the pipeline's --out) or data.shards (URL patterns)")
     if not urls:
-        raise FileNotFoundError(f"no {split} shards found (root={cfg.root!r}, shards={explicit!r})")
+        raise cli.InputNotFound(f"no {split} shards found (root={cfg.root!r}, shards={explicit!r})")
     by_shape: dict[tuple, list[str]] = {}
     for u in urls:
         by_shape.setdefault(bucket_of_url(u), []).append(u)
@@ -117,8 +117,8 @@ def find_shards(cfg: DataConfig, split: str, explicit: list[str]) -> ShardSet:
     if ignored:
         log.warning("stage %r has no batch size for buckets %s; their shards are not used", cfg.stage, ignored)
     if not matched:
-        raise ValueError(f"none of the {split} buckets {sorted(schema.bucket_name(*s) for s in by_shape)} is in "
-                         f"stage config {cfg.stage!r}; train with the stage the shards were built for")
+        raise cli.BadInput(f"none of the {split} buckets {sorted(schema.bucket_name(*s) for s in by_shape)} is in "
+                           f"stage config {cfg.stage!r}; train with the stage the shards were built for")
     buckets = [matched[s] for s in sorted(matched, key=bucket_sort_key)]
     return ShardSet(buckets, {b.name: sorted(by_shape[(b.height, b.width, b.num_frames)]) for b in buckets}, samples)
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model.conditions import CONDITION_NAMES, Conditions
-from pipeline import schema
+from pipeline import cli, schema
 from pipeline.shardio import iter_shard
 from train import checkpoint as ckpt
 from train import clip_length, flow
@@ -53,7 +53,7 @@ def first_sample(cfg: TrainConfig, split: str, bucket: str | None, index: int) -
     names = [b.name for b in shards.buckets]
     name = bucket or names[0]
     if name not in names:
-        raise ValueError(f"bucket {name!r} not among the {split} buckets {names}")
+        raise cli.BadInput(f"bucket {name!r} not among the {split} buckets {names}")
     n = 0
     for url in shards.urls[name]:
         with open_url(url) as f:  # local, s3://, gs:// or pipe:, like the trainer
@@ -61,7 +61,7 @@ def first_sample(cfg: TrainConfig, split: str, bucket: str | None, index: int) -
                 if n == index:
                     return decode(dict(members, __key__=key, __url__=url)), json.loads(members["meta.json"])
                 n += 1
-    raise IndexError(f"{split}/{name} has only {n} samples; --index {index} is out of range")
+    raise cli.OutOfRange(f"{split}/{name} has only {n} samples; --index {index} is out of range")
 
 
 @torch.no_grad()
@@ -134,9 +134,10 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
     return info
 
 
+@cli.entry(user_errors=(schema.SchemaError,))  # shards that break the contract are bad input here
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mdv2-sample", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description=__doc__)
+    ap = cli.ArgumentParser(prog="mdv2-sample", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=__doc__)
     ap.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     ap.add_argument("--vae", required=True, help="CogVAE folder (diffusers AutoencoderKLCogVideoX, local)")
     ap.add_argument("--out", required=True, help="folder for <VIEW>.mp4, grid.mp4, contact_sheet.png, sample.json")
@@ -157,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.frames is not None and not schema.valid_num_frames(a.frames):
         lo = 4 * ((a.frames - 1) // 4) + 1
         near = f"use {lo} or {lo + 4}" if a.frames > 1 else "use 1 or more"
-        print(f"mdv2-sample: error: --frames {a.frames}: the model generates 4k+1 frames (1, 5, 9, 13, 17, ...); "
-              f"{near}", file=sys.stderr)
-        return 2
+        raise cli.BadInput(f"--frames {a.frames}: the model generates 4k+1 frames (1, 5, 9, 13, 17, ...); {near}")
+    from pipeline.encode import vae_meta
+    vae_meta(a.vae)  # a --vae folder without config.json fails now, not after sampling
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                   a.seed, a.device, a.text_encoder, a.text_cache, a.frames)
     print(json.dumps(info))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.conditions import CONDITION_NAMES
+from pipeline import cli
 from train import checkpoint as ckpt
 from train import flow
 from train.distributed import check_sp, make_topology, wrap_ddp
@@ -89,8 +90,8 @@ class TextSource:
     def __init__(self, cache: str | None, encoder: str | None, max_length: int, device: str = "cpu"):
         from model.text import T5TextEncoder, TextEmbeddingCache
         if not cache and not encoder:
-            raise ValueError("no text source: set data.text_cache (python -m model.text build ...) or "
-                             "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
+            raise cli.BadInput("no text source: set data.text_cache (python -m model.text build ...) or "
+                               "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
         self.cache = TextEmbeddingCache(cache) if cache else None
         self.encoder = T5TextEncoder(encoder, max_length=max_length, device=device) if encoder else None
         self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -172,7 +173,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer {cfg.optimizer!r}: use 'adam' or 'adamw'")
+    raise cli.BadInput(f"optimizer {cfg.optimizer!r}: use 'adam' or 'adamw'")
 
 
 def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
@@ -330,9 +331,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     return {"step": last["step"], "loader": total_stats(streams), "out": str(out)}
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mdv2-train", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description=__doc__)
+    ap = cli.ArgumentParser(prog="mdv2-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=__doc__)
     ap.add_argument("--config", help="train config YAML (e.g. configs/train/demo.yaml); default: built-in defaults "
                                      "or, with --resume, the checkpoint's own config")
     ap.add_argument("--out", help="run folder: log.jsonl, config.json, checkpoints/ (overrides config 'out')")
