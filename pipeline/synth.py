@@ -30,10 +30,9 @@ from pipeline.geometry import invert_transform, matrix_to_quat, yaw_to_quat
 from pipeline.synth_render import CLASS_COLORS, OTHER_COLOR, SceneArt, render_view
 from pipeline.synth_tables import (TRUTH_COLUMNS, MapBuilder, attribute_for, chain, lidar_points, pose_records,
                                    static_tables, token, truth_table, write_mask_png, write_tables)
-from pipeline.synth_world import (CAMERA_PERIOD_US, CAMERA_RIG, FRAME_JITTER_US, LIDAR_OFFSET_US,
-                                  LIDAR_PERIOD_US, LIDAR_TRANSLATION, ROUND_JITTER_US, ObjectTrack,
-                                  camera_intrinsics, camera_rotation, camera_to_ego, lidar_rotation, make_ego,
-                                  make_map_elements, make_objects, make_road, trigger_rounds)
+from pipeline.synth_rig import dropped_images, lidar_triggered_times, regular_times
+from pipeline.synth_world import (CAMERA_RIG, LIDAR_TRANSLATION, ObjectTrack, camera_intrinsics, camera_rotation,
+                                  camera_to_ego, lidar_rotation, make_ego, make_map_elements, make_objects, make_road)
 
 TRUTH_FILE = "synth_truth.parquet"
 JPEG_QUALITY = 90
@@ -155,48 +154,8 @@ class _SceneWriter:
         mapb.add_scene(self.name, road, self.elements)
 
     def _times(self) -> dict[str, np.ndarray]:
-        if self.cfg.regular:
-            return self._regular_times()
-        # nuScenes rig: round r fires on lidar sweep sweep[r] (1 or 2 sweeps apart); CAM_FRONT LIDAR_OFFSET_US
-        # before that sweep's timestamp, every other camera at its offset, each image +- a little jitter
-        sweep = trigger_rounds(self.rng, self.n_frames)                              # (F,)
-        lidar = self.t0 + 10_000 + LIDAR_OFFSET_US + np.arange(sweep[-1] + 1) * LIDAR_PERIOD_US
-        lidar = lidar + self.rng.integers(-ROUND_JITTER_US, ROUND_JITTER_US + 1, len(lidar))
-        times = {}
-        for ch in schema.VIEWS:
-            jitter = self.rng.integers(-ROUND_JITTER_US, ROUND_JITTER_US + 1, self.n_frames)
-            times[ch] = lidar[sweep] - LIDAR_OFFSET_US + CAMERA_RIG[ch][5] + jitter
-        times[schema.LIDAR_CHANNEL] = lidar.astype(np.int64)
-        self.key_lidar = lidar[sweep[self.kf]]
-        return times
-
-    def _dropped(self) -> dict[str, np.ndarray]:
-        """Per camera, independently: (F,) True where the image was not recorded (never a keyframe)."""
-        out = {}
-        for ch in schema.VIEWS:
-            drop = np.zeros(self.n_frames, bool)
-            cand = np.setdiff1d(np.arange(1, self.n_frames - 1), self.kf)
-            k = 0 if self.cfg.regular else int(round(self.cfg.drop_rate * len(cand)))
-            if k:
-                drop[self.rng.choice(cand, k, replace=False)] = True
-            out[ch] = drop
-        return out
-
-    def _regular_times(self) -> dict[str, np.ndarray]:
-        """Old regular rig: cameras at 12 Hz with their rig offset + jitter, lidar keyframes
-        a fixed offset after CAM_FRONT's, and 20 Hz lidar sweeps in between."""
-        f = np.arange(self.n_frames)
-        times = {}
-        for ch in schema.VIEWS:
-            jitter = self.rng.integers(-FRAME_JITTER_US, FRAME_JITTER_US + 1, self.n_frames)
-            times[ch] = self.t0 + 10_000 + np.round(f * CAMERA_PERIOD_US).astype(np.int64) + CAMERA_RIG[ch][5] + jitter
-        key = times["CAM_FRONT"][self.kf] + LIDAR_OFFSET_US + self.rng.integers(-500, 501, len(self.kf))
-        lidar = [key[0]]
-        for a, b in zip(key[:-1], key[1:]):
-            n = max(1, int(round((b - a) / LIDAR_PERIOD_US)))
-            lidar += [int(a + (b - a) * j / n) for j in range(1, n)] + [b]
-        times[schema.LIDAR_CHANNEL] = np.asarray(lidar, np.int64)
-        self.key_lidar = key
+        rig = regular_times if self.cfg.regular else lidar_triggered_times
+        times, self.key_lidar = rig(self.rng, self.n_frames, self.t0 + 10_000, self.kf)
         return times
 
     def scene_seconds(self, ts: np.ndarray) -> np.ndarray:
@@ -210,7 +169,7 @@ class _SceneWriter:
         t["log"].append({"token": log_tok, "logfile": self.logfile, "vehicle": "n015", "location": cfg.map_name,
                          "date_captured": "2018-07-24"})
         times = self._times()
-        self.dropped = self._dropped()
+        self.dropped = dropped_images(self.rng, self.n_frames, self.kf, 0.0 if cfg.regular else cfg.drop_rate)
         # ---- samples (keyframes at the lidar timestamps)
         samples = [{"token": token(seed, "sample", i, j), "timestamp": int(ts), "scene_token": scene_tok,
                     "prev": "", "next": ""} for j, ts in enumerate(self.key_lidar)]
