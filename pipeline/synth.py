@@ -356,6 +356,7 @@ def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple
         n_img += n
         truth.append(tr)
         writers.append(sw)
+    bar.total = n_img   # dropped images are never drawn
     bar.close()
     map_tok = token(seed, "map", map_name)
     tables["map"].append({"token": map_tok, "log_tokens": [r["token"] for r in tables["log"]],
