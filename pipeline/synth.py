@@ -40,7 +40,7 @@ BASE_TIMESTAMP_US = 1_532_402_927_000_000  # July 2018, like the real logs
 SCENE_SPACING_US = 3_600_000_000           # scenes one hour apart
 CELL_M = 500.0                             # each scene's road sits in its own 500 m map cell
 RIGS = ("nuscenes", "regular")             # lidar-triggered rig (default) | the old regular 12 Hz rig
-DROP_RATE = 0.02                           # share of each camera's non-keyframe images dropped (nuscenes rig)
+DROP_RATE = 0.01                           # share of each camera's non-keyframe images dropped (nuscenes rig)
 
 
 @dataclass
