@@ -17,7 +17,9 @@ num_lidar_pts come from the nearer annotation of the segment (they are not inter
 
 ``interpolate_boxes`` gives the reference boxes at CAM_FRONT's exposure and, with
 ``view_timestamps_us``, the per-view boxes at each view's exposure, both in each frame's
-LiDAR coordinates. Everything is one vectorised pass over (times x instances) arrays.
+LiDAR coordinates. Contract: where ``box_mask[t, n]`` holds, every view has a box for n
+(``view_box_mask[t, :, n]``): a view's exposure may extend the extrapolation by up to
+``VIEW_SPREAD_US`` for an object present at CAM_FRONT's time. Everything is one vectorised pass over (times x instances) arrays.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pipeline import schema
 from pipeline.geometry import invert_transform, quat_to_matrix, slerp, transform_boxes, wrap_angle, yaw_of_matrix
 
 EXTRAPOLATE_US = 83_334   # one 12 Hz camera period beyond a track's first/last annotation
+VIEW_SPREAD_US = 50_000   # the rig's cameras fire within -8..+35 ms of CAM_FRONT: a view's extra reach
 
 
 @dataclass
@@ -175,9 +178,12 @@ def interpolate_boxes(ann: KeyframeAnnotations, timestamps_us: np.ndarray, lidar
         num_lidar_pts=np.where(ref.mask, nlp, 0).astype(np.int32), global_boxes=ref.boxes)
     if view_timestamps_us is not None:
         vt = np.asarray(view_timestamps_us, np.int64)                              # (F, V)
-        per = interpolate_global(ann, vt, extrapolate_us)
+        own = interpolate_global(ann, vt, extrapolate_us).mask.reshape(vt.shape + (n,))
+        # contract: an object present in the frame (box_mask) has a box in every view, so a view exposed up to
+        # VIEW_SPREAD_US after/before CAM_FRONT may reach that much beyond the extrapolation limit
+        per = interpolate_global(ann, vt, extrapolate_us + VIEW_SPREAD_US)
         vb = per.boxes.reshape(vt.shape + (n, 7))                                  # (F, V, N, 7)
-        vm = per.mask.reshape(vt.shape + (n,))                                     # (F, V, N)
+        vm = per.mask.reshape(vt.shape + (n,)) & (own | ref.mask[:, None])          # (F, V, N)
         out.view_boxes, out.view_box_mask = to_lidar(vb, lidar2global, vm), vm
     return out
 

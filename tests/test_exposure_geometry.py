@@ -72,6 +72,8 @@ def test_reference_boxes_match_the_truth_at_cam_front_time(measured):
         e = errors_vs_truth(sa, truth)
         assert e["keyframe"].sum() > 100
         assert np.percentile(e["centre_err"], 95) <= 0.05 and np.percentile(e["centre_err"][e["keyframe"]], 95) <= 0.05
+        # contract: an object present in the frame has a box in every view
+        assert (sa.view_box_mask >= sa.box_mask[:, None]).all()
         # the CAM_FRONT view's boxes are the reference boxes, in the same LiDAR(t)
         j = sa.views.index(schema.REFERENCE_VIEW)
         np.testing.assert_allclose(g["view_boxes"][:, j][g["box_mask"]], g["boxes"][g["box_mask"]], atol=1e-5)

@@ -56,3 +56,16 @@ def test_reference_and_view_boxes_in_lidar_t():
     np.testing.assert_allclose(ib.view_boxes[:, :, 0, 1], -(10 * views / 1e6 - 2.0), atol=1e-5)
     np.testing.assert_allclose(ib.view_boxes[:, 1], ib.boxes, atol=1e-6)   # the zero-offset view = reference
     np.testing.assert_allclose(ib.boxes[:, 0, 6], 0.2 * ts / 1e6 - np.pi / 2, atol=1e-6)
+
+
+def test_an_object_in_the_frame_has_a_box_in_every_view():
+    """CAM_FRONT within the extrapolation, a later view just beyond it: the view still gets the box."""
+    ann = _ann()
+    l2g = np.eye(4)[None]
+    ts = np.array([1_060_000], np.int64)                                  # 60 ms after the last annotation
+    views = ts[:, None] + np.array([0, 35_000])                          # the second view 95 ms after it
+    ib = interpolate_boxes(ann, ts, l2g, views)
+    assert ib.box_mask[0, 0] and ib.view_box_mask[0, :, 0].all()
+    np.testing.assert_allclose(ib.view_boxes[0, 1, 0, 0], 10.95, atol=1e-5)
+    far = interpolate_boxes(ann, ts + 40_000, l2g, views + 40_000)        # CAM_FRONT beyond: nobody
+    assert not far.box_mask[0, 0] and not far.view_box_mask[0, :, 0].any()
