@@ -127,14 +127,17 @@ def _rasterise(geo: _MapGeometry, x0: float, y0: float, w: int, h: int, cfg: Bev
             if not len(hit):
                 continue
             layer.fill(0)
-            for i in hit:   # record order, holes cleared per polygon: the devkit's order of operations
-                ext, holes = geo.polygons[name][i]
-                cv2.fillPoly(layer, [px(ext)], value, cv2.LINE_8, _SHIFT)
-                if holes:
-                    cv2.fillPoly(layer, [px(hh) for hh in holes], 0, cv2.LINE_8, _SHIFT)
+            holes = [px(hh) for i in hit for hh in geo.polygons[name][i][1]]
+            for i in hit:   # record order, exteriors then holes: the devkit's order of operations
+                cv2.fillPoly(layer, [px(geo.polygons[name][i][0])], value, cv2.LINE_8, _SHIFT)
             k = int(round(cfg.polygon_grow_m / cfg.resolution_m))
-            if k > 0:
-                layer = cv2.dilate(layer, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+            grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)) if k > 0 else None
+            if grow is not None:
+                layer = cv2.dilate(layer, grow)
+            if holes:       # the devkit clears a hole's boundary pixels too: holes grow like exteriors
+                cut = np.zeros_like(layer)
+                cv2.fillPoly(cut, holes, 1, cv2.LINE_8, _SHIFT)
+                layer[(cv2.dilate(cut, grow) if grow is not None else cut) > 0] = 0
         else:
             hit = in_region(geo.line_bbox[name])
             if not len(hit):

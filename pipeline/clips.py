@@ -1,8 +1,9 @@
 """Assemble one contract sample (pipeline/schema.py) from a scene store frame range.
 
 Everything but the latents and the caption comes from the per-scene store (SceneArrays,
-pipeline/scenestore.py): boxes and masks sliced to the clip's frames, the objects present
-somewhere in the clip kept (in store order, so ``box_track`` — the scene-level instance
+pipeline/scenestore.py): reference boxes (CAM_FRONT's exposure), per-view boxes (each view's
+exposure) and per-frame extrinsics sliced to the clip's frames, the objects present in some
+view somewhere in the clip kept (in store order, so ``box_track`` — the scene-level instance
 index — is stable across frames and across clips), the trajectory re-based on the first
 frame, intrinsics moved to the stored resolution, and the view masks recomputed there.
 """
@@ -27,17 +28,18 @@ def _local(sa, start: int, num_frames: int) -> np.ndarray:
 def clip_geometry(sa, start: int, num_frames: int, height: int, width: int) -> dict[str, np.ndarray]:
     """The array members of a clip except the latents: boxes, masks, class/track, K, extrinsics, traj, BEV."""
     idx = _local(sa, start, num_frames)
-    present = np.asarray(sa.box_mask)[idx]                          # (T, N_scene)
-    sel = np.flatnonzero(present.any(0))                            # objects seen in the clip
+    present = np.asarray(sa.box_mask)[idx]                          # (T, N_scene) at CAM_FRONT's exposure
+    view_present = np.asarray(sa.view_box_mask)[idx]                # (T, V, N_scene) at each view's exposure
+    sel = np.flatnonzero(present.any(0) | view_present.any((0, 1)))  # objects seen in the clip
     box_mask = present[:, sel]                                      # (T, N)
-    boxes = np.asarray(sa.boxes)[idx][:, sel].astype(np.float32)    # (T, N, 7) frame LiDAR
+    boxes = np.asarray(sa.boxes)[idx][:, sel].astype(np.float32)    # (T, N, 7) LiDAR(t)
     boxes[~box_mask] = 0.0                                          # padding where absent
+    view_mask = view_present[:, :, sel]                             # (T, V, N)
+    view_boxes = np.asarray(sa.view_boxes)[idx][:, :, sel].astype(np.float32)   # (T, V, N, 7) LiDAR(t)
+    view_boxes[~view_mask] = 0.0
     intrinsics = geometry.resize_crop_intrinsics(np.asarray(sa.intrinsics), tuple(sa.image_size), width, height)
-    # TODO(exposure time): per-view boxes and per-frame extrinsics from each camera's own time
-    cam2lidar = np.broadcast_to(np.asarray(sa.cam2lidar, np.float64), (len(idx),) + np.shape(sa.cam2lidar))  # (T, V, 4, 4)
-    view_boxes = np.repeat(boxes[:, None], cam2lidar.shape[1], axis=1)                            # (T, V, N, 7)
-    view = geometry.box_view_visibility(boxes, intrinsics, cam2lidar[0], width, height)  # (T, V, N)
-    view &= box_mask[:, None, :]
+    cam2lidar = np.asarray(sa.cam2lidar, np.float64)[idx]           # (T, V, 4, 4) camera v at its exposure
+    view = geometry.view_box_visibility(view_boxes, intrinsics, cam2lidar, width, height) & view_mask  # (T, V, N)
     l2g = np.asarray(sa.lidar2global, np.float64)[idx]             # (T, 4, 4)
     traj = geometry.invert_transform(l2g[0])[None] @ l2g             # LiDAR(t) -> LiDAR(0)
     return {
@@ -58,7 +60,7 @@ def clip_meta(sa, start: int, num_frames: int, height: int, width: int, vae: dic
         "scene_name": str(sa.scene_name), "start_frame": int(start), "num_frames": int(num_frames),
         "fps": schema.FPS, "height": int(height), "width": int(width), "views": [str(v) for v in sa.views],
         "timestamps_us": [int(t) for t in np.asarray(sa.timestamps_us)[idx]],
-        "view_timestamps_us": [[int(t)] * len(sa.views) for t in np.asarray(sa.timestamps_us)[idx]],
+        "view_timestamps_us": [[int(t) for t in row] for row in np.asarray(sa.view_timestamps_us)[idx]],
         "keyframes": [bool(k) for k in np.asarray(sa.keyframe)[idx]],
         "frames": [[str(p) for p in row] for row in np.asarray(sa.frame_paths)[idx]],
         "vae": dict(vae), "latent": latent,

@@ -119,12 +119,19 @@ def box_corners(boxes: np.ndarray) -> np.ndarray:
 
 
 def transform_boxes(t: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Express (..., 7) boxes in another frame by the rigid (..., 4, 4) transform t (yaw about z only)."""
+    """Express (..., 7) boxes in another frame by the rigid (..., 4, 4) transform t.
+
+    The centre is exact for any rotation; the new yaw is the heading of the box's rotated +x axis in
+    the new xy plane, atan2(R[1, 0], R[0, 0]) of the composed rotation, so a transform with roll/pitch
+    (tilted sensor mounts) keeps the heading right. (pyquaternion's ``yaw_pitch_roll[0]`` is a
+    different Euler convention that differs by ~1e-5 rad under a 1 deg tilt.)"""
     boxes = np.asarray(boxes, np.float64)
     t = np.asarray(t, np.float64)
-    centre = np.einsum("...ij,...j->...i", t[..., :3, :3], boxes[..., :3]) + t[..., :3, 3]
-    yaw = wrap_angle(boxes[..., 6] + yaw_of_matrix(t))
-    return np.concatenate([centre, boxes[..., 3:6], yaw[..., None]], -1)
+    r = t[..., :3, :3]
+    centre = np.einsum("...ij,...j->...i", r, boxes[..., :3]) + t[..., :3, 3]
+    c, s = np.cos(boxes[..., 6]), np.sin(boxes[..., 6])
+    yaw = np.arctan2(r[..., 1, 0] * c + r[..., 1, 1] * s, r[..., 0, 0] * c + r[..., 0, 1] * s)
+    return np.concatenate([centre, np.broadcast_to(boxes[..., 3:6], centre.shape), yaw[..., None]], -1)
 
 
 def project(points_cam: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +150,19 @@ def box_view_visibility(boxes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np
     corners = box_corners(boxes)                       # (T, N, 8, 3)
     lidar2cam = invert_transform(cam2lidar)            # (V, 4, 4)
     pts = transform_points(lidar2cam[None, :, None], corners[:, None])  # (T, V, N, 8, 3)
+    uv, depth = project(pts, np.asarray(intrinsics)[None, :, None])
+    inside = (depth > min_depth) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
+    return inside.any(-1)
+
+
+def view_box_visibility(view_boxes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, width: int,
+                        height: int, min_depth: float = 0.1) -> np.ndarray:
+    """As box_view_visibility with each view's own boxes and per-frame extrinsics.
+
+    view_boxes (T, V, N, 7) in LiDAR(t); intrinsics (V, 3, 3); cam2lidar (T, V, 4, 4) -> (T, V, N) bool."""
+    corners = box_corners(view_boxes)                  # (T, V, N, 8, 3)
+    lidar2cam = invert_transform(cam2lidar)            # (T, V, 4, 4)
+    pts = transform_points(lidar2cam[:, :, None], corners)             # (T, V, N, 8, 3)
     uv, depth = project(pts, np.asarray(intrinsics)[None, :, None])
     inside = (depth > min_depth) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
     return inside.any(-1)

@@ -1,16 +1,25 @@
 """The 12 Hz frame timeline of a nuScenes scene, read with nuscenes-devkit.
 
 The reference camera (schema.REFERENCE_VIEW, CAM_FRONT) defines the timeline: all
-its sample_data between the scene's first and last keyframe. Every other view is
-matched to each reference frame by nearest timestamp within a tolerance; a frame
-that is missing, too far away in time, already taken by a closer reference frame,
-or whose file is absent on disk is flagged (``frame_ok`` False) and described in
-``problems`` -- never silently replaced by a neighbour.
+its sample_data between the scene's first and last keyframe. In nuScenes the 20 Hz
+LiDAR triggers the cameras as it sweeps past them (12 camera rounds per 20 sweeps,
+CAM_FRONT steps of 50 or 100 ms), each camera at its own shutter offset in the round.
+Every other view is paired by *trigger round*: its frame in round i is the one within
+``tolerance`` of CAM_FRONT's time + that view's rig offset (the median over the scene's
+keyframes, whose sample records say which frames belong together). A frame that is
+missing, outside its round's window, already taken by another round, or whose file is
+absent on disk is flagged (``frame_ok`` False) and described in ``problems`` -- never
+silently replaced by a neighbour. A CAM_FRONT step longer than the rig's longest step
+(``RIG_MAX_STEP_US`` + slack) means a dropped CAM_FRONT frame: the frame after the hole
+is flagged ``gap`` so that no clip spans it.
 
 Scene splits: v1.0-trainval/test/mini use the devkit's official lists
 (nuscenes.utils.splits). Any other version (synthetic or custom data) uses the
 official list when the scene name is in train/val, otherwise the deterministic
 rule ``split_for_unlisted`` (sha256 of the name; about 1 in 5 scenes go to val).
+
+The devkit is used only through ``nusc.get(table, token)``, ``nusc.scene``,
+``nusc.version`` and ``nusc.dataroot``.
 """
 from __future__ import annotations
 
@@ -24,8 +33,9 @@ import numpy as np
 from pipeline import cli, schema
 from pipeline.geometry import invert_transform, make_transform
 
-DEFAULT_TOLERANCE_S = 0.05  # cameras of one nuScenes frame fire within ~50 ms of CAM_FRONT
-GAP_FACTOR = 1.5            # a reference step above 1.5x the median step means a dropped frame
+DEFAULT_TOLERANCE_S = 0.02  # a view's frame lies within 20 ms of its expected time in the round (rounds >= 50 ms apart)
+RIG_MAX_STEP_US = 100_000   # the lidar-triggered rig's longest CAM_FRONT step (2 sweeps at 20 Hz)
+GAP_SLACK_US = 25_000       # a CAM_FRONT step above 125 ms means a dropped frame (even after a 50 ms step)
 VAL_EVERY = 5               # unlisted scenes: sha256(name) % 5 == 0 -> val
 
 
@@ -52,13 +62,22 @@ class Timeline:
     frame_ok: np.ndarray                 # (F, V) bool
     lidar2global: np.ndarray             # (F, 4, 4) float64
     intrinsics: np.ndarray               # (V, 3, 3) float64, source resolution
-    cam2lidar: np.ndarray                # (V, 4, 4) float64
+    cam2lidar: np.ndarray                # (V, 4, 4) float64, static calibration (camera -> ego -> LiDAR)
+    view_timestamps_us: np.ndarray       # (F, V) int64 exposure of each view's frame (expected time if missing)
+    view_ego2global: np.ndarray          # (F, V, 4, 4) float64 each view frame's own ego pose
+    cam2ego: np.ndarray                  # (V, 4, 4) float64 calibration
+    rig_offsets_us: np.ndarray           # (V,) int64 each view's shutter offset vs CAM_FRONT in a round
     problems: list[FrameProblem] = field(default_factory=list)
     records: dict = field(default_factory=dict)  # source records used (for the input hash)
 
     @property
     def num_frames(self) -> int:
         return int(self.timestamps_us.shape[0])
+
+    def frame_cam2lidar(self) -> np.ndarray:
+        """(F, V, 4, 4) camera v at its exposure -> global through its own ego pose -> LiDAR(t)."""
+        global2lidar = invert_transform(self.lidar2global)                       # (F, 4, 4)
+        return global2lidar[:, None] @ self.view_ego2global @ self.cam2ego[None]
 
 
 @lru_cache(maxsize=4)
@@ -138,9 +157,21 @@ def _pose(rec: dict) -> np.ndarray:
     return make_transform(np.asarray(rec["rotation"]), np.asarray(rec["translation"]))
 
 
+def rig_offsets(nusc, sample_tokens: list[str], views: tuple[str, ...]) -> np.ndarray:
+    """(V,) each view's median shutter offset vs CAM_FRONT over the keyframes (a sample's records are one round)."""
+    ref = schema.REFERENCE_VIEW
+    rows = []
+    for s in sample_tokens:
+        data = nusc.get("sample", s)["data"]
+        t_ref = nusc.get("sample_data", data[ref])["timestamp"]
+        rows.append([nusc.get("sample_data", data[v])["timestamp"] - t_ref for v in views])
+    return np.round(np.median(np.asarray(rows, np.float64), 0)).astype(np.int64)
+
+
 def _match_view(ref_ts: np.ndarray, chain: list[dict], tol_us: int, view: str, key_sd: dict[int, str],
                 problems: list[FrameProblem]) -> tuple[list[str | None], np.ndarray]:
-    """Nearest-timestamp match of one view to the reference frames; returns sd tokens (None = no match)."""
+    """Pair one view's frames with the reference rounds; ``ref_ts`` (F,) is each round's expected time of this
+    view (CAM_FRONT + its rig offset). Returns sd tokens (None = no frame in the round) and |dt| [us]."""
     ts = np.array([r["timestamp"] for r in chain], dtype=np.int64)
     f = ref_ts.shape[0]
     idx = np.clip(np.searchsorted(ts, ref_ts), 1, len(ts) - 1) if len(ts) > 1 else np.zeros(f, np.int64)
@@ -154,14 +185,15 @@ def _match_view(ref_ts: np.ndarray, chain: list[dict], tol_us: int, view: str, k
             near[frame], dt[frame] = by_token[tok], abs(ts[by_token[tok]] - ref_ts[frame])
     tokens: list[str | None] = [None] * f
     owner: dict[int, int] = {}
-    for i in np.argsort(dt, kind="stable"):  # closest reference frame wins a shared candidate
+    for i in np.argsort(dt, kind="stable"):  # closest round wins a shared candidate
         if dt[i] > tol_us:
             problems.append(FrameProblem(int(i), view, "no_match",
-                                         f"no {view} sample_data within {tol_us / 1000:.0f} ms of t={ref_ts[i]} "
-                                         f"(nearest {chain[near[i]]['filename']} is {dt[i] / 1000:.1f} ms away)"))
+                                         f"no {view} sample_data within {tol_us / 1000:.0f} ms of its expected time "
+                                         f"t={ref_ts[i]} in this trigger round (nearest {chain[near[i]]['filename']} "
+                                         f"is {dt[i] / 1000:.1f} ms away): the image was not recorded"))
         elif int(near[i]) in owner:
             problems.append(FrameProblem(int(i), view, "reused",
-                                         f"nearest {view} frame {chain[near[i]]['filename']} already matches frame "
+                                         f"nearest {view} frame {chain[near[i]]['filename']} already belongs to frame "
                                          f"{owner[int(near[i])]}; the frame for t={ref_ts[i]} is missing"))
         else:
             owner[int(near[i])] = int(i)
@@ -191,26 +223,35 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
     problems: list[FrameProblem] = []
     tol_us = int(round(tolerance_s * 1e6))
 
+    # each view's shutter offset in a round, from the keyframes (a sample's records are one round)
+    offsets = rig_offsets(nusc, [s for s in sample_tokens if s], views)            # (V,)
     v_tokens: dict[str, list[str | None]] = {}
-    for v in views:
+    for j, v in enumerate(views):
         if v == ref:
             v_tokens[v] = [r["token"] for r in ref_chain]
             continue
         key_sd = {i: nusc.get("sample", s)["data"][v] for i, s in enumerate(sample_tokens) if s}
-        v_tokens[v], _ = _match_view(ref_ts, _channel_chain(nusc, first["data"][v]), tol_us, v, key_sd, problems)
+        v_tokens[v], _ = _match_view(ref_ts + offsets[j], _channel_chain(nusc, first["data"][v]), tol_us, v, key_sd,
+                                     problems)
     frame_ok = np.ones((f, len(views)), dtype=bool)
     paths = np.empty((f, len(views)), dtype=object)
+    view_ts = ref_ts[:, None] + offsets[None, :]                                     # (F, V) expected, then actual
+    view_ego: list[list[str | None]] = [[None] * len(views) for _ in range(f)]
     for j, v in enumerate(views):
         for i, tok in enumerate(v_tokens[v]):
-            paths[i, j] = nusc.get("sample_data", tok)["filename"] if tok else ""
+            rec = nusc.get("sample_data", tok) if tok else None
+            paths[i, j] = rec["filename"] if rec else ""
             frame_ok[i, j] = tok is not None
+            if rec:
+                view_ts[i, j], view_ego[i][j] = rec["timestamp"], rec["ego_pose_token"]
     if f > 2:
         steps = np.diff(ref_ts)
-        for i in np.nonzero(steps > GAP_FACTOR * np.median(steps))[0]:
+        for i in np.nonzero(steps > RIG_MAX_STEP_US + GAP_SLACK_US)[0]:
             # clips must not span a hole in the reference stream: the frame after it is flagged
             frame_ok[i + 1, views.index(ref) if ref in views else 0] = False
             problems.append(FrameProblem(int(i + 1), ref, "gap", f"{steps[i] / 1000:.0f} ms since the previous "
-                                         f"{ref} frame (median {np.median(steps) / 1000:.0f} ms): a frame is missing"))
+                                         f"{ref} frame (the rig's rounds are at most {RIG_MAX_STEP_US / 1000:.0f} ms "
+                                         f"apart): a frame is missing"))
     if check_files:
         for i, j in zip(*np.nonzero(frame_ok)):
             if not os.path.exists(os.path.join(nusc.dataroot, paths[i, j])):
@@ -219,20 +260,22 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
                                              f"sample_data but absent under {nusc.dataroot}"))
 
     ref_sd = [nusc.get("sample_data", r["token"]) for r in ref_chain]
-    poses = [nusc.get("ego_pose", r["ego_pose_token"]) for r in ref_sd]
-    ego = make_transform(np.array([p["rotation"] for p in poses], np.float64),      # (F, 4, 4) ego->global
-                         np.array([p["translation"] for p in poses], np.float64))
+    ego = _ego_poses(nusc, [r["ego_pose_token"] for r in ref_sd])                  # (F, 4, 4) ego->global
+    # each view frame's own ego pose; a missing frame (flagged) borrows its round's CAM_FRONT pose
+    ego_tok = [[t or ref_sd[i]["ego_pose_token"] for t in row] for i, row in enumerate(view_ego)]
+    view_ego2global = _ego_poses(nusc, [t for row in ego_tok for t in row]).reshape(f, len(views), 4, 4)
     lidar_sd = nusc.get("sample_data", first["data"][schema.LIDAR_CHANNEL])
     lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
     lidar2ego = _pose(lidar_cs)
     lidar2global = ego @ lidar2ego                                                       # (F, 4, 4)
     ego2lidar = invert_transform(lidar2ego)
-    intrinsics, cam2lidar, cams = [], [], []
+    intrinsics, cam2ego, cams = [], [], []
     for v in views:
         cs = nusc.get("calibrated_sensor", nusc.get("sample_data", first["data"][v])["calibrated_sensor_token"])
         cams.append(cs)
         intrinsics.append(np.asarray(cs["camera_intrinsic"], dtype=np.float64).reshape(3, 3))
-        cam2lidar.append(ego2lidar @ _pose(cs))
+        cam2ego.append(_pose(cs))
+    cam2ego = np.stack(cam2ego)                                                          # (V, 4, 4)
     ref_rec = nusc.get("sample_data", first["data"][ref])
     problems.sort(key=lambda p: (p.frame, p.view, p.reason))
     return Timeline(
@@ -240,6 +283,15 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
         map_name=log["location"], views=list(views), image_size=(int(ref_rec["width"]), int(ref_rec["height"])),
         timestamps_us=ref_ts, keyframe=keyframe, sample_tokens=sample_tokens, frame_paths=paths,
         frame_ok=frame_ok, lidar2global=lidar2global, intrinsics=np.stack(intrinsics),
-        cam2lidar=np.stack(cam2lidar), problems=problems,
+        cam2lidar=ego2lidar[None] @ cam2ego, view_timestamps_us=view_ts.astype(np.int64),
+        view_ego2global=view_ego2global, cam2ego=cam2ego, rig_offsets_us=offsets, problems=problems,
         records={"scene": scene, "log": log, "ref_ego": [r["ego_pose_token"] for r in ref_sd],
-                 "lidar_cs": lidar_cs, "cams": cams, "paths": paths.tolist(), "ok": frame_ok.tolist()})
+                 "view_ego": ego_tok, "view_ts": view_ts.tolist(), "lidar_cs": lidar_cs, "cams": cams,
+                 "paths": paths.tolist(), "ok": frame_ok.tolist()})
+
+
+def _ego_poses(nusc, tokens: list[str]) -> np.ndarray:
+    """(P, 4, 4) ego -> global of ego_pose tokens."""
+    poses = [nusc.get("ego_pose", t) for t in tokens]
+    return make_transform(np.array([p["rotation"] for p in poses], np.float64).reshape(-1, 4),
+                          np.array([p["translation"] for p in poses], np.float64).reshape(-1, 3))

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes; each loads the devkit tables once")
     p.add_argument("--force", action="store_true", help="recompute stores even when up to date")
     p.add_argument("--tolerance-ms", type=float, default=DEFAULT_TOLERANCE_S * 1000,
-                   help="max time between CAM_FRONT and another view's matched frame")
+                   help="max distance of a view's frame from its expected time in the trigger round "
+                        "(CAM_FRONT + the view's rig offset)")
     p.add_argument("--bev-resolution", type=float, default=BevConfig.resolution_m,
                    help="metres per pixel of the once-per-scene map raster (BEV cells are 0.5 m)")
     p.add_argument("--no-progress", action="store_true")

@@ -5,7 +5,13 @@ Layout under ``{out}/`` + ``schema.scene_store_path(name)``: one array per field
 compressed; scene facts, the timeline problems and ``inputs_hash`` live in the group
 attributes. ``complete`` is set last, so a store cut short by a crash is rebuilt.
 A store whose ``inputs_hash`` (the scene's source records, the map file, the
-settings and the pipeline version) is unchanged is not recomputed.
+settings, the pipeline version and STORE_VERSION) is unchanged is not recomputed.
+
+Time model (pipeline/interpolate.py): ``boxes`` at CAM_FRONT's exposure, ``view_boxes`` at
+each view's own exposure (``view_timestamps_us``), both in LiDAR(t) = the LiDAR at CAM_FRONT's
+ego pose (``lidar2global``); ``cam2lidar[t, v]`` goes from camera v at its exposure through its
+own ego pose to LiDAR(t). Stores of STORE_VERSION "1" (boxes = annotations at keyframes, static
+extrinsics) hash differently and are recomputed.
 """
 from __future__ import annotations
 
@@ -23,10 +29,11 @@ from pipeline.bevmap import BevConfig, bev_fast_bits, bits_to_packed
 from pipeline.interpolate import interpolate_boxes, load_keyframe_annotations
 from pipeline.nuscenes import DEFAULT_TOLERANCE_S, build_timeline, load_map, load_nuscenes, scene_split
 
-STORE_VERSION = "1"
+STORE_VERSION = "2"   # 2: exposure-time boxes, per-view boxes, per-frame extrinsics
 FRAME_CHUNK = 24   # 2 s at 12 Hz: a 17-frame clip touches at most 2 chunks
-HEAVY = ("boxes", "box_mask", "visibility", "num_lidar_pts", "bev")
-FRAME_FIELDS = ("timestamps_us", "keyframe", "frame_paths", "frame_ok", "lidar2global") + HEAVY
+HEAVY = ("boxes", "box_mask", "view_boxes", "view_box_mask", "visibility", "num_lidar_pts", "bev")
+FRAME_FIELDS = ("timestamps_us", "view_timestamps_us", "keyframe", "frame_paths", "frame_ok", "lidar2global",
+                "cam2lidar") + HEAVY
 
 
 @dataclass
@@ -45,12 +52,15 @@ class SceneArrays:
     frame_ok: np.ndarray               # (F, V) bool
     lidar2global: np.ndarray           # (F, 4, 4) float64
     intrinsics: np.ndarray             # (V, 3, 3) float32, source resolution
-    cam2lidar: np.ndarray              # (V, 4, 4) float32
+    cam2lidar: np.ndarray              # (F, V, 4, 4) float32, camera v at its exposure -> LiDAR(t)
+    view_timestamps_us: np.ndarray     # (F, V) int64, each view's exposure
     box_class: np.ndarray              # (N,) int8
     box_track: np.ndarray              # (N,) int32
     instance_tokens: np.ndarray        # (N,) str
-    boxes: np.ndarray | None = None          # (F, N, 7) float32, frame LiDAR coords
+    boxes: np.ndarray | None = None          # (F, N, 7) float32 at CAM_FRONT's exposure, LiDAR(t)
     box_mask: np.ndarray | None = None       # (F, N) bool
+    view_boxes: np.ndarray | None = None     # (F, V, N, 7) float32 at each view's exposure, LiDAR(t)
+    view_box_mask: np.ndarray | None = None  # (F, V, N) bool
     visibility: np.ndarray | None = None     # (F, N) int8
     num_lidar_pts: np.ndarray | None = None  # (F, N) int32
     bev: np.ndarray | None = None            # (F, 8, 200, 25) uint8 packed
@@ -85,6 +95,7 @@ def inputs_hash(timeline, ann, map_path: str, settings: dict) -> str:
                  {"store": STORE_VERSION, "pipeline": schema.PIPELINE_VERSION, "map": _file_digest(map_path)}):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(timeline.lidar2global).tobytes())
+    h.update(np.ascontiguousarray(timeline.view_ego2global).tobytes())
     return h.hexdigest()
 
 
@@ -149,21 +160,22 @@ def build_scene_store_status(dataroot: str, version: str, scene_name: str, out: 
         return uri, False
     nusc_map = nusc_map if nusc_map is not None and nusc_map.map_name == tl.map_name \
         else load_map(nusc.dataroot, tl.map_name)
-    ib = interpolate_boxes(ann, tl.timestamps_us, tl.sample_tokens, tl.lidar2global)
+    ib = interpolate_boxes(ann, tl.timestamps_us, tl.lidar2global, tl.view_timestamps_us)
     bev_packed = bits_to_packed(bev_fast_bits(nusc_map, tl.lidar2global, bev))   # (F, 8, 200, 25)
 
     g = zarr.open_group(uri, mode="w")
     frame_arrays = {
-        "timestamps_us": tl.timestamps_us.astype(np.int64), "keyframe": tl.keyframe,
-        "frame_paths": tl.frame_paths, "frame_ok": tl.frame_ok, "lidar2global": tl.lidar2global,
-        "boxes": ib.boxes, "box_mask": ib.box_mask, "visibility": ib.visibility,
+        "timestamps_us": tl.timestamps_us.astype(np.int64), "view_timestamps_us": tl.view_timestamps_us,
+        "keyframe": tl.keyframe, "frame_paths": tl.frame_paths, "frame_ok": tl.frame_ok,
+        "lidar2global": tl.lidar2global, "cam2lidar": tl.frame_cam2lidar().astype(np.float32),
+        "boxes": ib.boxes, "box_mask": ib.box_mask, "view_boxes": ib.view_boxes, "view_box_mask": ib.view_box_mask,
+        "visibility": ib.visibility,
         "num_lidar_pts": ib.num_lidar_pts, "bev": bev_packed,
     }
     for name, arr in frame_arrays.items():
         _put(g, name, arr, frame_axis=True)
     n = len(ann.instance_tokens)
-    for name, arr in {"intrinsics": tl.intrinsics.astype(np.float32), "cam2lidar": tl.cam2lidar.astype(np.float32),
-                      "box_class": ann.box_class, "box_track": np.arange(n, dtype=np.int32),
+    for name, arr in {"intrinsics": tl.intrinsics.astype(np.float32), "box_class": ann.box_class, "box_track": np.arange(n, dtype=np.int32),
                       "instance_tokens": np.array(ann.instance_tokens, dtype=object)}.items():
         _put(g, name, arr, frame_axis=False)
     g.attrs.update({
@@ -204,7 +216,8 @@ def open_scene_store(uri: str, frames: slice | None = None, heavy: bool = True) 
         image_size=tuple(at["image_size"]), timestamps_us=read("timestamps_us", True),
         keyframe=read("keyframe", True), frame_paths=read("frame_paths", True).astype(str),
         frame_ok=read("frame_ok", True), lidar2global=read("lidar2global", True),
-        intrinsics=read("intrinsics"), cam2lidar=read("cam2lidar"), box_class=read("box_class"),
+        intrinsics=read("intrinsics"), cam2lidar=read("cam2lidar", True),
+        view_timestamps_us=read("view_timestamps_us", True), box_class=read("box_class"),
         box_track=read("box_track"), instance_tokens=read("instance_tokens").astype(str),
         frame_start=start, num_scene_frames=total, problems=list(at.get("problems", [])), uri=uri,
         **heavy_arrays)

@@ -1,7 +1,7 @@
 """Synthetic dataset in the real nuScenes v1.0 layout (tables, samples/, sweeps/, maps/), with exact truth.
 
     python -m pipeline.synth --out DIR [--scenes N] [--seconds S] [--image-size WxH] [--seed K]
-                             [--version NAME] [--map-name NAME]
+                             [--version NAME] [--map-name NAME] [--regular-rig] [--drop-rate R]
 
 writes DIR/<version>/*.json (all 13 tables), DIR/samples|sweeps/<channel>/*.jpg|.pcd.bin,
 DIR/maps/expansion/<map>.json (map expansion 1.3), DIR/maps/<token>.png and DIR/synth_truth.parquet,
@@ -30,16 +30,17 @@ from pipeline.geometry import invert_transform, matrix_to_quat, yaw_to_quat
 from pipeline.synth_render import CLASS_COLORS, OTHER_COLOR, SceneArt, render_view
 from pipeline.synth_tables import (TRUTH_COLUMNS, MapBuilder, attribute_for, chain, lidar_points, pose_records,
                                    static_tables, token, truth_table, write_mask_png, write_tables)
-from pipeline.synth_world import (CAMERA_PERIOD_US, CAMERA_RIG, FRAME_JITTER_US, LIDAR_OFFSET_US,
-                                  LIDAR_PERIOD_US, LIDAR_TRANSLATION, LIDAR_YAW, ObjectTrack, camera_intrinsics,
-                                  camera_rotation, camera_to_ego, make_ego, make_map_elements, make_objects,
-                                  make_road)
+from pipeline.synth_rig import dropped_images, lidar_triggered_times, regular_times
+from pipeline.synth_world import (CAMERA_RIG, LIDAR_TRANSLATION, ObjectTrack, camera_intrinsics, camera_rotation,
+                                  camera_to_ego, lidar_rotation, make_ego, make_map_elements, make_objects, make_road)
 
 TRUTH_FILE = "synth_truth.parquet"
 JPEG_QUALITY = 90
 BASE_TIMESTAMP_US = 1_532_402_927_000_000  # July 2018, like the real logs
 SCENE_SPACING_US = 3_600_000_000           # scenes one hour apart
 CELL_M = 500.0                             # each scene's road sits in its own 500 m map cell
+RIGS = ("nuscenes", "regular")             # lidar-triggered rig (default) | the old regular 12 Hz rig
+DROP_RATE = 0.01                           # share of each camera's non-keyframe images dropped (nuscenes rig)
 
 
 @dataclass
@@ -52,8 +53,18 @@ class SynthConfig:
     version: str = "v1.0-synth"
     map_name: str = "singapore-onenorth"
     progress: bool = True
+    rig: str = "nuscenes"       # see RIGS
+    drop_rate: float = DROP_RATE
+
+    @property
+    def regular(self) -> bool:
+        return self.rig == "regular"
 
     def check(self) -> None:
+        if self.rig not in RIGS:
+            raise cli.BadInput(f"rig {self.rig!r} is not one of {RIGS}")
+        if not 0.0 <= self.drop_rate < 0.5:
+            raise cli.BadInput(f"--drop-rate {self.drop_rate} must be in [0, 0.5)")
         if self.scenes < 1:
             raise cli.BadInput(f"--scenes must be >= 1, got {self.scenes}")
         if round(self.seconds * schema.FPS) < 11:
@@ -80,18 +91,26 @@ class SynthInfo:
     num_samples: int = 0
     num_annotations: int = 0
     image_size: tuple[int, int] = (1600, 900)
+    rig: str = "nuscenes"
     extra: dict = field(default_factory=dict)
 
 
-def keyframe_indices(rng: np.random.Generator, num_frames: int) -> np.ndarray:
-    """Camera frame indices of the keyframes: first and last frame, gaps of 5-7 frames (about 2 Hz)."""
+def keyframe_indices(rng: np.random.Generator, num_frames: int, gaps: tuple[int, int] = (5, 7)) -> np.ndarray:
+    """Camera frame indices of the keyframes: first and last frame, gaps of lo..hi frames (about 2 Hz)."""
+    lo, hi = gaps
     span = num_frames - 1
     m = max(1, int(round(span / 6)))
-    m = min(max(m, -(-span // 7)), span // 5)
-    gaps = np.full(m, 5)
-    for _ in range(span - 5 * m):
-        gaps[rng.choice(np.flatnonzero(gaps < 7))] += 1
-    return np.concatenate([[0], np.cumsum(gaps)])
+    m = min(max(m, -(-span // hi)), span // lo)
+    out = np.full(m, lo)
+    for _ in range(span - lo * m):
+        out[rng.choice(np.flatnonzero(out < hi))] += 1
+    if lo < 5:  # the real logs: mostly 6, some shorter and longer gaps
+        for _ in range(m):
+            i, j = rng.integers(m, size=2)
+            if out[i] > lo and out[j] < hi:
+                out[i] -= 1
+                out[j] += 1
+    return np.concatenate([[0], np.cumsum(out)])
 
 
 def _class_of(category: str) -> str | None:
@@ -113,7 +132,8 @@ class _SceneWriter:
         self.logfile = f"n015-synth-s{cfg.seed}-{index:04d}+0800"
         self.t0 = BASE_TIMESTAMP_US + index * SCENE_SPACING_US
         self.n_frames = int(round(cfg.seconds * schema.FPS))
-        self.kf = keyframe_indices(self.rng, self.n_frames)
+        self.tilted = not cfg.regular   # mount roll/pitch of the real rig
+        self.kf = keyframe_indices(self.rng, self.n_frames, (5, 7) if cfg.regular else (4, 7))
         self.ego = None
         self._build_world(mapb)
 
@@ -128,26 +148,14 @@ class _SceneWriter:
         road.xy += np.array([300.0 + CELL_M * cell[0], 300.0 + CELL_M * cell[1]]) - mid
         probe.road = road
         self.road, self.ego, self.s_range = road, probe, (s_lo, s_hi)
-        self.elements = make_map_elements(rng, road, s_lo, s_hi)
+        self.elements = make_map_elements(rng, road, s_lo, s_hi, holes=not cfg.regular)
         self.tracks: list[ObjectTrack] = make_objects(rng, road, probe, cfg.seconds)
         self.art = SceneArt(road, self.elements)
         mapb.add_scene(self.name, road, self.elements)
 
     def _times(self) -> dict[str, np.ndarray]:
-        """Sensor timestamps [us]: cameras at 12 Hz with their rig offset + jitter, lidar keyframes
-        a fixed offset after CAM_FRONT's, and 20 Hz lidar sweeps in between."""
-        f = np.arange(self.n_frames)
-        times = {}
-        for ch in schema.VIEWS:
-            jitter = self.rng.integers(-FRAME_JITTER_US, FRAME_JITTER_US + 1, self.n_frames)
-            times[ch] = self.t0 + 10_000 + np.round(f * CAMERA_PERIOD_US).astype(np.int64) + CAMERA_RIG[ch][5] + jitter
-        key = times["CAM_FRONT"][self.kf] + LIDAR_OFFSET_US + self.rng.integers(-500, 501, len(self.kf))
-        lidar = [key[0]]
-        for a, b in zip(key[:-1], key[1:]):
-            n = max(1, int(round((b - a) / LIDAR_PERIOD_US)))
-            lidar += [int(a + (b - a) * j / n) for j in range(1, n)] + [b]
-        times[schema.LIDAR_CHANNEL] = np.asarray(lidar, np.int64)
-        self.key_lidar = key
+        rig = regular_times if self.cfg.regular else lidar_triggered_times
+        times, self.key_lidar = rig(self.rng, self.n_frames, self.t0 + 10_000, self.kf)
         return times
 
     def scene_seconds(self, ts: np.ndarray) -> np.ndarray:
@@ -161,6 +169,7 @@ class _SceneWriter:
         t["log"].append({"token": log_tok, "logfile": self.logfile, "vehicle": "n015", "location": cfg.map_name,
                          "date_captured": "2018-07-24"})
         times = self._times()
+        self.dropped = dropped_images(self.rng, self.n_frames, self.kf, 0.0 if cfg.regular else cfg.drop_rate)
         # ---- samples (keyframes at the lidar timestamps)
         samples = [{"token": token(seed, "sample", i, j), "timestamp": int(ts), "scene_token": scene_tok,
                     "prev": "", "next": ""} for j, ts in enumerate(self.key_lidar)]
@@ -178,35 +187,39 @@ class _SceneWriter:
             t["calibrated_sensor"].append({
                 "token": cs_tok[ch], "sensor_token": token(seed, "sensor", ch),
                 "translation": list(CAMERA_RIG[ch][1]),
-                "rotation": [float(v) for v in np.round(matrix_to_quat(camera_rotation(ch)), 12)],
+                "rotation": [float(v) for v in np.round(matrix_to_quat(camera_rotation(ch, self.tilted)), 12)],
                 "camera_intrinsic": camera_intrinsics(ch, w, h).round(6).tolist()})
         lid = schema.LIDAR_CHANNEL
         cs_tok[lid] = token(seed, "cs", i, lid)
         t["calibrated_sensor"].append({"token": cs_tok[lid], "sensor_token": token(seed, "sensor", lid),
                                        "translation": list(LIDAR_TRANSLATION),
-                                       "rotation": [float(v) for v in yaw_to_quat(LIDAR_YAW).round(12)],
+                                       "rotation": [float(v) for v in
+                                                    np.round(matrix_to_quat(lidar_rotation(self.tilted)), 12)],
                                        "camera_intrinsic": []})
         # ---- sample_data + ego poses for every sensor frame
         sd_tokens: dict[str, list[str]] = {}
         pose_of: dict[str, np.ndarray] = {}
         is_key: dict[str, np.ndarray] = {}
-        for ch, ts in times.items():
+        for ch, ts_all in times.items():
+            kept = ~self.dropped[ch] if ch != lid else np.ones(len(ts_all), bool)
+            ts = ts_all[kept]                                        # a dropped image has no record at all
             poses = self.ego.pose(self.scene_seconds(ts))           # (F, 4, 4) ego -> global
-            key = np.isin(np.arange(len(ts)), self.kf) if ch != lid else np.isin(ts, key_ts)
+            key = np.isin(np.flatnonzero(kept), self.kf) if ch != lid else np.isin(ts, key_ts)
             # keyframe -> its own sample; sweep -> the next keyframe's sample (devkit get_boxes assumes it)
             sample_idx = np.cumsum(key) - 1
             sample_idx = np.where(key, sample_idx, sample_idx + 1)
-            ego_tokens = [token(seed, "ego", i, ch, f) for f in range(len(ts))]
+            rounds = np.flatnonzero(kept)
+            ego_tokens = [token(seed, "ego", i, ch, f) for f in rounds]
             t["ego_pose"] += pose_records(ego_tokens, ts, poses)
             recs = []
-            for f, stamp in enumerate(ts):
+            for j, (f, stamp) in enumerate(zip(rounds, ts)):
                 tok = token(seed, "sd", i, ch, f)
-                folder = "samples" if key[f] else "sweeps"
+                folder = "samples" if key[j] else "sweeps"
                 ext = "jpg" if ch != lid else "pcd.bin"
-                ep = ego_tokens[f]
-                recs.append({"token": tok, "sample_token": samples[min(sample_idx[f], len(samples) - 1)]["token"],
+                ep = ego_tokens[j]
+                recs.append({"token": tok, "sample_token": samples[min(sample_idx[j], len(samples) - 1)]["token"],
                              "ego_pose_token": ep, "calibrated_sensor_token": cs_tok[ch], "timestamp": int(stamp),
-                             "fileformat": "jpg" if ch != lid else "pcd", "is_key_frame": bool(key[f]),
+                             "fileformat": "jpg" if ch != lid else "pcd", "is_key_frame": bool(key[j]),
                              "height": h if ch != lid else 0, "width": w if ch != lid else 0,
                              "filename": f"{folder}/{ch}/{self.logfile}__{ch}__{int(stamp)}.{ext}",
                              "prev": "", "next": ""})
@@ -269,50 +282,61 @@ class _SceneWriter:
         truth = {c: [] for c in TRUTH_COLUMNS}
         n_img = 0
         for ch in schema.VIEWS:
-            ts = times[ch]
+            ts = times[ch]                                           # every trigger round, dropped ones too
+            kept = ~self.dropped[ch]
             secs = self.scene_seconds(ts)
-            # (N, F, 7) boxes and (N, F) presence of every annotated object at this camera's frames
+            # (N, F, 7) boxes and (N, F) presence of every annotated object at this camera's rounds
             boxes = np.stack([tr.boxes(secs) for tr, _ in self.annotated])
             present = np.stack([tr.present(secs) for tr, _ in self.annotated])
             k = camera_intrinsics(ch, w, h)
-            ego2cam = invert_transform(camera_to_ego(ch))
+            cam2global = self.ego.pose(secs) @ camera_to_ego(ch, self.tilted)       # (F, 4, 4) true camera poses
+            g2c_all = invert_transform(cam2global)
             arcs = self.ego.arc(secs)
-            for f in range(len(ts)):
-                g2c = ego2cam @ invert_transform(pose_of[ch][f])
+            tokens = np.full(len(ts), "", dtype=object)
+            tokens[kept] = sd_tokens[ch]
+            key = np.isin(np.arange(len(ts)), self.kf)
+            for f in np.flatnonzero(kept):
                 sel = np.flatnonzero(present[:, f])
-                img = render_view(self.art, float(arcs[f]), g2c, k, w, h, boxes[sel, f], [colors[n] for n in sel])
+                img = render_view(self.art, float(arcs[f]), g2c_all[f], k, w, h, boxes[sel, f],
+                                  [colors[n] for n in sel])
                 ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-                path = cfg.out / fname[sd_tokens[ch][f]]
+                path = cfg.out / fname[tokens[f]]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data.tobytes())
                 n_img += 1
                 if self.bar is not None:
                     self.bar.update(1)
-            n, nf = boxes.shape[:2]
+            nf = len(ts)
+            cam_t = cam2global[:, :3, 3]
+            cam_q = matrix_to_quat(cam2global[:, :3, :3])
             for tr_i, (tr, inst) in enumerate(self.annotated):
                 truth["scene_name"] += [self.name] * nf
                 truth["instance_token"] += [inst] * nf
                 truth["category"] += [tr.category] * nf
                 truth["class_name"] += [_class_of(tr.category)] * nf
                 truth["channel"] += [ch] * nf
-                truth["sample_data_token"] += sd_tokens[ch]
+                truth["sample_data_token"] += tokens.tolist()
                 truth["timestamp_us"] += ts.tolist()
                 truth["frame_index"] += list(range(nf))
-                truth["is_key_frame"] += is_key[ch].tolist()
+                truth["is_key_frame"] += key.tolist()
+                truth["dropped"] += (~kept).tolist()
                 for col, c in zip(("x", "y", "z", "w", "l", "h", "yaw"), range(7)):
                     truth[col] += boxes[tr_i, :, c].tolist()
                 truth["present"] += present[tr_i].tolist()
+                for c, col in enumerate(("cam_x", "cam_y", "cam_z")):
+                    truth[col] += cam_t[:, c].tolist()
+                for c, col in enumerate(("cam_qw", "cam_qx", "cam_qy", "cam_qz")):
+                    truth[col] += cam_q[:, c].tolist()
         self.truth = truth
         return n_img
 
 
-
 def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple[int, int] = (1600, 900),
                   seed: int = 0, version: str = "v1.0-synth", map_name: str = "singapore-onenorth",
-                  progress: bool = False) -> SynthInfo:
+                  progress: bool = False, rig: str = "nuscenes", drop_rate: float = DROP_RATE) -> SynthInfo:
     """Write the synthetic nuScenes dataset under `out`; see the module docstring."""
     cfg = SynthConfig(out=Path(out), scenes=scenes, seconds=seconds, image_size=tuple(image_size), seed=seed,
-                      version=version, map_name=map_name, progress=progress)
+                      version=version, map_name=map_name, progress=progress, rig=rig, drop_rate=drop_rate)
     cfg.check()
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -332,6 +356,7 @@ def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple
         n_img += n
         truth.append(tr)
         writers.append(sw)
+    bar.total = n_img   # dropped images are never drawn
     bar.close()
     map_tok = token(seed, "map", map_name)
     tables["map"].append({"token": map_tok, "log_tokens": [r["token"] for r in tables["log"]],
@@ -346,7 +371,8 @@ def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple
     return SynthInfo(root=cfg.out, version=version, scene_names=[sw.name for sw in writers], map_name=map_name,
                      truth_path=truth_path, num_images=n_img, seconds_taken=time.perf_counter() - start,
                      num_bytes=num_bytes, num_samples=len(tables["sample"]),
-                     num_annotations=len(tables["sample_annotation"]), image_size=cfg.image_size)
+                     num_annotations=len(tables["sample_annotation"]), image_size=cfg.image_size,
+                     rig=cfg.rig)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -375,8 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default="v1.0-synth", help="table folder name (NuScenes(version=...))")
     p.add_argument("--map-name", default="singapore-onenorth", choices=schema.NUSCENES_MAPS,
                    help="log location / map-expansion name (must be a real nuScenes map name)")
+    p.add_argument("--regular-rig", action="store_true",
+                   help="the old rig: cameras every 83 ms, no dropped images, no mount tilt, no map holes")
+    p.add_argument("--drop-rate", type=float, default=DROP_RATE,
+                   help=f"share of each camera's non-keyframe images not recorded (default {DROP_RATE})")
     a = p.parse_args(argv)
-    info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True)
+    info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True,
+                         rig="regular" if a.regular_rig else "nuscenes", drop_rate=a.drop_rate)
     print(f"wrote {len(info.scene_names)} scenes ({', '.join(info.scene_names)}), {info.num_samples} samples, "
           f"{info.num_annotations} annotations, {info.num_images} images, {info.num_bytes / 1e6:.1f} MB "
           f"in {info.seconds_taken:.1f} s -> {info.root} (version {info.version}, map {info.map_name})")

@@ -99,12 +99,16 @@ class SceneArt:
         # long bands: (layer, s grid, right edge (n, 2), left edge (n, 2)) sampled every 2 m once;
         # each image takes the slice near the camera
         self.bands: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.holes: dict[str, list[np.ndarray]] = {}   # layer -> (K, 3) global polygons drawn as ground
         quads: dict[str, list[np.ndarray]] = {}
         for el in elements:
             if isinstance(el, Band) and el.layer in ("drivable_area", "carpark_area", "walkway"):
                 ss = np.linspace(el.s0, el.s1, max(2, int(np.ceil((el.s1 - el.s0) / 2.0)) + 1))
                 self.bands.append((el.layer, ss, road.frame(ss, min(el.d0, el.d1))[0],
                                    road.frame(ss, max(el.d0, el.d1))[0]))
+                for h in el.holes:
+                    poly = road.band(*h)
+                    self.holes.setdefault(el.layer, []).append(np.concatenate([poly, np.zeros((len(poly), 1))], 1))
             elif isinstance(el, Band) and el.layer == "ped_crossing":  # zebra stripes across the road
                 for d in np.arange(el.d0 + 0.3, el.d1 - 0.3, 1.2):
                     quads.setdefault(el.layer, []).append(self._quad(el.s0, el.s1, d, d + 0.6))
@@ -164,6 +168,8 @@ def render_view(art: SceneArt, cam_s: float, global2cam: np.ndarray, k: np.ndarr
             poly = np.concatenate([right[sel], left[sel][::-1]], 0)
             _draw_ground_poly(img, np.concatenate([poly, np.zeros((len(poly), 1))], 1), global2cam, k,
                               MAP_COLORS[layer])
+        for hole in art.holes.get(layer, ()):
+            _draw_ground_poly(img, hole, global2cam, k, MAP_COLORS["ground"])
         if layer in art.quads:
             sel = np.abs(art.quad_s[layer] - cam_s) < DRAW_RANGE
             cam = transform_points(global2cam, art.quads[layer][sel])  # (M, 4, 3)

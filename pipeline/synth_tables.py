@@ -18,7 +18,10 @@ from pipeline.geometry import matrix_to_quat
 from pipeline.synth_world import LIDAR_TRANSLATION, Band, Line, Road
 
 TRUTH_COLUMNS = ("scene_name", "instance_token", "category", "class_name", "channel", "sample_data_token",
-                 "timestamp_us", "frame_index", "is_key_frame", "x", "y", "z", "w", "l", "h", "yaw", "present")
+                 "timestamp_us", "frame_index", "is_key_frame", "dropped", "x", "y", "z", "w", "l", "h", "yaw",
+                 "present", "cam_x", "cam_y", "cam_z", "cam_qw", "cam_qx", "cam_qy", "cam_qz")
+_FLOAT_COLUMNS = ("x", "y", "z", "w", "l", "h", "yaw", "cam_x", "cam_y", "cam_z", "cam_qw", "cam_qx", "cam_qy",
+                  "cam_qz")
 TABLE_NAMES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
                "sample_annotation", "sample_data", "scene", "sensor", "visibility")
 MAP_VERSION = "1.3"
@@ -119,9 +122,10 @@ class MapBuilder:
             toks.append(t)
         return toks
 
-    def polygon(self, xy: np.ndarray) -> str:
+    def polygon(self, xy: np.ndarray, holes: list[np.ndarray] = ()) -> str:
         t = self._tok("polygon")
-        self.obj["polygon"].append({"token": t, "exterior_node_tokens": self._nodes(xy), "holes": []})
+        self.obj["polygon"].append({"token": t, "exterior_node_tokens": self._nodes(xy),
+                                    "holes": [{"node_tokens": self._nodes(h)} for h in holes]})
         return t
 
     def line(self, xy: np.ndarray) -> str:
@@ -141,13 +145,14 @@ class MapBuilder:
                     rec["lane_divider_segments"] = []
                 self.obj[el.layer].append(rec)
                 continue
-            poly = self.polygon(road.band(el.s0, el.s1, el.d0, el.d1))
+            holes = [road.band(*h) for h in el.holes]
+            poly = self.polygon(road.band(el.s0, el.s1, el.d0, el.d1), holes)
             if el.layer == "drivable_area":
                 drivable["polygon_tokens"].append(poly)
                 continue
             rec = {"token": self._tok(el.layer), "polygon_token": poly}
             if el.layer == "carpark_area":
-                drivable["polygon_tokens"].append(self.polygon(road.band(el.s0, el.s1, el.d0, el.d1)))
+                drivable["polygon_tokens"].append(self.polygon(road.band(el.s0, el.s1, el.d0, el.d1), holes))
                 rec.update(orientation=0.0, road_block_token="")
             elif el.layer == "ped_crossing":
                 rec["road_segment_token"] = ""
@@ -209,6 +214,6 @@ def truth_table(parts: list[dict]) -> pa.Table:
     """Concatenate the per-scene column dicts of the truth into one typed table."""
     cols = {c: [v for p in parts for v in p[c]] for c in TRUTH_COLUMNS}
     types = {"timestamp_us": pa.int64(), "frame_index": pa.int32(), "is_key_frame": pa.bool_(),
-             "present": pa.bool_(), "class_name": pa.string()}
-    return pa.table({c: pa.array(v, type=types.get(c, pa.float64() if c in "x y z w l h yaw".split() else pa.string()))
+             "dropped": pa.bool_(), "present": pa.bool_(), "class_name": pa.string()}
+    return pa.table({c: pa.array(v, type=types.get(c, pa.float64() if c in _FLOAT_COLUMNS else pa.string()))
                      for c, v in cols.items()})

@@ -37,14 +37,40 @@ LIDAR_TRANSLATION = (0.943713, 0.0, 1.84023)
 LIDAR_YAW = -np.pi / 2             # lidar x = right of the car, y = forward
 LIDAR_OFFSET_US = 35_500           # keyframe lidar timestamp vs CAM_FRONT keyframe
 
+# The real rig (nuscenes-devkit issues #1004, #1025, #1100): the 20 Hz lidar triggers the cameras as it
+# sweeps past them, 12 exposures per 20 sweeps, so CAM_FRONT rounds are 1 or 2 sweeps apart (50 or
+# 100 ms) in the repeating pattern below; each camera fires at its CAMERA_RIG offset in that round.
+TRIGGER_SWEEPS = (2, 2, 1)         # lidar sweeps between consecutive camera rounds (sum 5 -> 3 rounds)
+ROUND_JITTER_US = 300              # per-round trigger jitter, uniform +- (and per image)
+# mount tilts [deg] (roll about the ego x axis, pitch about the ego y axis) of the real rig's order
+CAMERA_TILT_DEG: dict[str, tuple[float, float]] = {
+    "CAM_FRONT": (0.6, -0.8), "CAM_FRONT_RIGHT": (-0.7, 0.5), "CAM_BACK_RIGHT": (0.9, 0.6),
+    "CAM_BACK": (-0.5, -0.9), "CAM_BACK_LEFT": (0.8, -0.6), "CAM_FRONT_LEFT": (-0.6, 0.7)}
+LIDAR_TILT_DEG = (0.7, -0.5)
+
+
+def tilt_matrix(roll_deg: float, pitch_deg: float) -> np.ndarray:
+    """(3, 3) small mount tilt in the ego frame: pitch about y after roll about x."""
+    r, p = np.deg2rad(roll_deg), np.deg2rad(pitch_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(r), -np.sin(r)], [0, np.sin(r), np.cos(r)]])
+    ry = np.array([[np.cos(p), 0, np.sin(p)], [0, 1, 0], [-np.sin(p), 0, np.cos(p)]])
+    return ry @ rx
+
 # camera axes (x right, y down, z forward) expressed in a forward-looking ego frame
 _CAM_BASE = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 
 
-def camera_rotation(channel: str) -> np.ndarray:
-    """(3, 3) camera -> ego rotation."""
+def camera_rotation(channel: str, tilted: bool = True) -> np.ndarray:
+    """(3, 3) camera -> ego rotation (with the mount's roll/pitch unless ``tilted`` is False)."""
     yaw = np.deg2rad(CAMERA_RIG[channel][0])
-    return quat_to_matrix(yaw_to_quat(yaw)) @ _CAM_BASE
+    tilt = tilt_matrix(*CAMERA_TILT_DEG[channel]) if tilted else np.eye(3)
+    return tilt @ quat_to_matrix(yaw_to_quat(yaw)) @ _CAM_BASE
+
+
+def lidar_rotation(tilted: bool = True) -> np.ndarray:
+    """(3, 3) LIDAR_TOP -> ego rotation (x right, y forward; with the mount's roll/pitch)."""
+    tilt = tilt_matrix(*LIDAR_TILT_DEG) if tilted else np.eye(3)
+    return tilt @ quat_to_matrix(yaw_to_quat(LIDAR_YAW))
 
 
 def camera_intrinsics(channel: str, width: int, height: int) -> np.ndarray:
@@ -54,8 +80,15 @@ def camera_intrinsics(channel: str, width: int, height: int) -> np.ndarray:
     return np.array([[f * sx, 0.0, cx * sx], [0.0, f * sy, cy * sy], [0.0, 0.0, 1.0]])
 
 
-def camera_to_ego(channel: str) -> np.ndarray:
-    return make_transform(camera_rotation(channel), CAMERA_RIG[channel][1])
+def camera_to_ego(channel: str, tilted: bool = True) -> np.ndarray:
+    return make_transform(camera_rotation(channel, tilted), CAMERA_RIG[channel][1])
+
+
+def trigger_rounds(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    """(num_frames,) lidar sweep index of each camera round: steps of TRIGGER_SWEEPS from a random phase."""
+    phase = int(rng.integers(len(TRIGGER_SWEEPS)))
+    steps = np.resize(np.roll(TRIGGER_SWEEPS, -phase), max(num_frames - 1, 0))
+    return np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
 
 
 # ---- road --------------------------------------------------------------------------------------
@@ -300,6 +333,7 @@ class Band:
     s1: float
     d0: float
     d1: float
+    holes: tuple[tuple[float, float, float, float], ...] = ()   # (s0, s1, d0, d1) regions cut out
 
 
 @dataclass
@@ -310,8 +344,10 @@ class Line:
     d: float
 
 
-def make_map_elements(rng: np.random.Generator, road: Road, s_lo: float, s_hi: float) -> list[Band | Line]:
-    """The 8 map layers of schema.MAP_CLASSES as bands/lines along the road between s_lo and s_hi."""
+def make_map_elements(rng: np.random.Generator, road: Road, s_lo: float, s_hi: float,
+                      holes: bool = True) -> list[Band | Line]:
+    """The 8 map layers of schema.MAP_CLASSES as bands/lines along the road between s_lo and s_hi;
+    ``holes``: the car park has a planted island (a hole in its drivable and car-park polygons)."""
     hw = ROAD_HALF_WIDTH
     els: list[Band | Line] = [Band("drivable_area", s_lo, s_hi, -hw, hw),
                               Line("road_divider", s_lo, s_hi, 0.0),
@@ -326,7 +362,8 @@ def make_map_elements(rng: np.random.Generator, road: Road, s_lo: float, s_hi: f
         els.append(Band("stop_line", sc + 3.4, sc + 3.9, 0.0, hw))
     side = 1 if rng.random() < 0.5 else -1
     sc = s_lo + rng.uniform(0.2, 0.6) * span
-    els.append(Band("carpark_area", sc, sc + 35.0, side * (hw + 4.0), side * (hw + 20.0)))
+    island = ((sc + 12.0, sc + 20.0, side * (hw + 9.0), side * (hw + 13.0)),) if holes else ()
+    els.append(Band("carpark_area", sc, sc + 35.0, side * (hw + 4.0), side * (hw + 20.0), island))
     block = 40.0
     s = s_lo
     while s < s_hi - 1e-6:

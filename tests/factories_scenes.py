@@ -14,7 +14,8 @@ LAYERS = ("drivable_area", "road_segment", "road_block", "lane", "ped_crossing",
 
 def write_map(root: Path, map_name: str, polygons: dict[str, list[np.ndarray]],
               lines: dict[str, list[np.ndarray]] | None = None) -> Path:
-    """maps/expansion/<map_name>.json with the given global-frame polygons (P, 2) and lines per layer."""
+    """maps/expansion/<map_name>.json with the given global-frame polygons (P, 2) (or (exterior, [holes]))
+    and lines per layer."""
     doc = {"version": "1.3", "canvas_edge": [3000.0, 3000.0], "node": [], "polygon": [], "line": [],
            "arcline_path_3": {}, "connectivity": {}, **{layer: [] for layer in LAYERS}}
 
@@ -27,8 +28,10 @@ def write_map(root: Path, map_name: str, polygons: dict[str, list[np.ndarray]],
 
     for layer, polys in polygons.items():
         for i, p in enumerate(polys):
+            p, holes = p if isinstance(p, tuple) else (p, [])      # (exterior, [hole, ...]) or exterior
             ptok = f"p{len(doc['polygon'])}"
-            doc["polygon"].append({"token": ptok, "exterior_node_tokens": nodes(p), "holes": []})
+            doc["polygon"].append({"token": ptok, "exterior_node_tokens": nodes(p),
+                                   "holes": [{"node_tokens": nodes(h)} for h in holes]})
             rec = {"token": f"{layer}{i}"}
             if layer == "drivable_area":
                 rec["polygon_tokens"] = [ptok]

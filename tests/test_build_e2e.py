@@ -73,12 +73,18 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
         sa = stores.setdefault(m["scene_name"], open_scene_store(store_uri(str(out), m["scene_name"])))
         rng = slice(start, start + t)
         assert m["frames"] == sa.frame_paths[rng].tolist() and m["timestamps_us"] == sa.timestamps_us[rng].tolist()
-        # objects: every instance present in the clip, boxes/masks equal to the store's columns
-        present = np.flatnonzero(sa.box_mask[rng].any(0))
+        assert m["view_timestamps_us"] == sa.view_timestamps_us[rng].tolist()
+        # objects: every instance present in some view of the clip, boxes/masks equal to the store's columns
+        present = np.flatnonzero(sa.box_mask[rng].any(0) | sa.view_box_mask[rng].any((0, 1)))
         assert s.box_track.tolist() == present.tolist()
         assert np.array_equal(s.box_mask, sa.box_mask[rng][:, present])
         assert np.allclose(s.boxes[s.box_mask], sa.boxes[rng][:, present][s.box_mask])
         assert not s.boxes[~s.box_mask].any() and np.array_equal(s.box_class, sa.box_class[present])
+        vmask = sa.view_box_mask[rng][:, :, present]                                   # (T, V, N)
+        assert np.array_equal(s.view_boxes[vmask], sa.view_boxes[rng][:, :, present][vmask])
+        assert not s.view_boxes[~vmask].any()
+        ref_view = s.meta["views"].index(schema.REFERENCE_VIEW)        # CAM_FRONT's own boxes are the reference
+        assert np.allclose(s.view_boxes[:, ref_view][s.box_mask], s.boxes[s.box_mask], atol=1e-5)
         # trajectory: LiDAR(t) -> LiDAR(0)
         l2g = sa.lidar2global[rng].astype(np.float64)
         assert np.allclose(s.traj, np.linalg.inv(l2g[0]) @ l2g, atol=1e-4)
@@ -88,16 +94,16 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
         k = sa.intrinsics.astype(np.float64) * np.array([[64 / w0], [64 / w0], [1]])
         k[:, 1, 2] -= round(h0 * 64 / w0) - 32
         assert np.allclose(s.intrinsics, k, atol=1e-4)
-        assert np.array_equal(s.bev, sa.bev[rng]) and np.allclose(s.cam2lidar, sa.cam2lidar)
-        # view masks: some corner in front of the camera and inside the 64x32 image
+        assert np.array_equal(s.bev, sa.bev[rng]) and np.array_equal(s.cam2lidar, sa.cam2lidar[rng])
+        # view masks: some corner of the view's own box in front of the camera and inside the 64x32 image
         from pipeline.geometry import box_corners
-        c = box_corners(s.boxes.astype(np.float64))                                  # (T, N, 8, 3)
+        c = box_corners(s.view_boxes.astype(np.float64))                             # (T, V, N, 8, 3)
         l2c = np.linalg.inv(s.cam2lidar.astype(np.float64))                         # (T, V, 4, 4)
-        cam = np.einsum("tvij,tnkj->tvnki", l2c[..., :3, :3], c) + l2c[:, :, None, None, :3, 3]
+        cam = np.einsum("tvij,tvnkj->tvnki", l2c[..., :3, :3], c) + l2c[:, :, None, None, :3, 3]
         uvw = np.einsum("vij,tvnkj->tvnki", s.intrinsics.astype(np.float64), cam)
         z = cam[..., 2]
         u, v = uvw[..., 0] / np.where(z == 0, 1e-9, z), uvw[..., 1] / np.where(z == 0, 1e-9, z)
-        vis = ((z > 0.1) & (u >= 0) & (u < 64) & (v >= 0) & (v < 32)).any(-1) & s.box_mask[:, None, :]
+        vis = ((z > 0.1) & (u >= 0) & (u < 64) & (v >= 0) & (v < 32)).any(-1) & vmask
         assert np.array_equal(s.box_view_mask, vis)
         assert s.caption and m["caption"]["source"] == "dataset" and m["latent"] == "mean+std"
 

@@ -387,11 +387,11 @@ def pixel_check(files: dict[str, bytes], dataroot: str) -> dict[str, float]:
                         # controls: the box moved by its size + 1.5 m to either side, ahead and behind; each
                         # spot that is empty (clean) must not show an object of its colour inside the outline
                         for ang, size in ((np.pi / 2, 3), (-np.pi / 2, 3), (0.0, 4), (np.pi, 4)):
-                            moved = s.view_boxes.copy()                  # what inspect draws in view v
+                            moved = s.view_boxes.copy()          # the preview draws each view's own boxes
                             d = moved[t, v, n, 6] + ang
                             moved[t, v, n, :2] += (moved[t, v, n, size] + 1.5) * np.array([np.cos(d), np.sin(d)])
-                            (_, uv2, d2), = [o for o in inspect.box_outlines(dataclasses.replace(s, view_boxes=moved), t, v)
-                                             if o[0] == n]
+                            (_, uv2, d2), = [o for o in inspect.box_outlines(dataclasses.replace(s, view_boxes=moved),
+                                                                             t, v) if o[0] == n]
                             if not _clean(uv2, d2, rects, img.shape, own=0):
                                 continue
                             c2, f2 = outline_encloses(img, uv2, rgb)

@@ -104,3 +104,19 @@ def test_fast_matches_reference_on_a_moving_window(known_map):
     packed = schema.pack_bev(fast)
     assert packed.shape == (12, 8, 200, 25) and packed.dtype == np.uint8
     np.testing.assert_array_equal(schema.unpack_bev(packed), fast)
+
+
+def test_polygon_holes_are_cleared_like_the_devkit(tmp_path):
+    """A drivable area with a 6 x 10 m island: the island's cells are not drivable, exactly (no growth) and
+    like the devkit's rasteriser (holes grow with the exterior)."""
+    from nuscenes.map_expansion.map_api import NuScenesMap
+    ring = (_to_global(_rect(-15.1, 15.1, -20.1, 30.1)), [_to_global(_rect(-3.1, 3.1, 4.9, 15.1))])
+    write_map(tmp_path, "boston-seaport", {"drivable_area": [ring]})
+    nmap = NuScenesMap(dataroot=str(tmp_path), map_name="boston-seaport")
+    c = schema.MAP_CLASSES.index("drivable_area")
+    exact = bev_fast(nmap, POSE[None], BevConfig(polygon_grow_m=0.0))[0, c]
+    np.testing.assert_array_equal(exact, _analytic(-15.1, 15.1, -20.1, 30.1) & ~_analytic(-3.1, 3.1, 4.9, 15.1))
+    fast, ref = bev_fast(nmap, POSE[None]), bev_reference(nmap, POSE[None])
+    hole = _analytic(-2.6, 2.6, 5.4, 14.6)                            # well inside the island
+    assert not fast[0, c][hole].any() and not ref[0, c][hole].any()
+    assert per_class_iou(fast, ref)["drivable_area"] >= 0.98

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from pipeline.synth import main, write_dataset
@@ -49,12 +50,38 @@ def test_cli_writes_and_summarises(tmp_path, capsys):
     assert nusc.log[0]["location"] == "boston-seaport"
 
 
+def test_cli_regular_rig_and_drop_rate(tmp_path, capsys):
+    """--regular-rig: CAM_FRONT every 83 ms, nothing dropped, untilted mounts, no map holes; --drop-rate on the
+    default rig drops images per camera."""
+    import json
+    assert main(["--out", str(tmp_path / "r"), "--scenes", "1", "--seconds", "2", "--image-size", "32x18",
+                 "--regular-rig"]) == 0
+    assert "144 images" in capsys.readouterr().out
+    sd = json.loads((tmp_path / "r" / "v1.0-synth" / "sample_data.json").read_text())
+    front = sorted(r["timestamp"] for r in sd if "__CAM_FRONT__" in r["filename"])
+    assert np.all(np.abs(np.diff(front) - 83_333) <= 3_001)
+    cs = json.loads((tmp_path / "r" / "v1.0-synth" / "calibrated_sensor.json").read_text())
+    from pipeline.geometry import quat_to_matrix
+    axes = np.stack([quat_to_matrix(r["rotation"]) @ [0.0, 0.0, 1.0] for r in cs if r["camera_intrinsic"]])
+    assert len(axes) == 6 and np.abs(axes[:, 2]).max() < 1e-9           # optical axes exactly horizontal
+    m = json.loads((tmp_path / "r" / "maps" / "expansion" / "singapore-onenorth.json").read_text())
+    assert not any(p["holes"] for p in m["polygon"])
+    assert main(["--out", str(tmp_path / "d"), "--scenes", "1", "--seconds", "2", "--image-size", "32x18",
+                 "--drop-rate", "0.2"]) == 0
+    out = capsys.readouterr().out
+    n = int(out.split(" images")[0].rsplit(" ", 1)[1])
+    assert 144 - 6 * 5 <= n < 144                          # a few images per camera not recorded
+    m = json.loads((tmp_path / "d" / "maps" / "expansion" / "singapore-onenorth.json").read_text())
+    assert any(p["holes"] for p in m["polygon"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "1600by900"], "--image-size must look like"),
     (["--image-size", "8x8"], "too small"),
     (["--seconds", "0.5"], "fewer than 11 camera frames"),
     (["--scenes", "0"], "--scenes must be >= 1"),
     (["--map-name", "boston"], "invalid choice"),
+    (["--drop-rate", "0.7"], "--drop-rate 0.7 must be in [0, 0.5)"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, argv, message):
     assert main(["--out", str(tmp_path / "x")] + argv) == 2

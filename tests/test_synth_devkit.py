@@ -80,7 +80,7 @@ def test_devkit_queries_and_render(synth_dataset, nusc, tmp_path):
     plt.close("all")
 
 
-def test_keyframes_about_2hz_with_5_to_7_frame_gaps(nusc):
+def test_keyframes_about_2hz_with_4_to_7_frame_gaps(nusc):
     all_gaps = []
     for scene in nusc.scene:
         samples = _scene_samples(nusc, scene)
@@ -90,10 +90,10 @@ def test_keyframes_about_2hz_with_5_to_7_frame_gaps(nusc):
         key_idx = [i for i, sd in enumerate(frames) if sd["is_key_frame"]]
         assert len(key_idx) == len(samples)
         gaps = np.diff(key_idx)
-        assert set(gaps) <= {5, 6, 7}
+        assert set(gaps) <= {4, 5, 6, 7}
         all_gaps += gaps.tolist()
         dt = np.diff([s["timestamp"] for s in samples]) / 1e6
-        assert 0.4 < dt.mean() < 0.6 and dt.min() > 0.38 and dt.max() < 0.62
+        assert 0.4 < dt.mean() < 0.6 and dt.min() > 0.29 and dt.max() < 0.62   # 4-7 rounds of 50/100 ms
         # every camera has a keyframe for every sample, and sweeps point to the next keyframe's sample
         for ch in schema.VIEWS:
             fr = _channel_frames(nusc, samples[0], ch)
@@ -104,17 +104,21 @@ def test_keyframes_about_2hz_with_5_to_7_frame_gaps(nusc):
     assert len(set(all_gaps)) > 1  # not a fixed stride
 
 
-def test_camera_offsets_and_jitter(nusc):
+def test_cameras_fire_on_lidar_rounds(nusc):
+    """Each round: CAM_FRONT 35.5 ms before a lidar sweep, rounds 50 or 100 ms apart (12 per 20 sweeps), every
+    camera at its rig offset in the same round."""
     sample = nusc.sample[0]
     front = np.array([sd["timestamp"] for sd in _channel_frames(nusc, sample, "CAM_FRONT")])
-    period = np.diff(front)
-    assert abs(period.mean() - 1e6 / 12) < 500 and period.std() > 100  # 12 Hz with jitter
-    offsets = {}
+    lidar = np.array([sd["timestamp"] for sd in _channel_frames(nusc, sample, "LIDAR_TOP")])
+    steps = np.diff(front)
+    assert set(np.round(steps, -4)) == {50_000, 100_000} and abs(steps.mean() - 1e6 / 12) < 2_000
+    assert (np.abs(steps - np.round(steps, -4)) <= 1_000).all()           # jitter +-0.3 ms per image
+    dl = np.abs(lidar[None] - (front[:, None] + 35_500)).min(1)
+    assert dl.max() <= 1_000 and abs(np.diff(lidar).mean() - 50_000) < 500
     for ch in schema.VIEWS:
         ts = np.array([sd["timestamp"] for sd in _channel_frames(nusc, sample, ch)])
-        offsets[ch] = np.median(ts - front)
-        assert abs(offsets[ch] - CAMERA_RIG[ch][5]) < 2000
-    assert len({round(v, -3) for v in offsets.values()}) == 6
+        assert len(ts) == len(front)                                       # the test fixture drops nothing
+        assert (np.abs(ts - front - CAMERA_RIG[ch][5]) <= 1_000).all(), ch
 
 
 def test_annotation_chains(nusc):
@@ -168,7 +172,7 @@ def test_truth_file_matches_annotations(synth_dataset, nusc):
     """Annotations are samples of the truth: interpolating the 12 Hz truth of CAM_FRONT to the
     keyframe (lidar) timestamp reproduces every annotation to a centimetre."""
     t = pq.read_table(synth_dataset.truth_path).to_pandas()
-    front = t[t.channel == "CAM_FRONT"]
+    front = t[(t.channel == "CAM_FRONT") & ~t.dropped]
     assert set(front.sample_data_token) <= {sd["token"] for sd in nusc.sample_data}
     assert set(t.instance_token) == {i["token"] for i in nusc.instance}
     assert (~t.present).any() and t.present.any()
@@ -191,6 +195,14 @@ def test_truth_file_matches_annotations(synth_dataset, nusc):
 def test_map_layers_and_drivable_under_ego(synth_dataset, nusc, nmap):
     for layer in schema.MAP_CLASSES:
         assert len(getattr(nmap, layer)) > 0, layer
+    # every scene's car park has a planted island: a hole in a drivable-area polygon, not drivable
+    holed = [nmap.get("polygon", p) for rec in nmap.drivable_area for p in rec["polygon_tokens"]
+             if nmap.get("polygon", p)["holes"]]
+    assert len(holed) == len(nusc.scene)
+    for poly in holed:
+        hole = np.array([[nmap.get("node", n)["x"], nmap.get("node", n)["y"]] for n in poly["holes"][0]["node_tokens"]])
+        x, y = hole.mean(0)
+        assert not nmap.layers_on_point(x, y)["drivable_area"] and nmap.layers_on_point(x, y)["carpark_area"] == ""
     for sample in nusc.sample[::5]:
         sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
         ep = nusc.get("ego_pose", sd["ego_pose_token"])

@@ -7,20 +7,29 @@ import pytest
 from pipeline.geometry import make_transform, matrix_to_quat, transform_points, yaw_to_quat
 from pipeline.synth import keyframe_indices
 from pipeline.synth_render import clip_near
-from pipeline.synth_world import (CATEGORY_SPECS, EGO_OFFSET, LIDAR_YAW, ObjectTrack, camera_intrinsics,
-                                  camera_rotation, camera_to_ego, make_ego, make_objects, make_road)
+from pipeline.synth_world import (CATEGORY_SPECS, EGO_OFFSET, LIDAR_YAW, TRIGGER_SWEEPS, ObjectTrack,
+                                  camera_intrinsics, camera_rotation, camera_to_ego, lidar_rotation, make_ego,
+                                  make_objects, make_road, trigger_rounds)
 
 
 def test_camera_rig_matches_nuscenes_conventions():
     # real CAM_FRONT rotation is about (0.5, -0.5, 0.5, -0.5): optical axis = ego forward
-    q = matrix_to_quat(camera_rotation("CAM_FRONT"))
+    q = matrix_to_quat(camera_rotation("CAM_FRONT", tilted=False))
     assert np.allclose(q, [0.5, -0.5, 0.5, -0.5], atol=1e-9)
     for ch, expect in (("CAM_FRONT", [1, 0, 0]), ("CAM_BACK", [-1, 0, 0]),
                        ("CAM_FRONT_LEFT", [np.cos(np.radians(55)), np.sin(np.radians(55)), 0])):
-        axis = camera_rotation(ch) @ np.array([0.0, 0.0, 1.0])   # camera z in the ego frame
+        axis = camera_rotation(ch, tilted=False) @ np.array([0.0, 0.0, 1.0])   # camera z in the ego frame
         assert np.allclose(axis, expect, atol=1e-9), ch
-        down = camera_rotation(ch) @ np.array([0.0, 1.0, 0.0])   # image y points down
+        down = camera_rotation(ch, tilted=False) @ np.array([0.0, 1.0, 0.0])   # image y points down
         assert np.allclose(down, [0, 0, -1], atol=1e-9)
+        # the real rig's mounts: the optical axis and the image's down direction leave the
+        # horizontal / vertical by 0.4-1.2 degrees (nothing may assume yaw-only rotations)
+        tilt_axis = np.degrees(np.arcsin(abs((camera_rotation(ch) @ [0.0, 0.0, 1.0])[2])))
+        tilt_down = np.degrees(np.arccos(-(camera_rotation(ch) @ [0.0, 1.0, 0.0])[2]))
+        assert 0.3 < tilt_axis < 1.2 and 0.4 < tilt_down < 1.3, (ch, tilt_axis, tilt_down)
+    up = lidar_rotation() @ [0.0, 0.0, 1.0]
+    assert 0.5 < np.degrees(np.arccos(up[2])) < 1.0
+    assert np.allclose(lidar_rotation(tilted=False), make_transform(yaw_to_quat(LIDAR_YAW), [0, 0, 0])[:3, :3])
     k = camera_intrinsics("CAM_FRONT", 400, 225)
     assert np.isclose(k[0, 0], 1266.4 / 4) and np.isclose(k[1, 2], 491.5 / 4)
     # lidar: x to the right of the car, y forward
@@ -98,6 +107,20 @@ def test_keyframe_indices():
             kf = keyframe_indices(np.random.default_rng(seed), n)
             assert kf[0] == 0 and kf[-1] == n - 1
             assert set(np.diff(kf)) <= {5, 6, 7}
+            kf = keyframe_indices(np.random.default_rng(seed), n, (4, 7))
+            assert kf[0] == 0 and kf[-1] == n - 1 and set(np.diff(kf)) <= {4, 5, 6, 7}
+    gaps = np.diff(keyframe_indices(np.random.default_rng(0), 241, (4, 7)))
+    assert {4, 7} & set(gaps) and 5.5 < gaps.mean() < 6.5
+
+
+def test_trigger_rounds_follow_the_lidar():
+    """12 camera rounds per 20 lidar sweeps, 1 or 2 sweeps (50 / 100 ms) apart, as in nuScenes."""
+    for seed in range(3):
+        sweep = trigger_rounds(np.random.default_rng(seed), 241)
+        steps = np.diff(sweep)
+        assert sweep[0] == 0 and set(steps) == {1, 2} and sum(TRIGGER_SWEEPS) == 5
+        assert sweep[-1] == 400            # 240 steps of 5/3 sweeps = 20 s of 20 Hz sweeps
+        assert not np.any((steps[1:] == 1) & (steps[:-1] == 1))
 
 
 def test_clip_near_plane():
