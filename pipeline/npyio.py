@@ -29,13 +29,16 @@ _NPY_V1 = b"\x93NUMPY\x01\x00"
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}  # header text -> (dtype, shape, fortran order)
 
 
-def read_npy_fast(data: bytes) -> np.ndarray | None:
+def read_npy_fast(data: bytes | memoryview) -> np.ndarray | None:
     """A well-formed version-1.0 .npy of a plain dtype, read without np.load's per-call header parsing
-    (headers repeat from sample to sample: they are parsed once and cached). None = let np.load decide."""
+    (headers repeat from sample to sample: they are parsed once and cached). None = let np.load decide.
+
+    bytes in: a writable array of its own, like np.load. A memoryview in (the loader's shard buffer,
+    train/tario.py): a read-only array over the same memory, no copy."""
     if len(data) < 10 or data[:8] != _NPY_V1:
         return None
     offset = 10 + int.from_bytes(data[8:10], "little")
-    header = data[10:offset]
+    header = bytes(data[10:offset])
     spec = _NPY_HEADERS.get(header)
     if spec is None:
         try:
@@ -50,5 +53,5 @@ def read_npy_fast(data: bytes) -> np.ndarray | None:
     count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
         return None  # truncated or padded: np.load gives the precise error
-    flat = np.frombuffer(data, dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")  # writable and owned, like np.load
+    arr = np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    return arr if isinstance(data, memoryview) else arr.copy(order="K")
