@@ -182,6 +182,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                          "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
 
     names = _scene_names(cfg)
+    # the VAE actors start now: their model load (imports + weights, the longest single step of a small
+    # build, docs/build.md) overlaps the scenes stage, the clip index and the captions
+    _actor_pool(ray, cfg, has_gpu)
     store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
     summary.scenes = len(store_uris)
 

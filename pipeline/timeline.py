@@ -2,7 +2,7 @@
 
 ``mdv2-build ... --timeline FILE`` writes Ray's chrome://tracing JSON (``ray.timeline``).
 Each complete event ("ph": "X") is one task or actor call on one worker; this sums them per
-stage (the task name: frames_task, EncodeActor.run, shard_task, scene_task, ...):
+stage (the task name: frames_task, EncodeActor.__init__ / .run, shard_task, scene_task):
 busy seconds, calls, the first start and last end (the stage's span), and for each stage
 the busy share of its workers over the span, so an idle encoder shows as a low share.
 
@@ -17,12 +17,12 @@ from collections import defaultdict
 
 
 def _stage(event: dict) -> str | None:
-    if event.get("ph") != "X" or "dur" not in event:
+    """'task::frames_task' -> 'frames_task', 'task::EncodeActor.run' -> 'EncodeActor.run'; None for the
+    sub-phases of a task ('task:execute', ...) and the driver's submit events."""
+    cat = str(event.get("cat", ""))
+    if event.get("ph") != "X" or "dur" not in event or not cat.startswith("task::"):
         return None
-    name = str(event.get("name", ""))
-    if name.startswith("task:") or name in ("", "worker_idle"):  # sub-phases of a task, idle markers
-        return None
-    return name.split("::")[-1]
+    return cat[len("task::"):]
 
 
 def stage_busy(events: list[dict]) -> dict[str, dict]:

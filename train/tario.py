@@ -32,24 +32,26 @@ class TruncatedShard(ValueError):
     """The shard ends inside a header or a member."""
 
 
-def read_all(stream) -> bytes:
-    """The whole stream as bytes; a local file is read with one readinto of its size."""
+def read_all(stream) -> bytes | bytearray:
+    """The whole stream; a local file is read with readinto of its size into one buffer (no second copy)."""
     fileno = getattr(stream, "fileno", None)
     try:
         size = os.fstat(fileno()).st_size if fileno else None
     except (OSError, io.UnsupportedOperation):
         size = None
-    if size:
-        buf = bytearray(size)
-        view, n = memoryview(buf), 0
-        while n < size:
-            got = stream.readinto(view[n:])
-            if not got:
-                break
-            n += got
-        rest = stream.read()  # the file grew: keep its tail too
-        return bytes(buf[:n]) + rest if (n < size or rest) else bytes(buf)
-    return stream.read()
+    if not size:
+        return stream.read()
+    buf = bytearray(size)
+    view, n = memoryview(buf), 0
+    while n < size:
+        got = stream.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    view.release()
+    if n < size:  # the file shrank under us: what was read (the parser reports the truncation)
+        del buf[n:]
+    return buf
 
 
 def _octal(field: bytes) -> int:
@@ -57,7 +59,7 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
-def parse_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception | None] | None:
+def parse_members(data: bytes | bytearray) -> tuple[list[tuple[str, int, int]], Exception | None] | None:
     """(name, offset, size) of each regular member of a ustar tar held in ``data``, and the
     TruncatedShard error where the data stops early (the members before it are still good, as with
     tarfile's stream mode). None when the tar uses something else (pax or GNU headers): the caller
@@ -90,7 +92,7 @@ def parse_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception | 
         pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
-def _members_of(url: str, data: bytes) -> Iterator[dict]:
+def _members_of(url: str, data: bytes | bytearray) -> Iterator[dict]:
     parsed = parse_members(data)
     view = memoryview(data)
     if parsed is None:  # not plain ustar: tarfile knows every dialect
@@ -105,7 +107,7 @@ def _members_of(url: str, data: bytes) -> Iterator[dict]:
             continue
         # arrays stay views into the shard (read_npy_fast makes them arrays without a copy); the small
         # members become bytes, which json and str need
-        data_ = view[start:start + size] if name.endswith(".npy") else data[start:start + size]
+        data_ = view[start:start + size] if name.endswith(".npy") else bytes(data[start:start + size])
         yield {"fname": name, "data": data_, "__url__": url}
     if error is not None:
         raise error
