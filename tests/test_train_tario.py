@@ -1,0 +1,77 @@
+"""train/tario.py: the loader's shard reader gives tarfile's members, hands arrays out without copies,
+keeps the samples before a truncation, and reads non-ustar tars through tarfile."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline import schema
+from pipeline.shardio import tar_bytes
+from tests.factories import make_sample
+from train.tario import _members_of, parse_members, read_all, tar_members
+
+VIEWS = ["CAM_FRONT", "CAM_BACK"]
+
+
+def _shard(n: int = 3) -> bytes:
+    samples = [make_sample(height=32, width=64, num_frames=9, views=VIEWS, num_boxes=2, seed=i,
+                           start=8 * i) for i in range(n)]
+    return tar_bytes([(s["key"], schema.encode_sample(s)) for s in samples])
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+def test_members_equal_tarfiles_and_arrays_are_views_into_the_shard(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(_shard())
+    with open(path, "rb") as f:
+        data = read_all(f)
+    got = list(_members_of(str(path), data))
+    assert [(m["fname"], bytes(m["data"])) for m in got] == _tarfile_members(path.read_bytes())
+    mean = next(m for m in got if m["fname"].endswith(".latent_mean.npy"))
+    arr = schema.npy_load(mean["data"])
+    assert np.shares_memory(arr, np.frombuffer(data, np.uint8))  # no copy between the read and the array
+    own = schema.npy_load(bytes(mean["data"]))                    # bytes in: an array of its own, as np.load
+    assert np.array_equal(arr, own) and not np.shares_memory(own, np.frombuffer(data, np.uint8))
+
+
+def test_truncated_shard_keeps_the_members_before_the_cut():
+    data = _shard()
+    full = parse_members(data)[0]
+    cut = data[: full[-5][1] + 10]  # inside the 5th member from the end
+    members, error = parse_members(cut)
+    assert members == full[:-5] and "needs" in str(error)
+    members, error = parse_members(data[:full[1][1] - 400])  # inside the second header
+    assert len(members) == 1 and "ends inside a header" in str(error)
+    bad = bytearray(data)
+    bad[512 * 0 + 10] ^= 0xFF  # a flipped byte in the first header name
+    assert "checksum" in str(parse_members(bytes(bad))[1])
+
+
+def test_pax_tars_go_through_tarfile_and_errors_reach_the_handler(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in (("k" * 120 + ".meta.json", b"{}"), ("x.caption.txt", b"hi")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert parse_members(buf.getvalue()) is None
+    (tmp_path / "pax.tar").write_bytes(buf.getvalue())
+    (tmp_path / "cut.tar").write_bytes(_shard()[:3000])
+    sources = iter([{"url": str(tmp_path / n), "stream": open(tmp_path / n, "rb")} for n in ("pax.tar", "cut.tar")])
+    errors = []
+    out = list(tar_members(sources, handler=lambda e: errors.append(e) or True))
+    names = [m.get("fname") for m in out]
+    assert names[:3] == ["k" * 120 + ".meta.json", "x.caption.txt", None]  # {} ends each shard
+    assert len(errors) == 1 and str(tmp_path / "cut.tar") in errors[0].args
+    with pytest.raises(RuntimeError, match="boom"):  # an error of the shard draw itself is not swallowed
+        def draws():
+            raise RuntimeError("boom")
+            yield
+        list(tar_members(draws(), handler=lambda e: True))
