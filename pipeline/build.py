@@ -174,7 +174,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
     cfg_hash = config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
     summary, secs, quarantine = BuildSummary(), {}, []
+    t0 = time.perf_counter()
     ray = _init_ray(cfg)
+    secs["ray_start"] = time.perf_counter() - t0
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if not has_gpu and cfg.encode_actors * cfg.encode_cpus > total_cpus - 1:

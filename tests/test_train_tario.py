@@ -75,3 +75,15 @@ def test_pax_tars_go_through_tarfile_and_errors_reach_the_handler(tmp_path):
             raise RuntimeError("boom")
             yield
         list(tar_members(draws(), handler=lambda e: True))
+
+
+def test_collate_pads_boxes_with_zeros_to_the_batch_maximum():
+    from train.data import collate, decode
+    samples = [make_sample(height=32, width=64, num_frames=9, views=VIEWS, num_boxes=k, seed=k) for k in (2, 5)]
+    decoded = [decode(dict(schema.encode_sample(s), __key__=s["key"])) for s in samples]
+    batch = collate(decoded, 0, "32x64_t9")
+    for name, axis in (("boxes", 1), ("box_mask", 1), ("box_view_mask", 2), ("box_class", 0)):
+        want = np.stack([np.pad(d[name], [(0, 0)] * axis + [(0, 5 - d[name].shape[axis])]
+                                + [(0, 0)] * (d[name].ndim - axis - 1)) for d in decoded])
+        assert np.array_equal(getattr(batch, name).numpy(), want), name
+    assert np.array_equal(batch.latent_mean.numpy(), np.stack([d["latent_mean"] for d in decoded]))

@@ -289,18 +289,29 @@ def unpack_bev(packed: torch.Tensor) -> torch.Tensor:
     return bits.flatten(-2)[..., :schema.BEV_CELLS].bool()
 
 
-def stacked(arrs: list[np.ndarray]) -> torch.Tensor:
-    """np.stack straight into the batch tensor: the one copy between the shard buffer and the batch
-    (the arrays are views into it, train/tario.py). In a DataLoader worker the tensor is allocated in
-    shared memory, so handing the batch to the main process copies nothing more."""
-    shape = (len(arrs), *arrs[0].shape)
+def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0) -> torch.Tensor:
+    """Stack straight into the batch tensor, zero-padding ``axis`` to ``size``: the one copy between the
+    shard buffer and the batch (the arrays are views into it, train/tario.py). In a DataLoader worker the
+    tensor is allocated in shared memory, so handing the batch to the main process copies nothing more."""
+    shape = list(arrs[0].shape)
+    if axis is not None:
+        shape[axis] = size
+    shape = (len(arrs), *shape)
     dtype = torch.from_numpy(np.empty(0, arrs[0].dtype)).dtype
     if get_worker_info() is None:
         out = torch.empty(shape, dtype=dtype)
     else:
         nbytes = int(np.prod(shape)) * arrs[0].dtype.itemsize
         out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
-    np.stack(arrs, out=out.numpy())
+    o = out.numpy()
+    if axis is None:
+        np.stack(arrs, out=o)
+        return out
+    lead = (slice(None),) * axis
+    for i, a in enumerate(arrs):
+        k = a.shape[axis]
+        o[(i, *lead, slice(0, k))] = a
+        o[(i, *lead, slice(k, None))] = 0
     return out
 
 
@@ -319,14 +330,8 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
                    for s in samples]
     n = max(s["box_class"].shape[0] for s in samples)
 
-    def pad(a: np.ndarray, axis: int, value=0) -> np.ndarray:
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (0, n - a.shape[axis])
-        return np.pad(a, widths, constant_values=value)
-
-    def stack(name, axis=None, dtype=None):
-        arrs = [pad(s[name], axis) if axis is not None else s[name] for s in samples]
-        t = stacked(arrs)
+    def stack(name, axis=None, dtype=None):  # boxes are zero-padded to the batch's N along ``axis``
+        t = stacked([s[name] for s in samples], axis, n)
         return t.to(dtype) if dtype is not None else t
 
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
