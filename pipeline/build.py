@@ -382,7 +382,12 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
     bar_e.close(), bar_w.close()
     for s in splits:
         write_manifest(cfg.out, s, [x for x in records.values() if x.split == s])
-    infos = ray.get(info_refs) if not stop else []
+    infos = []
+    for r in info_refs if not stop else []:
+        try:
+            infos.append(ray.get(r))
+        except Exception:  # a frames task that failed for good: its shards are quarantined as shard_failed
+            pass
     summary.windows["peak_object_bytes"] = max((x["bytes"] for x in infos), default=0)  # measured, not planned
     secs["decode_busy"] = sum(x["seconds"] for x in infos)
     secs["encode+write"] = time.perf_counter() - t0
