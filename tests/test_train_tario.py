@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import schema
 from pipeline.shardio import tar_bytes
@@ -87,3 +88,38 @@ def test_collate_pads_boxes_with_zeros_to_the_batch_maximum():
                                 + [(0, 0)] * (d[name].ndim - axis - 1)) for d in decoded])
         assert np.array_equal(getattr(batch, name).numpy(), want), name
     assert np.array_equal(batch.latent_mean.numpy(), np.stack([d["latent_mean"] for d in decoded]))
+
+
+def test_worker_batches_are_built_in_shared_memory_and_equal_the_shard_arrays(tmp_path):
+    from tests.factories import write_shards
+    from train.config import DataConfig
+    from train.data import BatchStream, find_shards, make_loader
+    paths = write_shards(tmp_path, {(32, 64, 9): 4}, per_shard=2, views=VIEWS, num_boxes=2)
+    (tmp_path / "stage.yaml").write_text("name: t\nbuckets:\n  - {height: 32, width: 64, num_frames: 9, batch_size: 2}\n")
+    cfg = DataConfig(root=str(tmp_path), stage=str(tmp_path / "stage.yaml"), num_workers=2, samples_per_chunk=4,
+                     shuffle_buffer=2)
+    stored = {}
+    for p in paths:
+        with tarfile.open(p) as tar:
+            for m in tar:
+                if m.name.endswith(".latent_mean.npy"):
+                    stored[m.name.split(".")[0]] = schema.npy_load(tar.extractfile(m).read())
+    stream = BatchStream(find_shards(cfg, "train", []), cfg, seed=0, stop_step=4)
+    batches = list(make_loader(_SharedInWorker(stream)))
+    assert len(batches) == 4
+    for b, shared_in_worker in batches:
+        # allocated in shared memory by the worker itself: handing it to this process copies nothing
+        assert shared_in_worker
+        for i, k in enumerate(b.keys):
+            assert np.array_equal(b.latent_mean[i].numpy(), stored[k])
+
+
+class _SharedInWorker(torch.utils.data.IterableDataset):
+    """The stream's batches with whether their tensors were in shared memory before the hand-over."""
+
+    def __init__(self, stream):
+        self.stream, self.cfg, self.streams = stream, stream.cfg, stream.streams
+
+    def __iter__(self):
+        for b in self.stream:
+            yield b, all(t.is_shared() for t in (b.latent_mean, b.latent_std, b.boxes, b.box_mask, b.bev))
