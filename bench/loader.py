@@ -14,6 +14,7 @@ one process, 0 workers; ``workers_vs_one_process``: what DataLoader workers add)
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -25,9 +26,11 @@ from bench._common import save  # noqa: E402
 
 
 def evict(paths: list[Path]) -> bool:
-    """Drop the files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes from the disk."""
+    """Drop the files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes from the disk.
+    Pages still mapped cannot be dropped: the last loader's shard mappings are collected first."""
     if not hasattr(os, "posix_fadvise"):
         return False
+    gc.collect()
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:

@@ -1,21 +1,25 @@
-"""Shard reading for the loader at disk speed: one read per shard, members as views into it.
+"""Shard reading for the loader at disk speed: one mapping per shard, members as views into it.
 
 tarfile's stream mode copied every member out of a 64 KiB read buffer, built a TarInfo per
 member and read the shard in the loader's own thread, so decoding waited for the disk and the
 disk for decoding. Here:
-- a shard is read whole with one ``readinto`` (what a raw read does), by a background thread
-  that reads the NEXT shard while the loader decodes the current one (file reads release the
-  GIL, so the disk and the CPU work overlap);
+- a local shard is mapped whole (mmap with MAP_POPULATE: the kernel reads it into the page
+  cache and maps every page in one call) by a background thread that maps the NEXT shard while
+  the loader decodes the current one, so the disk and the CPU work overlap; other streams
+  (object stores, pipes) are read whole instead;
 - the 512-byte ustar headers are parsed by hand (name, size, type: the fields webdataset
-  uses), and ``.npy`` members are handed out as memoryviews into the shard buffer, which
-  ``pipeline.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a
-  latent between the disk and the batch is the collate's ``np.stack``.
+  uses), and ``.npy`` members are handed out as memoryviews into the mapping, which
+  ``pipeline.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a latent
+  between the page cache and the batch is the collate's stack.
 Anything that is not a plain ustar member (pax/GNU long names, sparse files) makes the shard
-go through tarfile instead, so every tar that webdataset reads still reads.
+go through tarfile instead, so every tar that webdataset reads still reads. Shards are never
+rewritten in place (the pipeline writes a temp file and renames it), which is what makes the
+mapping safe: a file truncated while mapped would fault the reader.
 """
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import re
 import tarfile
@@ -32,26 +36,20 @@ class TruncatedShard(ValueError):
     """The shard ends inside a header or a member."""
 
 
-def read_all(stream) -> bytes | bytearray:
-    """The whole stream; a local file is read with readinto of its size into one buffer (no second copy)."""
+def read_all(stream) -> bytes | bytearray | mmap.mmap:
+    """The whole shard. A local file is mapped (MAP_POPULATE: the kernel reads it into the page cache and
+    maps every page at once, in the read-ahead thread), so the arrays are views of the page cache itself:
+    no copy at all between the disk and the batch's np.stack. Other streams are read()."""
     fileno = getattr(stream, "fileno", None)
     try:
-        size = os.fstat(fileno()).st_size if fileno else None
+        fd = fileno() if fileno else None
+        size = os.fstat(fd).st_size if fd is not None else 0
     except (OSError, io.UnsupportedOperation):
-        size = None
+        fd, size = None, 0
     if not size:
         return stream.read()
-    buf = bytearray(size)
-    view, n = memoryview(buf), 0
-    while n < size:
-        got = stream.readinto(view[n:])
-        if not got:
-            break
-        n += got
-    view.release()
-    if n < size:  # the file shrank under us: what was read (the parser reports the truncation)
-        del buf[n:]
-    return buf
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)  # stays valid after the file is closed
 
 
 def _octal(field: bytes) -> int:
@@ -92,7 +90,7 @@ def parse_members(data: bytes | bytearray) -> tuple[list[tuple[str, int, int]], 
         pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
-def _members_of(url: str, data: bytes | bytearray) -> Iterator[dict]:
+def _members_of(url: str, data: bytes | bytearray | mmap.mmap) -> Iterator[dict]:
     parsed = parse_members(data)
     view = memoryview(data)
     if parsed is None:  # not plain ustar: tarfile knows every dialect
