@@ -8,11 +8,13 @@ first: what the storage gives) and from the page cache (memory bandwidth: no loa
 it). Then a bare sequential tar parse (pipeline.shardio.iter_shard), then BatchStream (tar
 parse, schema validation, collate; BEV maps stay packed) per DataLoader worker count, each run starting
 from an evicted page cache. Reports samples/s and MB/s of member bytes and the ratios against
-each baseline (goal: >= 0.8 of the raw read from the disk).
+each baseline (goal: >= 0.8 of the raw read from the disk: ``ratio_vs_raw_read``, the loader in
+one process, 0 workers; ``workers_vs_one_process``: what DataLoader workers add).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -24,9 +26,11 @@ from bench._common import save  # noqa: E402
 
 
 def evict(paths: list[Path]) -> bool:
-    """Drop the files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes from the disk."""
+    """Drop the files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes from the disk.
+    Pages still mapped cannot be dropped: the last loader's shard mappings are collected first."""
     if not hasattr(os, "posix_fadvise"):
         return False
+    gc.collect()
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--passes", type=int, default=2, help="epochs' worth of samples streamed per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure; the fastest counts (shared machine)")
     a = ap.parse_args(argv)
 
     import torch
@@ -80,27 +85,38 @@ def main(argv=None) -> int:
         paths = write_shards(root, {(a.height, a.width, a.frames): a.samples}, per_shard=8)
         (root / "stage.yaml").write_text(f"name: bench\nbuckets:\n  - {{height: {a.height}, width: {a.width}, "
                                          f"num_frames: {a.frames}, batch_size: {a.batch_size}}}\n")
+
+        def cold_read():
+            evict(paths)
+            return raw_read(paths)
+
+        # best of --repeats for every figure, each from an evicted page cache: the machine is shared, and the
+        # least disturbed run of each is the one to compare (all paths alike)
         cold = evict(paths)
-        cold_bytes, cold_s = raw_read(paths)  # from the disk: what the storage gives
+        cold_bytes, cold_s = min((cold_read() for _ in range(a.repeats)), key=lambda r: r[1])
         cold_mbs = cold_bytes / cold_s / 1e6 if cold else None
-        raw_bytes, raw_s = raw_read(paths)    # from the page cache: memory bandwidth, the ceiling of any loader
+        raw_bytes, raw_s = min((raw_read(paths) for _ in range(a.repeats)), key=lambda r: r[1])  # page cache
         raw_mbs = raw_bytes / raw_s / 1e6
-        tar_bytes, tar_s = tar_read(paths)
+        tar_bytes, tar_s = min((tar_read(paths) for _ in range(a.repeats)), key=lambda r: r[1])
         tar_mbs = tar_bytes / tar_s / 1e6
         figures = {"raw_MBps": raw_mbs, "raw_cold_MBps": cold_mbs, "tar_parse_MBps": tar_mbs,
-                   "shard_MB": raw_bytes / 1e6, "samples": a.samples, "bucket": f"{a.height}x{a.width}_t{a.frames}"}
+                   "shard_MB": raw_bytes / 1e6, "samples": a.samples, "bucket": f"{a.height}x{a.width}_t{a.frames}",
+                   "repeats": a.repeats}
         parts = []
         for w in a.workers:
             cfg = DataConfig(root=str(root), stage=str(root / "stage.yaml"), num_workers=w,
                              samples_per_chunk=a.samples, shuffle_buffer=8)
             ss = find_shards(cfg, "train", [])
             steps = a.passes * a.samples // a.batch_size
-            evict(paths)  # the loader starts from the disk too, like the cold raw read
-            t0, c0 = time.perf_counter(), time.process_time()
-            per_stream = {}
-            for batch in make_loader(BatchStream(ss, cfg, seed=0, stop_step=steps)):
-                per_stream[batch.stats["stream"]] = batch.stats
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            runs = []
+            for _ in range(a.repeats):
+                evict(paths)  # the loader starts from the disk too, like the cold raw read
+                t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+                per_stream = {}
+                for batch in make_loader(BatchStream(ss, cfg, seed=0, stop_step=steps)):
+                    per_stream[batch.stats["stream"]] = batch.stats
+                runs.append((time.perf_counter() - t0, time.process_time() - c0, per_stream, time.thread_time() - m0))
+            dt, cpu, per_stream, main_thread = min(runs, key=lambda r: r[0])
             nbytes = sum(s["bytes"] for s in per_stream.values())
             nsamp = sum(s["samples"] for s in per_stream.values())
             mbs = nbytes / dt / 1e6
@@ -108,12 +124,23 @@ def main(argv=None) -> int:
                                       "ratio_vs_raw_cold": mbs / cold_mbs if cold_mbs else None,
                                       # main-process CPU only: with 0 workers, MB per CPU-second of decoding
                                       "main_cpu_s": cpu, "MB_per_main_cpu_s": nbytes / max(cpu, 1e-9) / 1e6,
+                                      # the loop's own thread (the shard read-ahead thread excluded): with a free
+                                      # core for the read-ahead, a loader is bound by max(this, the disk read)
+                                      "main_thread_cpu_s": main_thread,
+                                      "MB_per_main_thread_cpu_s": nbytes / max(main_thread, 1e-9) / 1e6,
                                       "ratio_vs_tar_parse": mbs / tar_mbs}
             vs_cold = f"{mbs / cold_mbs:.2f}x disk read, " if cold_mbs else ""
             parts.append(f"{w} workers {nsamp / dt:.1f} samples/s {mbs:.0f} MB/s = {vs_cold}"
                          f"{mbs / raw_mbs:.3f}x page-cache read, {mbs / tar_mbs:.2f}x tar parse")
+    # the issue's figure: the loader in ONE process (0 workers) against the raw read from the disk
+    one = figures.get("workers0") or figures[f"workers{a.workers[0]}"]
+    figures["ratio_vs_raw_read"] = one["ratio_vs_raw_cold"] if cold_mbs else one["ratio_vs_raw"]
+    many = [figures[f"workers{w}"]["MBps"] for w in a.workers if w > 0]
+    if "workers0" in figures and many:
+        figures["workers_vs_one_process"] = max(many) / figures["workers0"]["MBps"]
     disk = f"disk read {cold_mbs:.0f} MB/s, " if cold_mbs else ""
-    summary = f"{disk}page-cache read {raw_mbs:.0f} MB/s, tar parse {tar_mbs:.0f} MB/s; " + "; ".join(parts)
+    summary = (f"{disk}page-cache read {raw_mbs:.0f} MB/s, tar parse {tar_mbs:.0f} MB/s; " + "; ".join(parts)
+               + f"; ratio_vs_raw_read {figures['ratio_vs_raw_read']:.2f}")
     save("loader", figures, summary)
     return 0
 

@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python pipeline/build.py ...      # same script on a cluster
 
 Stages: scenes (one Ray task per scene -> zarr stores) -> clip index -> captions -> shard plan
--> frames (one CPU task per (scene, resolution): every source frame decoded once) -> encode
-(a pool of VAE actors, num_gpus=1 when the cluster has GPUs) -> write (one task per shard).
+-> frames (one CPU task per encode call: the frames of that call only, at most --frame-budget-mb,
+pipeline/windows.py) -> encode (a pool of VAE actors, num_gpus=1 when the cluster has GPUs) -> write
+(one task per shard).
 Tasks + actors rather than Ray Data: shards are planned before any work and each shard task
 depends on exactly the encode results it needs, so Ray overlaps decoding, encoding and
 writing by itself while the output stays byte-identical whatever the worker count or
@@ -68,19 +69,23 @@ def scene_task(dataroot: str, version: str, scene_name: str, out: str):
 
 
 def frames_task(dataroot: str, paths: list[str], width: int, height: int, draft: bool):
+    """One encode call's frame window (pipeline/windows.py) -> (FrameSet, small info for the driver)."""
     from pipeline.frames import decode_frames
     t0 = time.perf_counter()
     fs = decode_frames(dataroot, paths, width, height, draft=draft)
     fs.seconds = time.perf_counter() - t0
-    return fs
+    return fs, {"bytes": int(fs.pixels.nbytes), "frames": len(fs.paths), "seconds": fs.seconds}
 
 
 def shard_task(inp: ShardInputs, *unit_results: dict):
+    from pipeline.windows import merge_parts
     from pipeline.write import make_shard
     t0 = time.perf_counter()
-    merged: dict = {}
-    for r in unit_results:
-        merged.update(r)
+    parts: dict[str, list] = {}
+    for r in unit_results:  # a unit split by views (pipeline/windows.py) comes back in several results
+        for uid, res in r.items():
+            parts.setdefault(uid, []).append(res)
+    merged = {uid: merge_parts(parts[uid]) for uid in sorted(set(inp.unit_of.values()))}
     record, quarantine = make_shard(inp, merged)
     return record, quarantine, time.perf_counter() - t0
 
@@ -169,13 +174,18 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     cfg_hash = config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
     summary, secs, quarantine = BuildSummary(), {}, []
     names = _scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
+    t0 = time.perf_counter()
     ray = _init_ray(cfg)
+    secs["ray_start"] = time.perf_counter() - t0
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if not has_gpu and cfg.encode_actors * cfg.encode_cpus > total_cpus - 1:
         raise cli.BadInput(f"{cfg.encode_actors} encode actors x {cfg.encode_cpus} CPUs leave no CPU of {total_cpus:g} "
                            "for decoding and writing; lower --encode-actors or --encode-cpus (fractions are fine)")
 
+    # the VAE actors start now: their model load (imports + weights, the longest single step of a small
+    # build, docs/build.md) overlaps the scenes stage, the clip index and the captions
+    _actor_pool(ray, cfg, has_gpu)
     store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
     summary.scenes = len(store_uris)
 
@@ -212,6 +222,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                                 records, splits, quarantine, secs, summary)
     summary.shards_written = written
     summary.seconds = secs
+    if cfg.timeline:  # where the time went, per task (pipeline/timeline.py sums it per stage)
+        ray.timeline(filename=cfg.timeline)
     write_quarantine(cfg.out, _dedupe(quarantine))
     summary.quarantined = len(_dedupe(quarantine))
     for r in records.values():
@@ -260,53 +272,54 @@ def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
 
 def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_hash, has_gpu, records, splits,
                       quarantine, secs, summary) -> int:
+    from pipeline.windows import plan_calls, window_stats
     t0 = time.perf_counter()
     units, unit_of = plan_units([c for p in todo for c in p.clips], frames_of,
                                 reuse=reuse_holds(cfg.encode.frame_batch))
     if not todo:
         secs["encode+write"] = 0.0
         return 0
+    # one frame window per encode call, each at most frame_budget_mb (pipeline/windows.py)
+    plan = plan_calls(units, int(cfg.frame_budget_mb * 1e6), cfg.units_per_call)
+    summary.windows = window_stats(plan)
     actors = _actor_pool(ray, cfg, has_gpu)
     inject = set(cfg.encode.inject_nan_keys)
     for us in units.values():
         for u in us:
             u.inject_nan = bool(inject & set(u.keys))
-    ftask = ray.remote(**RESOURCES["frames_task"])(frames_task)
+    ftask = ray.remote(**RESOURCES["frames_task"])(frames_task).options(num_returns=2)
     stask = ray.remote(**RESOURCES["write_task"])(shard_task)
-    uid_ref, pending_calls, calls, call_units = {}, [], 0, {}
+    parts_left = Counter(u.uid for c in plan for u in c.units)  # calls still to submit per unit
+    uid_refs: dict[str, list] = {}
+    pending_calls, info_refs = [], []
     shard_refs, written = {}, 0
     need = {p.path: {unit_of[k] for k in p.keys} for p in todo}
+    missing = {p.path: len(need[p.path]) for p in todo}         # units not fully submitted per shard
+    shards_of: dict[str, list] = {}
+    for p in todo:
+        for u in need[p.path]:
+            shards_of.setdefault(u, []).append(p)
     users = Counter(u for uids in need.values() for u in uids)  # shards still to launch per unit
-    waiting = list(todo)                                        # shards not launched yet, in plan order
-    n_units = sum(len(u) for u in units.values())
-    bar_e, bar_w = _bar(cfg, n_units, "encode units"), _bar(cfg, len(todo), "shards")
+    bar_e, bar_w = _bar(cfg, len(plan), "encode calls"), _bar(cfg, len(todo), "shards")
     stop = False
     dirty, last_manifest = set(), [0.0]
 
-    def launch_ready():
-        nonlocal waiting
-        later = []
-        for p in waiting:
-            if not need[p.path] <= uid_ref.keys():
-                later.append(p)
-                continue
-            refs = sorted({uid_ref[u] for u in need[p.path]}, key=lambda r: r.hex())
-            inp = ShardInputs(p, cfg.out, {c.scene_name: store_uris[c.scene_name] for c in p.clips},
-                              {k: captions[k] for k in p.keys}, {k: unit_of[k] for k in p.keys}, vae,
-                              cfg.encode.store_std, cfg_hash)
-            shard_refs[stask.remote(inp, *refs)] = p
-            for u in need[p.path]:  # the task holds its refs now: forget units no other shard needs,
-                users[u] -= 1       # so latents leave the object store as soon as their shards are written
-                if users[u] == 0:
-                    del uid_ref[u]
-        waiting = later
+    def launch(p) -> None:
+        refs = sorted({r for u in need[p.path] for r in uid_refs[u]}, key=lambda r: r.hex())
+        inp = ShardInputs(p, cfg.out, {c.scene_name: store_uris[c.scene_name] for c in p.clips},
+                          {k: captions[k] for k in p.keys}, {k: unit_of[k] for k in p.keys}, vae,
+                          cfg.encode.store_std, cfg_hash)
+        shard_refs[stask.remote(inp, *refs)] = p
+        for u in need[p.path]:  # the task holds its refs now: forget units no other shard needs,
+            users[u] -= 1       # so latents leave the object store as soon as their shards are written
+            if users[u] == 0:
+                del uid_refs[u]
 
     def collect(block: bool) -> None:
         nonlocal written, stop, pending_calls
         if pending_calls:
             ready, pending_calls = ray.wait(pending_calls, num_returns=len(pending_calls), timeout=0)
-            for r in ready:
-                bar_e.update(call_units.pop(r))
+            bar_e.update(len(ready))
         if not shard_refs:
             return
         ready, _ = ray.wait(list(shard_refs), num_returns=1 if block else len(shard_refs), timeout=None if block else 0)
@@ -335,24 +348,26 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
             if cfg.max_shards is not None and written >= cfg.max_shards:
                 stop = True
 
-    for g, us in sorted(units.items()):
+    for i, call in enumerate(plan):
         if stop:
             break
-        scene, h, w = g
-        paths = sorted({p for u in us for row in u.frames for p in row})
-        fref = ftask.remote(cfg.dataroot, paths, w, h, cfg.draft)
-        for i in range(0, len(us), cfg.units_per_call):
-            while len(pending_calls) >= cfg.max_inflight:
-                ray.wait(pending_calls, num_returns=1)
-                collect(block=False)
-            chunk = us[i:i + cfg.units_per_call]
-            ref = actors[calls % len(actors)].run.remote(fref, chunk)
-            calls += 1
-            pending_calls.append(ref)
-            call_units[ref] = len(chunk)
-            for u in chunk:
-                uid_ref[u.uid] = ref
-        launch_ready()
+        while len(pending_calls) >= cfg.max_inflight:  # bounds the windows alive: max_inflight x the budget
+            ray.wait(pending_calls, num_returns=1)
+            collect(block=False)
+        _scene, h, w = call.group
+        fref, iref = ftask.remote(cfg.dataroot, call.paths, w, h, cfg.draft)
+        info_refs.append(iref)
+        ref = actors[i % len(actors)].run.remote(fref, call.units, call.views)
+        pending_calls.append(ref)
+        del fref  # the actor call holds the window; it leaves the store when the call is done
+        for u in call.units:
+            uid_refs.setdefault(u.uid, []).append(ref)
+            parts_left[u.uid] -= 1
+            if parts_left[u.uid] == 0:  # every part submitted: shards whose units are all in flight can go
+                for p in shards_of.get(u.uid, []):
+                    missing[p.path] -= 1
+                    if missing[p.path] == 0:
+                        launch(p)
         collect(block=False)
     while shard_refs and not stop:
         collect(block=True)
@@ -366,6 +381,14 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
     bar_e.close(), bar_w.close()
     for s in splits:
         write_manifest(cfg.out, s, [x for x in records.values() if x.split == s])
+    infos = []
+    for r in info_refs if not stop else []:
+        try:
+            infos.append(ray.get(r))
+        except Exception:  # a frames task that failed for good: its shards are quarantined as shard_failed
+            pass
+    summary.windows["peak_object_bytes"] = max((x["bytes"] for x in infos), default=0)  # measured, not planned
+    secs["decode_busy"] = sum(x["seconds"] for x in infos)
     secs["encode+write"] = time.perf_counter() - t0
     return written
 

@@ -27,6 +27,8 @@ class BuildConfig:
     encode_cpus: float = 1.0         # CPUs per encode actor on a CPU-only cluster
     units_per_call: int = 4          # encode units per actor call (load balancing vs. overhead)
     max_inflight: int = 8            # encode calls in flight (bounds decoded frames held in memory)
+    frame_budget_mb: float = 1000.0  # max bytes of one decoded frame window (object and task), 1e6 B units
+    timeline: str | None = None      # write Ray's task timeline (chrome://tracing JSON) here at the end
     cpus: int | None = None          # embedded local Ray only
     address: str | None = None
     limit_scenes: int | None = None
@@ -64,6 +66,7 @@ class BuildSummary:
     shards_skipped: int = 0
     quarantined: int = 0
     seconds: dict = field(default_factory=dict)        # stage -> wall seconds (and worker seconds)
+    windows: dict = field(default_factory=dict)        # frame windows: calls, peak bytes (pipeline.windows)
     complete: bool = True
 
     def text(self) -> str:
@@ -101,6 +104,11 @@ def build_parser(description: str | None) -> _Parser:
     p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per VAE actor on a CPU-only cluster")
     p.add_argument("--units-per-call", type=int, default=4, help="encode units per actor call")
     p.add_argument("--max-inflight", type=int, default=8, help="encode calls in flight (memory bound)")
+    p.add_argument("--frame-budget-mb", type=float, default=1000.0,
+                   help="most MB (1e6 B) of decoded frames in one object or task (default 1000); any value gives "
+                        "the same shards")
+    p.add_argument("--timeline", metavar="FILE", help="write Ray's task timeline (chrome://tracing JSON) to FILE; "
+                                                     "`python -m pipeline.timeline FILE` sums busy time per stage")
     p.add_argument("--cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS; none = embedded local Ray)")
     p.add_argument("--limit-scenes", type=int, help="first N scenes (sorted by name) only")
@@ -130,6 +138,7 @@ def to_config(a: argparse.Namespace) -> BuildConfig:
                        captions=a.captions, caption_base_url=a.caption_base_url, caption_model=a.caption_model,
                        samples_per_shard=a.samples_per_shard, encode_actors=a.encode_actors,
                        encode_cpus=a.encode_cpus, units_per_call=a.units_per_call, max_inflight=a.max_inflight,
+                       frame_budget_mb=a.frame_budget_mb, timeline=a.timeline,
                        cpus=a.cpus, address=a.address, limit_scenes=a.limit_scenes, scenes=tuple(a.scenes),
                        max_shards=a.max_shards, draft=not a.no_draft, verify_resume=a.verify_resume,
                        progress=not a.no_progress, encode=enc)

@@ -140,24 +140,27 @@ class EncodeUnit:
     inject_nan: bool = False                  # fault drill (EncodeConfig.inject_nan_keys), set by the driver
 
 
-def encode_units(encoder: VaeEncoder, frameset, units: list[EncodeUnit]) -> dict[str, dict]:
-    """Encode units against one decoded FrameSet.
+def encode_units(encoder: VaeEncoder, frameset, units: list[EncodeUnit],
+                 views: tuple[int, int] | None = None) -> dict[str, dict]:
+    """Encode units (views [v0, v1) of each, or all) against one decoded FrameSet (pipeline.windows).
 
-    Returns {uid: {"mean", "std", "bad_frames": {path: reason}}}. Bad frames (missing/corrupt) are
-    zero-filled and still encoded: the causal encoder keeps the clean prefix clips exact, and the
-    writer quarantines exactly the clips whose own frames include a bad one."""
+    Returns {uid: {"mean", "std", "bad_frames": {path: reason}, "views": (v0, v1)}}. Bad frames
+    (missing/corrupt) are zero-filled and still encoded: the causal encoder keeps the clean prefix clips
+    exact, and the writer quarantines exactly the clips whose own frames include a bad one."""
     import time
     index = frameset.index()
     out: dict[str, dict] = {}
     for u in units:
         t0 = time.perf_counter()
-        bad = {p: frameset.errors[p] for row in u.frames for p in row if p in frameset.errors}
-        rows = np.array([[index[p] for p in row] for row in u.frames])      # (T, V)
-        clip = frameset.pixels[rows.T]                                      # (V, T, H, W, 3) uint8
+        v0, v1 = views or (0, len(u.frames[0]))
+        own = [row[v0:v1] for row in u.frames]                              # T x (v1 - v0) paths
+        bad = {p: frameset.errors[p] for row in own for p in row if p in frameset.errors}
+        rows = np.array([[index[p] for p in row] for row in own])           # (T, v)
+        clip = frameset.pixels[rows.T]                                      # (v, T, H, W, 3) uint8
         inject = u.inject_nan or bool(set(u.keys) & set(encoder.cfg.inject_nan_keys))
         mean, std = encoder.encode(clip, inject_nan=inject)
         out[u.uid] = {"mean": mean, "std": std, "bad_frames": bad, "seconds": time.perf_counter() - t0,
-                      "frames": int(rows.size)}
+                      "frames": int(rows.size), "views": (v0, v1)}
     return out
 
 
@@ -197,15 +200,16 @@ def plan_units(clips: list, frames_of: dict[str, list], reuse: bool = True) -> t
 class EncodeActor:
     """Ray actor: the VAE is loaded once in __init__; __call__ encodes a batch.
 
-    batch = {"frames": FrameSet, "units": [EncodeUnit, ...]} -> {uid: {"mean", "std", "bad_frames"}}.
+    batch = {"frames": FrameSet, "units": [EncodeUnit, ...], "views": (v0, v1) | None}
+    -> {uid: {"mean", "std", "bad_frames", "views"}}.
     build.py wraps it with ray.remote(num_gpus=1) when the cluster has GPUs, else num_cpus=…"""
 
     def __init__(self, cfg: EncodeConfig):
         self.encoder = VaeEncoder(cfg)
 
     def __call__(self, batch: dict) -> dict[str, dict]:
-        return encode_units(self.encoder, batch["frames"], batch["units"])
+        return encode_units(self.encoder, batch["frames"], batch["units"], batch.get("views"))
 
-    def run(self, frames, units: list[EncodeUnit]) -> dict[str, dict]:
+    def run(self, frames, units: list[EncodeUnit], views: tuple[int, int] | None = None) -> dict[str, dict]:
         """Same as __call__ with the FrameSet as a top-level argument, so Ray resolves its ObjectRef."""
-        return self({"frames": frames, "units": units})
+        return self({"frames": frames, "units": units, "views": views})

@@ -134,6 +134,23 @@ def test_more_workers_give_byte_identical_output(ref, ray_local, synth_dataset, 
     assert _digests(tmp_path) == _digests(out)
 
 
+def test_frame_windows_stay_within_a_tiny_budget_and_the_output_is_byte_identical(ref, ray_local, synth_dataset,
+                                                                                   vae_dir, tmp_path):
+    out, ref_summary = ref
+    frame = 32 * 64 * 3
+    budget = 2 * 17 * frame + 1  # two views of a 17-frame clip: every video unit is split by views
+    # the default budget holds a whole call's frames (several units, all views): more than the tiny one
+    assert ref_summary.windows["peak_object_bytes"] > budget
+    assert 0 < ref_summary.windows["peak_object_bytes"] <= 1e9
+    summary = _build(ray_local, synth_dataset, vae_dir, tmp_path, "--frame-budget-mb", str(budget / 1e6),
+                     stores_from=out)
+    # measured in the frames tasks on the arrays they decoded (the objects the encode calls receive)
+    assert 0 < summary.windows["peak_object_bytes"] <= budget
+    assert summary.windows["peak_window_bytes"] == summary.windows["peak_object_bytes"]
+    assert summary.windows["calls"] > ref_summary.windows["calls"]
+    assert _digests(tmp_path) == _digests(out)
+
+
 def test_interrupted_build_resumes_only_the_missing_shards(ref, ray_local, synth_dataset, vae_dir, tmp_path):
     out, ref_summary = ref
     first = _build(ray_local, synth_dataset, vae_dir, tmp_path, "--max-shards", "3", stores_from=out)

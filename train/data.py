@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -42,6 +40,7 @@ from train import clip_length
 from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
                            stage_specs)
 from train.config import DataConfig
+from train.tario import tar_members  # one read per shard, read ahead, members as views (no copies)
 
 log = logging.getLogger("train.data")
 
@@ -163,35 +162,6 @@ def decode(raw: dict) -> dict:
                 bev=s.bev, views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
 
 
-# tarfile's stream mode reads 10 KiB at a time unless told otherwise, and webdataset's
-# tar_file_iterator does not tell it: that made tar parsing 45 % of the loader's time.
-TAR_READ_BYTES = 1 << 16
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members
-
-
-def tar_members(sources: Iterator[dict], handler) -> Iterator[dict]:
-    """{url, stream} per shard -> webdataset member dicts {fname, data, __url__}, then {} at the end of
-    each shard (group_by_keys never joins samples across shards). Same contract as webdataset's
-    tar_file_expander, with a larger read buffer; the stream is closed when the shard is done or left."""
-    for source in sources:
-        url, stream = source["url"], source["stream"]
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*", bufsize=TAR_READ_BYTES) as tar:
-                for info in tar:
-                    if info.isreg() and not _SKIP_META.match(info.name):
-                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-                    tar.members = []  # stream mode would keep every TarInfo of the shard
-            yield {}
-        except Exception as exn:  # truncated or corrupt shard: the handler counts it, the stream goes on
-            exn.args = (*exn.args, url)
-            if not handler(exn):
-                raise
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-
-
 # ---- streams --------------------------------------------------------------------------
 
 class BucketStream:
@@ -282,6 +252,12 @@ class Batch:
     bev: torch.Tensor            # (B, T, 8, 200, 25) uint8, bit-packed as stored (schema.pack_bev)
     stats: dict = field(default_factory=dict)
 
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread (pin_memory=True on a CUDA machine)."""
+        import dataclasses
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.latent_mean.shape)
@@ -315,6 +291,32 @@ def unpack_bev(packed: torch.Tensor) -> torch.Tensor:
     return bits.flatten(-2)[..., :schema.BEV_CELLS].bool()
 
 
+def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0) -> torch.Tensor:
+    """Stack straight into the batch tensor, zero-padding ``axis`` to ``size``: the one copy between the
+    shard buffer and the batch (the arrays are views into it, train/tario.py). In a DataLoader worker the
+    tensor is allocated in shared memory, so handing the batch to the main process copies nothing more."""
+    shape = list(arrs[0].shape)
+    if axis is not None:
+        shape[axis] = size
+    shape = (len(arrs), *shape)
+    dtype = torch.from_numpy(np.empty(0, arrs[0].dtype)).dtype
+    if get_worker_info() is None:
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        nbytes = int(np.prod(shape)) * arrs[0].dtype.itemsize
+        out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
+    o = out.numpy()
+    if axis is None:
+        np.stack(arrs, out=o)
+        return out
+    lead = (slice(None),) * axis
+    for i, a in enumerate(arrs):
+        k = a.shape[axis]
+        o[(i, *lead, slice(0, k))] = a
+        o[(i, *lead, slice(k, None))] = 0
+    return out
+
+
 def collate(samples: list[dict], step: int, bucket: str) -> Batch:
     views = {s["views"] for s in samples}
     if len(views) != 1:
@@ -330,14 +332,8 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
         samples = [clip_length.crop_frames(s, t) for s in samples]
     n = max(s["box_class"].shape[0] for s in samples)
 
-    def pad(a: np.ndarray, axis: int, value=0) -> np.ndarray:
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (0, n - a.shape[axis])
-        return np.pad(a, widths, constant_values=value)
-
-    def stack(name, axis=None, dtype=None):
-        arrs = [pad(s[name], axis) if axis is not None else s[name] for s in samples]
-        t = torch.from_numpy(np.stack(arrs))
+    def stack(name, axis=None, dtype=None):  # boxes are zero-padded to the batch's N along ``axis``
+        t = stacked([s[name] for s in samples], axis, n)
         return t.to(dtype) if dtype is not None else t
 
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
@@ -403,7 +399,9 @@ class BatchStream(IterableDataset):
 
 def make_loader(stream: BatchStream) -> torch.utils.data.DataLoader:
     """A DataLoader over a BatchStream (batch_size=None: the stream batches by bucket itself)."""
-    kw = dict(num_workers=stream.streams if stream.cfg.num_workers > 0 else 0, batch_size=None)
+    # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous (Batch.pin_memory)
+    kw = dict(num_workers=stream.streams if stream.cfg.num_workers > 0 else 0, batch_size=None,
+              pin_memory=torch.cuda.is_available())
     if stream.cfg.num_workers > 0:
         kw.update(prefetch_factor=2, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)
