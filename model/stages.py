@@ -34,6 +34,10 @@ _STACKS = (("blocks.", "depth"), ("controlnet.blocks.", "controlnet_depth"),
            ("controlnet.out_projs.", "controlnet_depth"))
 
 
+class StageInitError(ValueError):
+    """The checkpoint does not fit the new model (a user's config mistake, reported as one line)."""
+
+
 @dataclass
 class InitReport:
     loaded: int = 0                                       # tensors taken from the checkpoint
@@ -123,14 +127,14 @@ def init_from_state(model: nn.Module, state: dict[str, torch.Tensor], src_config
     target = model.state_dict()
     report.dropped = sorted(orphans + [k for k in state if k not in target])
     if report.dropped and not allow_drop:
-        raise ValueError(
+        raise StageInitError(
             f"{where}: {len(report.dropped)} tensors have no place in the new model ({report.summary()}). "
             "The new config drops modules the checkpoint trained; if that is intended, pass --init-allow-drop "
             "(train config init_allow_drop: true)")
     bad = [f"{k} {tuple(v.shape)} -> {tuple(target[k].shape)}" for k, v in state.items()
            if k in target and v.shape != target[k].shape]
     if bad:
-        raise ValueError(f"{where}: shapes differ from the new model ({'; '.join(bad[:4])}); a stage transition "
+        raise StageInitError(f"{where}: shapes differ from the new model ({'; '.join(bad[:4])}); a stage transition "
                          "keeps the model's sizes (hidden, heads, patch, text_dim): build the same preset")
     report.added = sorted(k for k in target if k not in state)
     new_blocks = _new_modules(target, state, "blocks.")
