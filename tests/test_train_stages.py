@@ -107,3 +107,24 @@ def test_cli_init_from_and_its_errors(runs, capsys):
         with pytest.raises(SystemExit) as e:
             main([*bad, "--out", str(runs / "x"), *base])
         assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_stage_check_compares_first_step_with_final_smoothed_loss(tmp_path, capsys):
+    from train.stage_check import main as check
+    prev, nxt = tmp_path / "s1", tmp_path / "s2"
+    prev.mkdir(), nxt.mkdir()
+
+    def write(run, recs):
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    write(prev, [{"step": 1, "bucket": "a", "loss": 3.0, "loss_by_bucket": {"a": 3.0}},
+                 {"step": 2, "bucket": "a", "loss": 1.9, "loss_by_bucket": {"a": 2.0}}])
+    write(nxt, [{"step": 1, "bucket": "v", "loss": 9.0}, {"step": 2, "bucket": "a", "loss": 2.1}])
+    assert check(["--prev", str(prev), "--next", str(nxt), "--bucket", "a"]) == 0
+    r = json.loads((nxt / "stage_check.json").read_text())
+    assert r["next_step"] == 2 and r["prev_final"] == 2.0 and r["rel_diff"] == pytest.approx(0.05)
+    assert check(["--prev", str(prev), "--next", str(nxt), "--bucket", "a", "--tol", "0.04"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        check(["--prev", str(prev), "--next", str(nxt), "--bucket", "v"])
+    assert e.value.code == 2 and "never trained on bucket 'v'" in capsys.readouterr().err
