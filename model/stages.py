@@ -134,8 +134,8 @@ def init_from_state(model: nn.Module, state: dict[str, torch.Tensor], src_config
     bad = [f"{k} {tuple(v.shape)} -> {tuple(target[k].shape)}" for k, v in state.items()
            if k in target and v.shape != target[k].shape]
     if bad:
-        raise StageInitError(f"{where}: shapes differ from the new model ({'; '.join(bad[:4])}); a stage transition "
-                         "keeps the model's sizes (hidden, heads, patch, text_dim): build the same preset")
+        raise StageInitError(f"{where}: shapes differ from the new model ({'; '.join(bad[:4])}); a stage "
+                             "transition keeps the model's sizes (hidden, heads, patch, text_dim): build the same preset")
     report.added = sorted(k for k in target if k not in state)
     new_blocks = _new_modules(target, state, "blocks.")
     new_cblocks = _new_modules(target, state, "controlnet.blocks.")

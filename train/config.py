@@ -93,6 +93,8 @@ class TrainConfig:
         flow = FlowConfig(**_known(FlowConfig, d.pop("flow", {}) or {}, "flow"))
         cfg = cls(data=data, flow=flow, **d)
         cfg.betas = tuple(cfg.betas)
+        if cfg.init_weights not in ("model", "ema"):
+            raise ValueError(f"init_weights {cfg.init_weights!r}: use 'model' or 'ema'")
         unknown_drop = set(cfg.drop) - set(DEFAULT_DROP)
         if unknown_drop:
             raise ValueError(f"drop: unknown conditions {sorted(unknown_drop)}; known: {list(DEFAULT_DROP)}")
