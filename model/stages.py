@@ -46,8 +46,9 @@ class InitReport:
     upgraded: list[str] = field(default_factory=list)     # filled for checkpoints older than a module
 
     def summary(self) -> str:
-        def short(keys: list[str]) -> str:
-            heads = sorted({re.sub(r"\.(weight|bias|gate|scale_shift_table)$", "", k).rsplit(".", 1)[0] for k in keys})
+        def short(keys: list[str]) -> str:  # whole blocks ("blocks.1"), else the top two levels
+            heads = sorted({m.group(1) if (m := re.match(r"((?:controlnet\.)?(?:blocks|out_projs)\.\d+)\.", k))
+                            else ".".join(k.split(".")[:2]) for k in keys})
             return ", ".join(heads[:8]) + (f", ... ({len(heads)} modules)" if len(heads) > 8 else "")
         parts = [f"{self.loaded} tensors loaded"]
         if self.added:
