@@ -120,7 +120,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class CrossViewAttention(nn.Module):
     """Each view's tokens attend to the tokens of other views at the same latent frame.
     mode "ring": the two neighbours in the camera ring (MagicDrive; nuScenes views overlap only
-    with their neighbours, and it costs 2x a spatial attention instead of Vx); "all": every view."""
+    with their neighbours, and it costs 2x a spatial attention instead of Vx); "all": every view.
+    The update is scaled by a per-channel gate that starts at zero, so a fresh block is an
+    identity like every other adaLN-zero branch (and adding the layer to a trained model is too)."""
 
     def __init__(self, dim: int, heads: int, mode: str = "ring"):
         super().__init__()
@@ -129,6 +131,7 @@ class CrossViewAttention(nn.Module):
         self.mode = mode
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
+        self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, V, T', S, D) -> residual update, same shape."""
@@ -138,7 +141,7 @@ class CrossViewAttention(nn.Module):
             ctx = torch.cat([h.roll(1, dims=1), h.roll(-1, dims=1)], dim=3)            # (B, V, T', 2S, D)
         else:
             ctx = h.permute(0, 2, 1, 3, 4).reshape(B, 1, T, V * S, D).expand(B, V, T, V * S, D)
-        return self.attn(h, ctx)
+        return self.gate.to(x.dtype) * self.attn(h, ctx)
 
 
 class STDiTBlock(nn.Module):

@@ -23,6 +23,8 @@ class ModelConfig:
     controlnet_depth: int = 13    # K: block pairs copied into the BEV ControlNet (0 = no ControlNet)
     bev_stem: tuple[int, ...] = (32, 96, 256)  # conv stem widths, each stride 2: 200 -> 25 cells
     pe_base: float = 32.0         # spatial sincos positions rescaled to a base x base token grid
+    temporal: bool = True         # False: spatial blocks only (paper stage 1); stage 2 inserts them as identities
+    controlnet_cross_view: bool = True  # False: the ControlNet's block copies skip cross-view attention
 
     def __post_init__(self):
         self.bev_stem = tuple(int(c) for c in self.bev_stem)
@@ -32,6 +34,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: controlnet_depth {self.controlnet_depth} must be in [0, depth={self.depth}]")
         if self.cross_view not in ("ring", "all", "none"):
             raise ValueError(f"ModelConfig: cross_view {self.cross_view!r}; use 'ring', 'all' or 'none'")
+
+    def block_layout(self, pairs: int) -> list[bool]:
+        """Whether each block of a stack of `pairs` is temporal: (spatial, temporal) pairs, or spatial
+        only when `temporal` is False (paper stage 1). Base and ControlNet share it, so ControlNet
+        residual i always lands after base block i."""
+        return [False, True] * pairs if self.temporal else [False] * pairs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

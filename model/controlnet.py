@@ -11,7 +11,9 @@ map masks (B, T, 8, 200, 200)
      carry the BEV cell position, so attention can learn the ground-plane <-> image mapping
      (B, V, T', S, D)
   -> zero-initialised projection added to the noisy-latent tokens
-  -> copies of the first K backbone block pairs (same conditions, same timestep)
+  -> copies of the first K backbone block pairs (same conditions, same timestep; spatial blocks
+     only when cfg.temporal is False; without cross-view attention when cfg.controlnet_cross_view
+     is False, as the authors' stage configs)
   -> one zero-initialised linear per block, added to the output of the matching base block.
 """
 from __future__ import annotations
@@ -64,11 +66,10 @@ class BEVControlNet(nn.Module):
         self.norm_bev = nn.LayerNorm(D, eps=1e-6)
         self.bev_attn = Attention(D, cfg.heads)
         self.input_proj = nn.Linear(D, D)                                       # zero-init
-        self.blocks = nn.ModuleList(
-            STDiTBlock(D, cfg.heads, cfg.mlp_ratio, temporal=(i % 2 == 1),
-                       cross_view=None if cfg.cross_view == "none" else cfg.cross_view)
-            for i in range(2 * cfg.controlnet_depth))
-        self.out_projs = nn.ModuleList(nn.Linear(D, D) for _ in range(2 * cfg.controlnet_depth))  # zero-init
+        layout = cfg.block_layout(cfg.controlnet_depth)
+        cv = None if (cfg.cross_view == "none" or not cfg.controlnet_cross_view) else cfg.cross_view
+        self.blocks = nn.ModuleList(STDiTBlock(D, cfg.heads, cfg.mlp_ratio, temporal=t, cross_view=cv) for t in layout)
+        self.out_projs = nn.ModuleList(nn.Linear(D, D) for _ in layout)  # zero-init
         self.stride = cfg.patch * 8                                               # pixels per token
 
     def bev_tokens(self, bev: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 latent x (B, V, 16, T', H', W')  --pad H', W' to even, patchify (1, 2, 2)-->  tokens (B, V, T', S, D)
   + spatial sincos positions (rescaled to a reference grid, so any bucket works)
   -> depth x [spatial MVDiT block (self-attn over S, cross-view attn, cross-attn, MLP),
-              temporal block (self-attn over T' with RoPE, cross-attn, MLP)]
+              temporal block (self-attn over T' with RoPE, cross-attn, MLP; absent when
+              config.temporal is False, the image-only stage 1: model/stages.py inserts them later)]
      each modulated by adaLN-single from the timestep; ControlNet residuals added after the first 2K
   -> final adaLN layer -> unpatchify -> crop -> velocity (B, V, 16, T', H', W').
 
@@ -59,8 +60,7 @@ class MVDiT(nn.Module):
         self.null_traj = nn.Parameter(torch.zeros(D))
         cv = None if cfg.cross_view == "none" else cfg.cross_view
         self.blocks = nn.ModuleList(
-            STDiTBlock(D, cfg.heads, cfg.mlp_ratio, temporal=(i % 2 == 1), cross_view=cv)
-            for i in range(2 * cfg.depth))
+            STDiTBlock(D, cfg.heads, cfg.mlp_ratio, temporal=t, cross_view=cv) for t in cfg.block_layout(cfg.depth))
         self.controlnet = BEVControlNet(cfg) if cfg.controlnet_depth > 0 else None
         self.final = FinalLayer(D, cfg.in_channels * cfg.patch ** 2)
         self.gradient_checkpointing = False
@@ -69,7 +69,7 @@ class MVDiT(nn.Module):
     # ---- initialisation: the one place ---------------------------------------------------
     def initialize(self) -> None:
         """Xavier linears, zero biases; zero: adaLN-single projection and tables (blocks start as
-        identity, DiT's adaLN-Zero), cross-attention outputs (PixArt), final layer, ControlNet
+        identity, DiT's adaLN-Zero), cross-view gates, cross-attention outputs (PixArt), final layer, ControlNet
         input/output projections; ControlNet blocks start as copies of the base blocks."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -87,12 +87,16 @@ class MVDiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.scale_shift_table)
             nn.init.zeros_(block.cross_attn.proj.weight)
+            if block.cross_view is not None:
+                nn.init.zeros_(block.cross_view.gate)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.scale_shift_table)
         if self.controlnet is not None:
             self.controlnet.zero_init()
             for cblock, block in zip(self.controlnet.blocks, self.blocks):
-                cblock.load_state_dict(block.state_dict())
+                # strict=False: copies without cross-view attention (controlnet_cross_view=False) skip it
+                missing = cblock.load_state_dict(block.state_dict(), strict=False).missing_keys
+                assert not missing, missing
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled

@@ -36,7 +36,7 @@ class DataConfig:
     shuffle_buffer: int = 32           # samples held for shuffling inside a chunk
     text_cache: str | None = None      # model.text.TextEmbeddingCache folder (caption hash -> T5 states)
     text_encoder: str | None = None    # T5 folder, used for captions missing from the cache
-    text_max_length: int = 120
+    text_max_length: int = 300         # T5 tokens, as the paper and model/text.py (demo configs set less)
 
 
 @dataclass
@@ -77,6 +77,11 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3
     peak_tflops: float | None = None   # for MFU; default looked up from the GPU name
+    # stage transitions (paper Section 5.1): start from the weights of the previous stage's checkpoint;
+    # optimizer, step, data schedule, LR warm-up and EMA start fresh (the EMA from the loaded weights)
+    init_from: str | None = None       # checkpoint folder or run folder (its latest checkpoint)
+    init_weights: str = "model"        # which weights of it: model (where training left off) | ema
+    init_allow_drop: bool = False      # allow a config that drops trained modules (e.g. temporal: false)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +96,8 @@ class TrainConfig:
         flow = FlowConfig(**_known(FlowConfig, d.pop("flow", {}) or {}, "flow"))
         cfg = cls(data=data, flow=flow, **d)
         cfg.betas = tuple(cfg.betas)
+        if cfg.init_weights not in ("model", "ema"):
+            raise ValueError(f"init_weights {cfg.init_weights!r}: use 'model' or 'ema'")
         unknown_drop = set(cfg.drop) - set(DEFAULT_DROP)
         if unknown_drop:
             raise BadInput(f"drop: unknown conditions {sorted(unknown_drop)}; known: {list(DEFAULT_DROP)}")

@@ -57,7 +57,9 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over cfg.warmup steps, then constant (paper Appendix E)."""
+    """Linear warm-up over cfg.warmup steps, then constant (paper Appendix E). `step` counts from
+    the start of the stage: an --init-from run starts at step 0, so every stage gets the warm-up
+    of its own config (and --resume continues the stage's count)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
@@ -153,7 +155,9 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(cfg: TrainConfig, state_from: str | None = None):
+def build_model(cfg: TrainConfig, state_from: str | None = None, report=None):
+    """The model and its EMA: from a checkpoint being resumed (`state_from`), else the config's
+    preset, initialised from the previous stage (cfg.init_from) if set; then the EMA is a copy."""
     from model.registry import build_from_config, build_model as build_preset
     torch.manual_seed(cfg.seed)  # identical init on every rank
     if state_from:
@@ -161,6 +165,15 @@ def build_model(cfg: TrainConfig, state_from: str | None = None):
         model.load_state_dict(ckpt.load_weights(state_from, "model"))
     else:
         model = build_preset(cfg.model, **cfg.model_overrides)
+        if cfg.init_from:
+            from model.config import ModelConfig
+            from model.stages import init_from_state
+            src = ckpt.resolve(cfg.init_from)
+            rep = init_from_state(model, ckpt.load_weights(src, cfg.init_weights),
+                                  ModelConfig.from_dict(ckpt.load_config(src)["model"]), cfg.init_allow_drop,
+                                  where=f"--init-from {src}")
+            if report is not None:
+                report(f"init-from {src} ({cfg.init_weights} weights): {rep.summary()}")
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     if state_from:
         ema.load_state_dict(ckpt.load_weights(state_from, "ema"))
@@ -220,7 +233,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    model, ema = build_model(cfg, resume)
+    say = (lambda m: print(f"train: {m}", file=sys.stderr)) if rank == 0 else None
+    model, ema = build_model(cfg, resume, report=say)
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
@@ -349,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                                            "(must divide the world size and the head count)")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from a checkpoint folder, or (no value) from the latest checkpoint of --out")
+    ap.add_argument("--init-from", metavar="CKPT",
+                    help="start a new stage from the weights of a checkpoint (or run) folder: optimizer, step, "
+                         "warm-up and EMA start fresh; new modules start as identities (init_from)")
+    ap.add_argument("--init-allow-drop", action="store_true",
+                    help="with --init-from: allow the new config to drop trained modules (init_allow_drop)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config field, e.g. --set flow.cfg_scale=2.5 --set data.num_workers=2")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
@@ -356,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     resume = None
+    if a.init_from is not None and a.resume is not None:
+        ap.error("--init-from starts a new stage from a checkpoint's weights and --resume continues a run: use one")
+    if a.init_from is not None:
+        try:
+            a.init_from = str(ckpt.resolve(a.init_from))
+        except FileNotFoundError as e:
+            ap.error(f"--init-from: {e}")
     if a.resume is not None:
         if not a.resume and not a.out and not a.config:
             ap.error("--resume without a path needs --out (the run folder) or --config")
@@ -368,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, a.set, base=ckpt.load_config(resume)["train"])
     else:
         cfg = load_config(a.config, a.set)
+    if a.init_from is not None:
+        cfg.init_from = a.init_from
+    if a.init_allow_drop:
+        cfg.init_allow_drop = True
     for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed"), ("sp", "sp")):
         if getattr(a, flag) is not None:
             setattr(cfg, key, getattr(a, flag))
@@ -379,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         check_sp(cfg.sp, int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as e:
         ap.error(str(e))
-    summary = train(cfg, resume, progress=not a.no_progress)
+    from model.stages import StageInitError
+    try:
+        summary = train(cfg, resume, progress=not a.no_progress)
+    except StageInitError as e:
+        ap.error(str(e))
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
     if dist.is_initialized():
