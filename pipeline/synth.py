@@ -52,6 +52,7 @@ class SynthConfig:
     version: str = "v1.0-synth"
     map_name: str = "singapore-onenorth"
     progress: bool = True
+    tables_only: bool = False                  # no per-frame files (pipeline/synth_scale.py, the scale benchmark)
 
     def check(self) -> None:
         if self.scenes < 1:
@@ -214,13 +215,16 @@ class _SceneWriter:
             t["sample_data"] += recs
             sd_tokens[ch] = [r["token"] for r in recs]
             pose_of[ch], is_key[ch] = poses, key
-            if ch == lid:
+            if ch == lid and not cfg.tables_only:
                 payload = lidar_points()
                 for r in recs:
                     p = root / r["filename"]
                     p.parent.mkdir(parents=True, exist_ok=True)
                     p.write_bytes(payload)
         self._annotate(samples, key_ts)
+        if cfg.tables_only:
+            self.truth = {}
+            return 0, self.truth
         n_img = self._render(times, pose_of, sd_tokens, is_key, t["sample_data"])
         return n_img, self.truth
 
@@ -374,8 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default="v1.0-synth", help="table folder name (NuScenes(version=...))")
     p.add_argument("--map-name", default="singapore-onenorth", choices=schema.NUSCENES_MAPS,
                    help="log location / map-expansion name (must be a real nuScenes map name)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="tables + maps at nuScenes record counts, no rendering: camera/lidar records share a few "
+                        "files, 5 radars added (the scale benchmark's data set; pipeline/synth_scale.py)")
     a = p.parse_args(argv)
     try:
+        if a.tables_only:
+            from pipeline.synth_scale import write_tables_only
+            info = write_tables_only(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name,
+                                     progress=True)
+            print(f"wrote {len(info.scene_names)} scenes, records {info.extra['records']}, "
+                  f"{info.num_bytes / 1e6:.1f} MB in {info.seconds_taken:.1f} s -> {info.root}")
+            return 0
         info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True)
     except ValueError as e:
         p.error(str(e))
