@@ -27,6 +27,7 @@ from pipeline.buckets import clip_counts, load_stage, make_clip_index, write_cli
 from pipeline.manifest import QuarantineRecord
 from pipeline.nuscenes import DEFAULT_TOLERANCE_S, load_nuscenes
 from pipeline.scenestore import build_scene_store_status, open_scene_store
+from pipeline.tableindex import SceneTables, ensure_table_index, scene_names
 
 STAGE = "scenes"
 
@@ -65,18 +66,20 @@ class ScenesResult:
 
 def process_scene(dataroot: str, version: str, scene_name: str, out: str, force: bool = False,
                   tolerance_s: float = DEFAULT_TOLERANCE_S,
-                  bev_resolution_m: float = BevConfig.resolution_m) -> dict:
-    """Build (or reuse) one scene store; returns a summary dict. Raises on a broken scene."""
+                  bev_resolution_m: float = BevConfig.resolution_m, index: str | None = None) -> dict:
+    """Build (or reuse) one scene store; returns a summary dict. Raises on a broken scene.
+    ``index``: a pipeline/tableindex.py index (only this scene's records are read); None = the devkit."""
     t0 = time.perf_counter()
-    uri, computed = build_scene_store_status(dataroot, version, scene_name, out, force=force,
+    nusc = SceneTables(index, scene_name, dataroot) if index else None
+    uri, computed = build_scene_store_status(dataroot, version, scene_name, out, nusc=nusc, force=force,
                                              tolerance_s=tolerance_s, bev=BevConfig(resolution_m=bev_resolution_m))
     sc = open_scene_store(uri, heavy=False)
     return {"scene": scene_name, "uri": uri, "frames": sc.num_frames, "objects": int(sc.box_class.shape[0]),
             "problems": sc.problems, "computed": computed, "seconds": time.perf_counter() - t0}
 
 
-def list_scenes(dataroot: str, version: str) -> list[str]:
-    return sorted(s["name"] for s in load_nuscenes(dataroot, version).scene)
+def list_scenes(dataroot: str, version: str, index: str | None = None) -> list[str]:
+    return sorted(scene_names(index) if index else (s["name"] for s in load_nuscenes(dataroot, version).scene))
 
 
 def problem_records(summary: dict) -> list[QuarantineRecord]:
@@ -90,9 +93,10 @@ def problem_records(summary: dict) -> list[QuarantineRecord]:
 def process_scenes(cfg: ScenesConfig) -> ScenesResult:
     t0 = time.perf_counter()
     stage = load_stage(cfg.stage) if cfg.stage else None   # fail on a bad stage before hours of work
-    names = sorted(cfg.scenes) if cfg.scenes else list_scenes(cfg.dataroot, cfg.version)
+    index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out)   # the tables, read once for all workers
+    names = sorted(cfg.scenes) if cfg.scenes else list_scenes(cfg.dataroot, cfg.version, index)
     args = dict(dataroot=cfg.dataroot, version=cfg.version, out=cfg.out, force=cfg.force,
-                tolerance_s=cfg.tolerance_s, bev_resolution_m=cfg.bev_resolution_m)
+                tolerance_s=cfg.tolerance_s, bev_resolution_m=cfg.bev_resolution_m, index=index)
     summaries: dict[str, dict] = {}
     quarantine: list[QuarantineRecord] = []
     bar = tqdm(total=len(names), desc="scenes", unit="scene", disable=not cfg.progress, file=sys.stderr)
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="demo",
                    help="stage name (configs/stages/NAME.yaml) or YAML path for the clip index; 'none' = skip it")
     p.add_argument("--scene", action="append", dest="scenes", help="only this scene (repeatable)")
-    p.add_argument("--workers", type=int, default=1, help="processes; each loads the devkit tables once")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes; each reads only its scenes' records from the table index")
     p.add_argument("--force", action="store_true", help="recompute stores even when up to date")
     p.add_argument("--tolerance-ms", type=float, default=DEFAULT_TOLERANCE_S * 1000,
                    help="max time between CAM_FRONT and another view's matched frame")
