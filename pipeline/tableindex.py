@@ -23,13 +23,13 @@ import json
 import os
 import time
 from functools import lru_cache
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema, storage
+from pipeline.jsonstream import iter_json_array  # noqa: F401  (part of this module's API)
 
 INDEX_FORMAT = 1
 PER_SCENE = ("sample", "sample_data", "ego_pose", "sample_annotation", "instance")
@@ -39,38 +39,7 @@ META_FILE = "index.json"
 BATCH = 50_000                # records per arrow batch while parsing (bounds the Python objects alive)
 
 
-# ---- streaming JSON ------------------------------------------------------------------------------
-
-def iter_json_array(path: str, chunk: int = 1 << 22) -> Iterator[dict]:
-    """The records of a JSON array file, one at a time, reading ``chunk`` characters at a time."""
-    dec = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf, pos, eof, started = "", 0, False, False
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if not started and pos < len(buf):
-                if buf[pos] != "[":
-                    raise ValueError(f"{path}: not a JSON array (starts with {buf[pos:pos + 20]!r})")
-                started, pos = True, pos + 1
-                continue
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                if pos >= len(buf):
-                    raise json.JSONDecodeError("need more", buf, pos)
-                rec, end = dec.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if eof:
-                    raise ValueError(f"{path}: malformed JSON near character {e.pos}: {e.msg}; re-download or "
-                                     "regenerate the table") from None
-                more = f.read(chunk)
-                eof = not more
-                buf, pos = buf[pos:] + more, 0
-                continue
-            yield rec
-            pos = end
-
+# ---- streaming JSON -> arrow ----------------------------------------------------------------------
 
 def read_table_json(path: str) -> pa.Table:
     """One nuScenes table as arrow, parsed in batches of BATCH records (schemas unified across batches)."""
@@ -251,7 +220,8 @@ class SceneTables:
     def _decorate(self) -> None:
         """What NuScenes.__make_reverse_index__ adds, in the same order."""
         for r in self.sample_annotation:
-            r["category_name"] = self.get("category", self.get("instance", r["instance_token"])["category_token"])["name"]
+            inst = self.get("instance", r["instance_token"])
+            r["category_name"] = self.get("category", inst["category_token"])["name"]
         for r in self.sample_data:
             sensor = self.get("sensor", self.get("calibrated_sensor", r["calibrated_sensor_token"])["sensor_token"])
             r["sensor_modality"], r["channel"] = sensor["modality"], sensor["channel"]

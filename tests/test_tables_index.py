@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.nuscenes import load_nuscenes
+from pipeline.bevmap import map_geometry
+from pipeline.mapcrop import MapCropper, load_geometry
+from pipeline.nuscenes import load_map, load_nuscenes
 from pipeline.scenestore import build_scene_store_status, open_scene_store
 from pipeline.tableindex import PER_SCENE, WHOLE, SceneTables, build_table_index, ensure_table_index, \
     iter_json_array, read_meta
@@ -59,13 +61,16 @@ def test_scene_records_equal_the_devkit(synth_dataset, index):
 
 
 def test_scene_store_identical_both_ways(synth_dataset, index, tmp_path):
-    """The scene code runs unchanged on either source and writes the same arrays, attrs and inputs hash."""
+    """The scene code runs unchanged on either source (devkit + NuScenesMap, or table index + map crop) and
+    writes the same arrays, attrs and inputs hash."""
     uri, _ = index
     root, version = str(synth_dataset.root), synth_dataset.version
     nusc = load_nuscenes(root, version)
+    cropper = MapCropper(uri, root, synth_dataset.scene_names)
     for name in synth_dataset.scene_names:
         a, _ = build_scene_store_status(root, version, name, str(tmp_path / "devkit"), nusc=nusc)
-        b, _ = build_scene_store_status(root, version, name, str(tmp_path / "index"), nusc=SceneTables(uri, name))
+        b, _ = build_scene_store_status(root, version, name, str(tmp_path / "index"), nusc=SceneTables(uri, name),
+                                        nusc_map=cropper.crop(name))
         sa, sb = open_scene_store(a), open_scene_store(b)
         for field in ("timestamps_us", "keyframe", "frame_paths", "frame_ok", "lidar2global", "intrinsics",
                       "cam2lidar", "box_class", "box_track", "instance_tokens", "boxes", "box_mask", "visibility",
@@ -74,6 +79,28 @@ def test_scene_store_identical_both_ways(synth_dataset, index, tmp_path):
         assert sa.problems == sb.problems and sa.split == sb.split and sa.map_name == sb.map_name
         import zarr
         assert zarr.open_group(a, mode="r").attrs["inputs_hash"] == zarr.open_group(b, mode="r").attrs["inputs_hash"]
+
+
+def test_streamed_map_geometry_equals_the_devkit_maps(synth_dataset, index):
+    """load_geometry (no NuScenesMap) = bevmap.map_geometry(NuScenesMap), element for element; a crop keeps the
+    elements near its scene only."""
+    uri, _ = index
+    path = synth_dataset.root / "maps" / "expansion" / f"{synth_dataset.map_name}.json"
+    ref, got = map_geometry(load_map(str(synth_dataset.root), synth_dataset.map_name)), load_geometry(str(path))
+    for layer, items in ref.polygons.items():
+        assert len(got.polygons[layer]) == len(items) > 0, layer
+        for (e0, h0), (e1, h1) in zip(items, got.polygons[layer]):
+            np.testing.assert_array_equal(e0, e1)
+            assert len(h0) == len(h1) and all(np.array_equal(a, b) for a, b in zip(h0, h1))
+    for layer, items in ref.lines.items():
+        assert len(got.lines[layer]) == len(items) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(items, got.lines[layer]))
+    for k in ref.poly_bbox:
+        np.testing.assert_array_equal(ref.poly_bbox[k], got.poly_bbox[k])
+    crops = [MapCropper(uri, str(synth_dataset.root), synth_dataset.scene_names).crop(n)
+             for n in synth_dataset.scene_names]
+    sizes = [sum(len(v) for v in c.bev_geometry.polygons.values()) for c in crops]
+    assert all(0 < n < sum(len(v) for v in ref.polygons.values()) for n in sizes), sizes   # scenes sit apart
 
 
 def test_index_is_reused_and_rebuilt_when_tables_change(synth_dataset, index, tmp_path):
