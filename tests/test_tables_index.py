@@ -117,17 +117,19 @@ def test_index_is_reused_and_rebuilt_when_tables_change(synth_dataset, index, tm
 @pytest.mark.slow
 def test_scene_tasks_hold_one_scene_not_the_table_set(ray_local, tmp_path):
     """Scene synth-0000 is the same in a 1-scene and a 3-scene table set: the Ray scene tasks of the real build
-    hold the same records for it (not more with more scenes) and no devkit object is ever created."""
+    hold the same records for it (not more with more scenes) and no devkit object (NuScenes, NuScenesMap) is
+    ever created in a worker."""
     from pipeline.build import _run_scenes
     from pipeline.build_config import BuildConfig
     from pipeline.synth_scale import write_tables_only
     def held_by_scene_task(uri: str, scene: str) -> dict:
         """What a scene task holds: its SceneTables' record counts; and any full devkit object in the process."""
+        from nuscenes.map_expansion.map_api import NuScenesMap
         from nuscenes.nuscenes import NuScenes
         from pipeline import build
         st = SceneTables(uri, scene)
         return {"records": {t: len(getattr(st, t)) for t in PER_SCENE},
-                "devkit_objects": sum(isinstance(o, NuScenes) for o in gc.get_objects()),
+                "devkit_objects": sum(isinstance(o, (NuScenes, NuScenesMap)) for o in gc.get_objects()),
                 "cached_devkit": len(build._NUSC)}
 
     held = []   # the probe is a closure so that Ray ships it by value (tests/ is not importable in workers)
