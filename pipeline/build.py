@@ -131,7 +131,7 @@ def _run_scenes(ray, cfg, names, quarantine, secs):
     t0 = time.perf_counter()
     index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out)   # tables read once per job, not per worker
     cropper = MapCropper(index, cfg.dataroot, names)                  # maps too: each read once, cut per scene
-    secs["table_index"] = time.perf_counter() - t0
+    secs["tables"] = time.perf_counter() - t0
     task = ray.remote(**RESOURCES["scene_task"])(scene_task)
     todo, refs = list(reversed(names)), []
     inflight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))   # crops ride with their tasks: bounded

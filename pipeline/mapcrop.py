@@ -11,6 +11,7 @@ a ``MapCrop`` where it takes a ``NuScenesMap`` and gives the same masks (tests/t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -94,6 +95,12 @@ def crop(geo: _MapGeometry, map_name: str, xy: np.ndarray) -> MapCrop:
                                           {k: geo.line_bbox[k][lk[k]].reshape(-1, 4) for k in geo.line_bbox}))
 
 
+@lru_cache(maxsize=4)
+def _cached_geometry(path: str, size: int, mtime_ns: int) -> _MapGeometry:
+    """Once per driver process and map file version (a notebook or test running several builds)."""
+    return load_geometry(path)
+
+
 class MapCropper:
     """Each map the scenes use, streamed once into geometry; ``crop(scene)`` cuts one scene's part (cheap), so
     crops can be made as tasks are submitted and only the in-flight ones exist at a time."""
@@ -112,7 +119,8 @@ class MapCropper:
         for map_name in sorted(set(self.map_of.values())):
             path = os.path.join(dataroot, "maps", "expansion", f"{map_name}.json")
             if os.path.exists(path):   # else no crop: each of its scenes fails (quarantined) saying the map is missing
-                self.geo[map_name] = load_geometry(path)
+                st = os.stat(path)
+                self.geo[map_name] = _cached_geometry(path, st.st_size, st.st_mtime_ns)
 
     def crop(self, scene_name: str) -> MapCrop | None:
         """None for a scene without poses or map (its task then fails with the scene code's own error)."""
