@@ -152,7 +152,7 @@ class _Scene:
         self.dataset, self.views, self.image_size = version, f["views"], tuple(f["image_size"])
         self.keyframe, self.frame_ok = f["keyframe"], f["frame_ok"]
         self.num_frames = int(self.keyframe.shape[0])
-        self.frame_paths = np.full(self.frame_ok.shape, "", object)
+        self.frame_paths = np.empty((self.num_frames, 0), object)   # the clips' path lists are not needed
 
 
 def _facts_star(args):
@@ -205,10 +205,12 @@ def make_plan(cfg: PlanConfig) -> Plan:
         need.setdefault((c["scene_name"], c["bucket"]), set()).update(range(s, s + t))
     for (scene, bucket), frames in need.items():
         buckets[bucket].decode_frames += len(frames) * len(by_name[scene]["views"])
+    bucket_of = {c["key"]: c["bucket"] for c in clips}   # a "full" clip's shard is named by its actual T
     for p in shards:
-        buckets[p.bucket].shards += 1
-        buckets[p.bucket].bytes += 2 * TAR_BLOCK * 10     # tar end-of-archive blocks (and padding to 10 KiB)
-        buckets[p.bucket].bytes_schema2 += 2 * TAR_BLOCK * 10
+        b = buckets[bucket_of[p.clips[0].key]]
+        b.shards += 1
+        b.bytes += 2 * TAR_BLOCK * 10     # tar end-of-archive blocks (and padding to 10 KiB)
+        b.bytes_schema2 += 2 * TAR_BLOCK * 10
     px = sum(b.pixel_frames for b in buckets.values())
     tflop = px * FLOP_PER_PIXEL_FRAME / 1e12
     dec_s = sum(len(frames) * len(by_name[scene]["views"]) * h * w / DECODE_REF_PIXELS / cfg.decode_fps_per_core
