@@ -66,7 +66,11 @@ def _bbox(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def map_geometry(nusc_map) -> _MapGeometry:
-    """Vertex arrays of the eight layers, cached per NuScenesMap instance."""
+    """Vertex arrays of the eight layers, cached per NuScenesMap instance (a pipeline/mapcrop.py MapCrop
+    carries its own)."""
+    crop = getattr(nusc_map, "bev_geometry", None)
+    if crop is not None:
+        return crop
     geo = _GEOMETRY.get(nusc_map)
     if geo is not None:
         return geo

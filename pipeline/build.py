@@ -55,14 +55,21 @@ RESOURCES: dict[str, dict] = {
 _NUSC: dict = {}
 
 
-def scene_task(dataroot: str, version: str, scene_name: str, out: str):
-    """Build (or reuse) one scene store; the devkit tables load once per worker process."""
+def scene_task(dataroot: str, version: str, scene_name: str, out: str, index: str | None = None, map_crop=None):
+    """Build (or reuse) one scene store. With ``index`` (the driver's pipeline/tableindex.py index) the task
+    reads only its scene's records, and ``map_crop`` (pipeline/mapcrop.py) is its part of the map; without,
+    the full devkit tables and map load once per worker process."""
     from pipeline.nuscenes import load_nuscenes
     from pipeline.scenestore import build_scene_store
-    if (dataroot, version) not in _NUSC:
-        _NUSC[(dataroot, version)] = load_nuscenes(dataroot, version)
     try:
-        uri = build_scene_store(dataroot, version, scene_name, out, nusc=_NUSC[(dataroot, version)])
+        if index:
+            from pipeline.tableindex import SceneTables
+            nusc = SceneTables(index, scene_name, dataroot)
+        else:
+            if (dataroot, version) not in _NUSC:
+                _NUSC[(dataroot, version)] = load_nuscenes(dataroot, version)
+            nusc = _NUSC[(dataroot, version)]
+        uri = build_scene_store(dataroot, version, scene_name, out, nusc=nusc, nusc_map=map_crop)
         return scene_name, uri, None
     except Exception as e:  # one broken scene must not stop the others
         return scene_name, None, f"{type(e).__name__}: {e}"
@@ -121,15 +128,28 @@ def _scene_names(cfg: BuildConfig) -> list[str]:
 
 
 def _run_scenes(ray, cfg, names, quarantine, secs):
+    from pipeline.mapcrop import MapCropper
     from pipeline.scenes import problem_records
     from pipeline.scenestore import open_scene_store
+    from pipeline.tableindex import ensure_table_index
     t0 = time.perf_counter()
+    index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out)   # tables read once per job, not per worker
+    cropper = MapCropper(index, cfg.dataroot, names)                  # maps too: each read once, cut per scene
+    secs["tables"] = time.perf_counter() - t0
     task = ray.remote(**RESOURCES["scene_task"])(scene_task)
-    refs = [task.remote(cfg.dataroot, cfg.version, n, cfg.out) for n in names]
+    todo, refs = list(reversed(names)), []
+    inflight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))   # crops ride with their tasks: bounded
+
+    def submit():
+        while todo and len(refs) < inflight:
+            n = todo.pop()
+            refs.append(task.remote(cfg.dataroot, cfg.version, n, cfg.out, index, cropper.crop(n)))
     uris = {}
-    with _bar(cfg, len(refs), "scenes") as bar:
+    with _bar(cfg, len(names), "scenes") as bar:
+        submit()
         while refs:
-            done, refs = ray.wait(refs, num_returns=1)
+            done, refs[:] = ray.wait(refs, num_returns=1)
+            submit()
             name, uri, err = ray.get(done[0])
             if err:
                 quarantine.append(QuarantineRecord("scenes", name, "scene_failed", err))

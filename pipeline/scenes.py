@@ -25,8 +25,10 @@ from pipeline import cli, manifest
 from pipeline.bevmap import BevConfig
 from pipeline.buckets import clip_counts, load_stage, make_clip_index, write_clip_index
 from pipeline.manifest import QuarantineRecord
+from pipeline.mapcrop import MapCropper
 from pipeline.nuscenes import DEFAULT_TOLERANCE_S, check_tables, load_nuscenes
 from pipeline.scenestore import build_scene_store_status, open_scene_store
+from pipeline.tableindex import SceneTables, ensure_table_index, scene_names
 
 STAGE = "scenes"
 
@@ -65,18 +67,23 @@ class ScenesResult:
 
 def process_scene(dataroot: str, version: str, scene_name: str, out: str, force: bool = False,
                   tolerance_s: float = DEFAULT_TOLERANCE_S,
-                  bev_resolution_m: float = BevConfig.resolution_m) -> dict:
-    """Build (or reuse) one scene store; returns a summary dict. Raises on a broken scene."""
+                  bev_resolution_m: float = BevConfig.resolution_m, index: str | None = None,
+                  map_crop=None) -> dict:
+    """Build (or reuse) one scene store; returns a summary dict. Raises on a broken scene.
+    ``index``: a pipeline/tableindex.py index (only this scene's records are read), ``map_crop`` its part of the
+    map (pipeline/mapcrop.py); None = the devkit's tables / NuScenesMap."""
     t0 = time.perf_counter()
-    uri, computed = build_scene_store_status(dataroot, version, scene_name, out, force=force,
+    nusc = SceneTables(index, scene_name, dataroot) if index else None
+    uri, computed = build_scene_store_status(dataroot, version, scene_name, out, nusc=nusc, nusc_map=map_crop,
+                                             force=force,
                                              tolerance_s=tolerance_s, bev=BevConfig(resolution_m=bev_resolution_m))
     sc = open_scene_store(uri, heavy=False)
     return {"scene": scene_name, "uri": uri, "frames": sc.num_frames, "objects": int(sc.box_class.shape[0]),
             "problems": sc.problems, "computed": computed, "seconds": time.perf_counter() - t0}
 
 
-def list_scenes(dataroot: str, version: str) -> list[str]:
-    return sorted(s["name"] for s in load_nuscenes(dataroot, version).scene)
+def list_scenes(dataroot: str, version: str, index: str | None = None) -> list[str]:
+    return sorted(scene_names(index) if index else (s["name"] for s in load_nuscenes(dataroot, version).scene))
 
 
 def problem_records(summary: dict) -> list[QuarantineRecord]:
@@ -91,9 +98,11 @@ def process_scenes(cfg: ScenesConfig) -> ScenesResult:
     t0 = time.perf_counter()
     stage = load_stage(cfg.stage) if cfg.stage else None   # fail on a bad stage before hours of work
     check_tables(cfg.dataroot, cfg.version)                 # and on a wrong --dataroot / --version
-    names = sorted(cfg.scenes) if cfg.scenes else list_scenes(cfg.dataroot, cfg.version)
+    index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out)   # the tables, read once for all workers
+    names = sorted(cfg.scenes) if cfg.scenes else list_scenes(cfg.dataroot, cfg.version, index)
+    cropper = MapCropper(index, cfg.dataroot, names)                  # and each map
     args = dict(dataroot=cfg.dataroot, version=cfg.version, out=cfg.out, force=cfg.force,
-                tolerance_s=cfg.tolerance_s, bev_resolution_m=cfg.bev_resolution_m)
+                tolerance_s=cfg.tolerance_s, bev_resolution_m=cfg.bev_resolution_m, index=index)
     summaries: dict[str, dict] = {}
     quarantine: list[QuarantineRecord] = []
     bar = tqdm(total=len(names), desc="scenes", unit="scene", disable=not cfg.progress, file=sys.stderr)
@@ -108,10 +117,10 @@ def process_scenes(cfg: ScenesConfig) -> ScenesResult:
 
     if cfg.workers <= 1:
         for name in names:
-            done(name, lambda n=name: process_scene(scene_name=n, **args))
+            done(name, lambda n=name: process_scene(scene_name=n, map_crop=cropper.crop(n), **args))
     else:
         with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-            futures = {pool.submit(process_scene, scene_name=n, **args): n for n in names}
+            futures = {pool.submit(process_scene, scene_name=n, map_crop=cropper.crop(n), **args): n for n in names}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result)
     bar.close()
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="demo",
                    help="stage name (configs/stages/NAME.yaml) or YAML path for the clip index; 'none' = skip it")
     p.add_argument("--scene", action="append", dest="scenes", help="only this scene (repeatable)")
-    p.add_argument("--workers", type=int, default=1, help="processes; each loads the devkit tables once")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes; each reads only its scenes' records from the table index")
     p.add_argument("--force", action="store_true", help="recompute stores even when up to date")
     p.add_argument("--tolerance-ms", type=float, default=DEFAULT_TOLERANCE_S * 1000,
                    help="max distance of a view's frame from its expected time in the trigger round "

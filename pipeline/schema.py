@@ -144,6 +144,7 @@ CAPTIONS_FILE = "captions.parquet"                          # relative to --out
 WORK_DIR = "_work"                                          # relative to --out
 SCENE_STORE_TEMPLATE = WORK_DIR + "/scenes/{scene_name}.zarr"
 CLIP_INDEX_FILE = WORK_DIR + "/clips.parquet"
+TABLE_INDEX_TEMPLATE = WORK_DIR + "/tables/{version}"          # per-scene columnar tables (pipeline/tableindex.py)
 DATASET_CARD_FILE = "README.md"
 
 
@@ -165,6 +166,10 @@ def shard_path(split: str, height: int, width: int, num_frames: int, index: int)
 
 def manifest_path(split: str) -> str:
     return MANIFEST_TEMPLATE.format(split=split)
+
+
+def table_index_path(version: str) -> str:
+    return TABLE_INDEX_TEMPLATE.format(version=version)
 
 
 def scene_store_path(scene_name: str) -> str:

@@ -55,6 +55,7 @@ class SynthConfig:
     progress: bool = True
     rig: str = "nuscenes"       # see RIGS
     drop_rate: float = DROP_RATE
+    tables_only: bool = False   # no per-frame files (pipeline/synth_scale.py, the scale benchmark)
 
     @property
     def regular(self) -> bool:
@@ -227,13 +228,16 @@ class _SceneWriter:
             t["sample_data"] += recs
             sd_tokens[ch] = [r["token"] for r in recs]
             pose_of[ch], is_key[ch] = poses, key
-            if ch == lid:
+            if ch == lid and not cfg.tables_only:
                 payload = lidar_points()
                 for r in recs:
                     p = root / r["filename"]
                     p.parent.mkdir(parents=True, exist_ok=True)
                     p.write_bytes(payload)
         self._annotate(samples, key_ts)
+        if cfg.tables_only:
+            self.truth = {}
+            return 0, self.truth
         n_img = self._render(times, pose_of, sd_tokens, is_key, t["sample_data"])
         return n_img, self.truth
 
@@ -405,9 +409,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="the old rig: cameras every 83 ms, no dropped images, no mount tilt, no map holes")
     p.add_argument("--drop-rate", type=float, default=DROP_RATE,
                    help=f"share of each camera's non-keyframe images not recorded (default {DROP_RATE})")
+    p.add_argument("--tables-only", action="store_true",
+                   help="tables + maps at nuScenes record counts, no rendering: camera/lidar records share a few "
+                        "files, 5 radars added (the scale benchmark's data set; pipeline/synth_scale.py)")
     a = p.parse_args(argv)
+    rig = dict(rig="regular" if a.regular_rig else "nuscenes", drop_rate=a.drop_rate)
+    if a.tables_only:
+        from pipeline.synth_scale import write_tables_only
+        info = write_tables_only(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name,
+                                 progress=True)
+        print(f"wrote {len(info.scene_names)} scenes, records {info.extra['records']}, "
+              f"{info.num_bytes / 1e6:.1f} MB in {info.seconds_taken:.1f} s -> {info.root}")
+        return 0
     info = write_dataset(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name, progress=True,
-                         rig="regular" if a.regular_rig else "nuscenes", drop_rate=a.drop_rate)
+                         **rig)
     print(f"wrote {len(info.scene_names)} scenes ({', '.join(info.scene_names)}), {info.num_samples} samples, "
           f"{info.num_annotations} annotations, {info.num_images} images, {info.num_bytes / 1e6:.1f} MB "
           f"in {info.seconds_taken:.1f} s -> {info.root} (version {info.version}, map {info.map_name})")

@@ -211,3 +211,35 @@ def test_dataset_card_lists_what_the_manifests_hold(ref):
             assert f"| {split} | {bucket} | {shards} | {samples} |" in card, (split, bucket)
     assert f"Quarantined items (see `{schema.QUARANTINE_FILE}`): 0." in card
     assert "mdv2-stats" in card and "train.train" in card
+
+
+def test_capacity_plan_matches_the_reference_build(ref, synth_dataset, tmp_path, capsys):
+    """mdv2-plan, which decodes and encodes nothing, predicts the build's clips, samples and shards per bucket
+    exactly and its bytes within 10 %; schema 2.0's members add bytes."""
+    from pipeline.plan import main as plan_main
+    out, summary = ref
+    path = tmp_path / "plan.json"
+    assert plan_main(["--config", STAGE, "--dataroot", str(synth_dataset.root), "--version", synth_dataset.version,
+                      "--samples-per-shard", "4", "--workers", "1", "--json", str(path)]) == 0
+    assert "total" in capsys.readouterr().out
+    import json
+    plan = json.loads(path.read_text())
+    records = [r for s in ("train", "val") for r in read_manifest(str(out), s)]
+    got = {}
+    for r in records:
+        g = got.setdefault(r.bucket, {"shards": 0, "samples": 0, "bytes": 0})
+        g["shards"], g["samples"], g["bytes"] = g["shards"] + 1, g["samples"] + r.samples, g["bytes"] + r.bytes
+    planned = {b: p for b, p in plan["buckets"].items() if p["clips"]}
+    assert {b: p["clips"] for b, p in planned.items()} == summary.clips
+    assert {b: (p["shards"], p["samples"]) for b, p in planned.items()} == \
+        {b: (g["shards"], g["samples"]) for b, g in got.items()}
+    for b, g in got.items():
+        assert abs(planned[b]["bytes"] / g["bytes"] - 1) < 0.10, (b, planned[b]["bytes"], g["bytes"])
+    assert plan["tflops"] > 0 and plan["gpu_hours"] > 0 and plan["decode_cpu_hours"] > 0
+
+
+def test_capacity_plan_bad_input_is_one_error_line(tmp_path, capsys):
+    from pipeline.plan import main as plan_main
+    assert plan_main(["--config", "demo", "--dataroot", str(tmp_path), "--version", "v1.0-nothere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mdv2-plan: error:") and "no nuScenes tables" in err[0]
