@@ -242,4 +242,4 @@ def test_capacity_plan_bad_input_is_one_error_line(tmp_path, capsys):
     from pipeline.plan import main as plan_main
     assert plan_main(["--config", "demo", "--dataroot", str(tmp_path), "--version", "v1.0-nothere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mdv2-plan: error:") and "no nuScenes tables" in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and "v1.0-nothere" in err[0]
