@@ -25,14 +25,14 @@ setup: $(VENV)/.installed
 # demo-data: the shards and the caption cache that `demo` and `stages` train on.
 demo-data: setup
 	$(PY) -m pipeline.synth --out $(DEMO)/nuscenes --scenes 2 --seconds 8 --image-size 400x225 --seed 0
-	$(PY) -m pipeline.vae --out $(DEMO)/tiny-cogvae
+	$(PY) -m pipeline.shards.vae --out $(DEMO)/tiny-cogvae
 	$(PY) pipeline/build.py --config demo --dataroot $(DEMO)/nuscenes --version v1.0-synth \
 	    --out $(DEMO)/shards --vae $(DEMO)/tiny-cogvae
 	$(PY) -m model.text tiny $(DEMO)/t5
 	$(PY) -m model.text build --t5 $(DEMO)/t5 --captions $(DEMO)/shards --out $(DEMO)/text_cache --max-length 64
 
 demo: demo-data
-	$(PY) -m pipeline.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
+	$(PY) -m pipeline.tools.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
 	    --dataroot $(DEMO)/nuscenes --png $(DEMO)/preview.png > /dev/null
 	$(PY) -m train.train --config configs/train/demo.yaml --data-root $(DEMO)/shards \
 	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS)

@@ -62,8 +62,8 @@ def best(fn, repeats: int = 3) -> tuple[Timer, object]:
 def synthetic_scene(keep: str | None, prefix: str, seed: int):
     """A 20 s synthetic scene (written once, or reused from --keep DIR): (root, NuScenes, scene name, NuScenesMap)."""
     import tempfile
-    from pipeline.nuscenes import load_map, load_nuscenes
-    from pipeline.synth import write_dataset
+    from pipeline.scenes.nuscenes import load_map, load_nuscenes
+    from pipeline.synth.writer import write_dataset
     root = keep or tempfile.mkdtemp(prefix=prefix)
     if not os.path.isdir(os.path.join(root, "v1.0-synth")):
         write_dataset(root, scenes=1, seconds=20.0, image_size=(160, 90), seed=seed)

@@ -20,9 +20,9 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="write/reuse the synthetic dataset here")
     a = p.parse_args()
     cv2.setNumThreads(1)
-    from pipeline import schema
-    from pipeline.bevmap import BevConfig, bev_fast_bits, bev_reference, bits_to_masks, map_geometry, per_class_iou
-    from pipeline.nuscenes import build_timeline
+    from pipeline.contract import schema
+    from pipeline.scenes.bevmap import BevConfig, bev_fast_bits, bev_reference, bits_to_masks, map_geometry, per_class_iou
+    from pipeline.scenes.nuscenes import build_timeline
 
     _, nusc, name, nusc_map = synthetic_scene(a.keep, "bench_bev_", seed=0)
     tl = build_timeline(nusc, name, check_files=False)

@@ -32,7 +32,7 @@ from PIL import Image
 from captions.config import CaptionConfig
 from captions.engine import CaptionItem, run_captions
 from captions.images import View
-from pipeline import schema
+from pipeline.contract import schema
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@
    build command against the warm loop alone (the old figure); `encode_write_vs_serial`: the
    encode+write stage, less its wait for the actor's model load, against the warm loop
    (`..._incl_model_wait` with it). `build_timeline`: Ray's task timeline per stage (busy
-   seconds, span, busy share; pipeline/timeline.py).
+   seconds, span, busy share; pipeline/tools/timeline.py).
 
     python bench/encode.py [--quick] [--build-only] [--build-seconds 6]
 """
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bench_frames(root: str, n: int) -> dict:
     import cv2
-    from pipeline.frames import decode_resize_crop, full_decode_resize_crop
+    from pipeline.shards.frames import decode_resize_crop, full_decode_resize_crop
     cv2.setNumThreads(1)
     paths = sorted(glob.glob(f"{root}/samples/*/*.jpg") + glob.glob(f"{root}/sweeps/*/*.jpg"))[:n]
     out = {}
@@ -74,7 +74,7 @@ def flop_per_pixel_frame() -> float:
 
 def bench_vae(vae_dir: str) -> dict:
     import torch
-    from pipeline.encode import EncodeConfig, VaeEncoder
+    from pipeline.shards.encode import EncodeConfig, VaeEncoder
     torch.set_num_threads(1)
     enc = VaeEncoder(EncodeConfig(vae=vae_dir, device="cpu"))
     x = np.random.default_rng(0).integers(0, 256, (1, 17, 64, 128, 3), dtype=np.uint8)  # (V, T, H, W, 3)
@@ -108,9 +108,9 @@ def bench_build(root: str, version: str, vae_dir: str, out: str, cpus: int = 2) 
     clips decoded and encoded serially, the VAE on one torch thread in both (the build's actor gets
     --encode-cpus 1 = one thread; its other CPU decodes and writes)."""
     import subprocess
-    from pipeline import schema
-    from pipeline.buckets import read_clip_index
-    from pipeline.timeline import read_timeline, stage_busy
+    from pipeline.contract import schema
+    from pipeline.scenes.buckets import read_clip_index
+    from pipeline.tools.timeline import read_timeline, stage_busy
     stage = str(REPO / "tests" / "data" / "build_test_stage.yaml")
     timeline = os.path.join(os.path.dirname(out), "timeline.json")
     cmd = [sys.executable, str(REPO / "pipeline" / "build.py"), "--config", stage, "--dataroot", root, "--version",
@@ -153,9 +153,9 @@ def bench_build(root: str, version: str, vae_dir: str, out: str, cpus: int = 2) 
 def serial_loop(root: str, out: str, vae_dir: str) -> float:
     """Decode + encode every clip of the build's clip index in this process, one clip after the other, with
     the VAE on one torch thread like the build's actor (no Ray, no writing, no latent reuse): seconds."""
-    from pipeline.buckets import read_clip_index
-    from pipeline.encode import EncodeConfig, VaeEncoder
-    from pipeline.frames import decode_frames
+    from pipeline.scenes.buckets import read_clip_index
+    from pipeline.shards.encode import EncodeConfig, VaeEncoder
+    from pipeline.shards.frames import decode_frames
     clips = read_clip_index(out).to_pylist()
     enc = VaeEncoder(EncodeConfig(vae=vae_dir, device="cpu", torch_threads=1))
     with Timer() as e:
@@ -177,8 +177,8 @@ def main() -> None:
     if a.serial:
         serial_loop(*a.serial)
         return
-    from pipeline.synth import write_dataset
-    from pipeline.vae import write_tiny_vae
+    from pipeline.synth.writer import write_dataset
+    from pipeline.shards.vae import write_tiny_vae
     figs = {}
     with tempfile.TemporaryDirectory() as tmp:
         vae_dir = write_tiny_vae(Path(tmp) / "tiny-cogvae")

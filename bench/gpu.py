@@ -6,7 +6,7 @@
 
 (a) CogVAE encode of one 6-view 17 x 424 x 800 clip with the real CogVideoX-2b VAE
     architecture (diffusers `AutoencoderKLCogVideoX()` defaults are the 2b VAE) and random
-    weights, bf16, set up as pipeline/encode.py's `load_vae` does (frame batch 8, one view at a
+    weights, bf16, set up as pipeline/shards/encode.py's `load_vae` does (frame batch 8, one view at a
     time), tiling off and on. Baseline: the FLOP floor = pixel-frames x 9.3 MFLOP / peak; the
     figure `vae_*_floor_fraction` is floor time / measured time.
 (b) Trainer steps (bf16 autocast, rectified-flow loss, AdamW, grad clip, fp32 EMA: the step of
@@ -110,8 +110,8 @@ def _timed(fn, repeats: int) -> list[float]:
 def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
     import torch
     from diffusers import AutoencoderKLCogVideoX
-    from pipeline.encode import EncodeConfig
-    from pipeline.vae import TINY_VAE_CONFIG
+    from pipeline.shards.encode import EncodeConfig
+    from pipeline.shards.vae import TINY_VAE_CONFIG
     ec = EncodeConfig(vae="(built in code)", device=DEVICE, tiling=tiling)
     if not _cuda():   # smoke: tiles that fit the small clip
         ec.tile_height, ec.tile_width = 20, 30
@@ -119,7 +119,7 @@ def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
     # CogVideoX-2b VAE architecture (the diffusers defaults), random weights; smoke: the tiny one
     vae = AutoencoderKLCogVideoX() if _cuda() else AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)
     vae = vae.to(DEVICE, torch.bfloat16 if _cuda() else torch.float32).eval().requires_grad_(False)
-    vae.num_sample_frames_batch_size = ec.frame_batch       # as pipeline/encode.py load_vae
+    vae.num_sample_frames_batch_size = ec.frame_batch       # as pipeline/shards/encode.py load_vae
     if tiling:
         vae.enable_tiling(tile_sample_min_height=ec.tile_height, tile_sample_min_width=ec.tile_width,
                           tile_overlap_factor_height=ec.tile_overlap, tile_overlap_factor_width=ec.tile_overlap)

@@ -2,7 +2,7 @@
 exposure + BEV maps (+ writing the zarr store) on one core, vs a baseline measured in the same run: a per-box
 Python loop (devkit Box + pyquaternion slerp, frames x boxes) and the devkit's per-frame get_map_mask.
 
-Accuracy on the synthetic truth (pipeline/boxcheck.py): every drawn object projected through the clip's
+Accuracy on the synthetic truth (pipeline/tools/boxcheck.py): every drawn object projected through the clip's
 view boxes + cam2lidar + intrinsics vs the truth at that camera's timestamp through its true pose, per view
 median/p95/max in px at 1600 px width, BEFORE (the schema-1 convention, computed here: annotations
 unchanged at keyframes, interpolation at CAM_FRONT's time, one box for all views, static cam2lidar) and
@@ -49,9 +49,9 @@ def loop_baseline(nusc, ann, tl):  # noqa: ARG001
 def projection_tables(sa, tl, ann, truth):
     """Per-view pixel errors before (schema-1 convention) and after (the store), and the before reference error."""
     from types import SimpleNamespace
-    from pipeline.boxcheck import projection_errors, summary, truth_at_views
-    from pipeline.clips import clip_geometry
-    from pipeline.interpolate import errors_vs_truth, interpolate_boxes
+    from pipeline.tools.boxcheck import projection_errors, summary, truth_at_views
+    from pipeline.shards.clips import clip_geometry
+    from pipeline.scenes.interpolate import errors_vs_truth, interpolate_boxes
     f = sa.num_frames
     g = clip_geometry(sa, 0, f, 900, 1600)                              # the shard members at 1600 px width
     tr = truth_at_views(truth, sa.scene_name, sa.instance_tokens, sa.views, sa.view_timestamps_us)
@@ -103,8 +103,8 @@ def _hermite(ann, ts, noise=None):
 def interpolator_comparison(ann, sa, truth, noise_m: float = 0.05, seed: int = 0):
     """Centre error of linear vs cubic Hermite at CAM_FRONT times on the truth; and with annotation noise
     (sigma noise_m per axis) their overshoot: how far the curve leaves the box spanned by the segment's ends."""
-    from pipeline.boxcheck import truth_at_views
-    from pipeline.interpolate import interpolate_global
+    from pipeline.tools.boxcheck import truth_at_views
+    from pipeline.scenes.interpolate import interpolate_global
     ts = sa.timestamps_us
     tr = truth_at_views(truth, sa.scene_name, sa.instance_tokens, ["CAM_FRONT"], ts[:, None])
     true_c, present = tr["centre"][:, 0], tr["present"][:, 0]                     # (F, N, 3), (F, N)
@@ -134,10 +134,10 @@ def main() -> None:
     a = p.parse_args()
     cv2.setNumThreads(1)
     import pyarrow.parquet as pq
-    from pipeline.bevmap import bev_fast_bits, bev_reference, bits_to_packed, map_geometry
-    from pipeline.interpolate import errors_vs_truth, interpolate_boxes, load_keyframe_annotations
-    from pipeline.nuscenes import build_timeline
-    from pipeline.scenestore import build_scene_store, open_scene_store
+    from pipeline.scenes.bevmap import bev_fast_bits, bev_reference, bits_to_packed, map_geometry
+    from pipeline.scenes.interpolate import errors_vs_truth, interpolate_boxes, load_keyframe_annotations
+    from pipeline.scenes.nuscenes import build_timeline
+    from pipeline.scenes.scenestore import build_scene_store, open_scene_store
 
     root, nusc, name, nusc_map = synthetic_scene(a.keep, "bench_interp_", seed=1)
     map_geometry(nusc_map)  # once per map per process, like the devkit tables

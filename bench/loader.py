@@ -5,7 +5,7 @@
 Writes factory shards of one realistic bucket (6 views, latent mean + std, BEV) to a temp
 folder and reads them raw with 1 MiB reads twice: from the disk (evicted from the page cache
 first: what the storage gives) and from the page cache (memory bandwidth: no loader reaches
-it). Then a bare sequential tar parse (pipeline.shardio.iter_shard), then BatchStream (tar
+it). Then a bare sequential tar parse (pipeline.contract.shardio.iter_shard), then BatchStream (tar
 parse, schema validation, collate; BEV maps stay packed) per DataLoader worker count, each run starting
 from an evicted page cache. Reports samples/s and MB/s of member bytes and the ratios against
 each baseline (goal: >= 0.8 of the raw read from the disk: ``ratio_vs_raw_read``, the loader in
@@ -53,7 +53,7 @@ def raw_read(paths: list[Path]) -> tuple[int, float]:
 
 def tar_read(paths: list[Path]) -> tuple[int, float]:
     """Sequential tar parse of the same files (every member's bytes read): the floor of any tar loader."""
-    from pipeline.shardio import iter_shard
+    from pipeline.contract.shardio import iter_shard
     t0 = time.perf_counter()
     n = 0
     for p in paths:

@@ -4,7 +4,7 @@
 
 --data is a table set from `mdv2-synth --out DIR --scenes 850 --seconds 20 --tables-only` (written
 here when missing; ~15 min on 2 busy cores). The devkit is never loaded: the driver streams the
-tables once into the per-scene index (pipeline/tableindex.py), then the real build's scenes stage
+tables once into the per-scene index (pipeline/scenes/tableindex.py), then the real build's scenes stage
 (pipeline.build._run_scenes, real local Ray) runs for each scene count in a fresh --out. A count
 whose estimate (the last measured seconds/scene x count) exceeds --max-seconds is cut to the
 largest count that fits, and reported as such. A 2-scene warm-up (worker start, imports) runs first.
@@ -67,16 +67,16 @@ class Sampler(threading.Thread):
 def frame_path_848(args, index: str, names: list[str]) -> dict:
     """The frame path's peak at 848x1600 for a 20 s scene of the table set (stage3's 848x1600 buckets).
 
-    With frame windows (pipeline/windows.py, when merged) it is the largest planned window under the
+    With frame windows (pipeline/shards/windows.py, when merged) it is the largest planned window under the
     build's default budget; without, it is today's frames_task object: every needed frame of the scene
     at that resolution in one FrameSet (P, H, W, 3) uint8. Allocated and filled by decode_frames for a
     window, computed (P x H x W x 3) for a whole scene larger than 2 GB (this machine is shared)."""
     import numpy as np
-    from pipeline.build_config import BuildConfig
-    from pipeline.buckets import load_stage, make_clip_index
-    from pipeline.encode import plan_units, reuse_holds
-    from pipeline.plan import _Scene, scene_facts
-    from pipeline.write import ClipRef
+    from pipeline.shards.build_config import BuildConfig
+    from pipeline.scenes.buckets import load_stage, make_clip_index
+    from pipeline.shards.encode import plan_units, reuse_holds
+    from pipeline.shards.plan import _Scene, scene_facts
+    from pipeline.shards.write import ClipRef
     stage = load_stage("stage3")
     stage.buckets[:] = [b for b in stage.buckets if (b.height, b.width) == (848, 1600)]
     f = scene_facts(index, args.data, names[0])
@@ -89,7 +89,7 @@ def frame_path_848(args, index: str, names: list[str]) -> dict:
     units, _ = plan_units(refs, {c["key"]: c["frames"] for c in clips}, reuse=reuse_holds(8))
     fb = 848 * 1600 * 3
     try:
-        from pipeline.windows import plan_calls
+        from pipeline.shards.windows import plan_calls
         budget = int(getattr(cfg, "frame_budget_mb", 1000.0) * 1e6)
         calls = plan_calls(units, budget, cfg.units_per_call)
         peak = max(c.window_bytes for c in calls)
@@ -97,11 +97,11 @@ def frame_path_848(args, index: str, names: list[str]) -> dict:
     except ImportError:
         paths = {p for us in units.values() for u in us for row in u.frames for p in row}
         peak = len(paths) * fb
-        how = (f"no frame windows in this checkout (pipeline/windows.py): today's frames_task object, "
+        how = (f"no frame windows in this checkout (pipeline/shards/windows.py): today's frames_task object, "
                f"{len(paths)} distinct frames x 848x1600x3 B of one 20 s scene")
     measured = None
-    if peak <= 2e9:  # really decode that many frames with pipeline/frames.py and weigh the object
-        from pipeline.frames import decode_frames
+    if peak <= 2e9:  # really decode that many frames with pipeline/shards/frames.py and weigh the object
+        from pipeline.shards.frames import decode_frames
         import cv2
         tmp = tempfile.mkdtemp(prefix="scale-frames-")
         ok, jpg = cv2.imencode(".jpg", np.full((900, 1600, 3), 128, np.uint8))
@@ -124,10 +124,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import ray
     from pipeline.build import _run_scenes
-    from pipeline.build_config import BuildConfig
-    from pipeline.tableindex import ensure_table_index, read_meta, scene_names
+    from pipeline.shards.build_config import BuildConfig
+    from pipeline.scenes.tableindex import ensure_table_index, read_meta, scene_names
     if not os.path.isdir(os.path.join(a.data, VERSION)):
-        from pipeline.synth_scale import write_tables_only
+        from pipeline.synth.scale import write_tables_only
         write_tables_only(a.data, scenes=max(a.counts), seconds=20.0, progress=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-scale-"))
     t0 = time.perf_counter()

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 from _common import save  # also puts the repo root on sys.path
 
-from pipeline.synth import JPEG_QUALITY, write_dataset
-from pipeline.synth_render import sky_background
+from pipeline.synth.writer import JPEG_QUALITY, write_dataset
+from pipeline.synth.render import sky_background
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import logging
 import sys
 
 from captions.config import LAYOUTS, MODES, CaptionConfig, load_prompt, prompt_versions
-from pipeline import cli
+from pipeline.contract import cli
 
 EXAMPLES = """examples:
   # vLLM serving Qwen2.5-VL on this machine
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 def _clips(args: argparse.Namespace, cfg: CaptionConfig, progress: bool) -> int:
     from captions.stage import caption_clips
     from captions.table import write_quarantine_file
-    from pipeline import schema, storage
-    from pipeline.manifest import read_table
+    from pipeline.contract import schema, storage
+    from pipeline.contract.manifest import read_table
     uri = args.clips or storage.join(args.out, schema.CLIP_INDEX_FILE)
     if not storage.exists(uri):
         raise cli.InputNotFound(f"no clip index at {uri}: run the build's clip stage first or pass --clips")

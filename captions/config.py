@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import UserError
+from pipeline.contract.cli import UserError
 
 MODES = ("mllm", "dataset", "none")
 LAYOUTS = ("mosaic", "separate")

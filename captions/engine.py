@@ -26,7 +26,7 @@ from tqdm import tqdm
 from captions.config import CaptionConfig, load_prompt, prompt_sha
 from captions.images import View, image_hash
 from captions.table import CaptionTable, cache_key
-from pipeline.manifest import QuarantineRecord
+from pipeline.contract.manifest import QuarantineRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class CaptionResult:
 
 
 def caption_meta(source: str, prompt_version: str | None = None, model: str | None = None) -> dict:
-    """The `caption` field of meta.json (pipeline/schema.py CAPTION_META_FIELDS)."""
+    """The `caption` field of meta.json (pipeline/contract/schema.py CAPTION_META_FIELDS)."""
     return {"source": source, "prompt_version": prompt_version, "model": model}
 
 

@@ -23,10 +23,10 @@ from captions.config import CaptionConfig, CaptionConfigError
 from captions.engine import CaptionItem, CaptionResult, run_captions
 from captions.images import View
 from captions.table import write_quarantine_file
-from pipeline import schema, storage
-from pipeline.cli import InputNotFound
-from pipeline.manifest import QuarantineRecord, read_manifest, write_manifest
-from pipeline.shardio import iter_shard, sha256_bytes, tar_bytes
+from pipeline.contract import schema, storage
+from pipeline.contract.cli import InputNotFound
+from pipeline.contract.manifest import QuarantineRecord, read_manifest, write_manifest
+from pipeline.contract.shardio import iter_shard, sha256_bytes, tar_bytes
 
 log = logging.getLogger(__name__)
 

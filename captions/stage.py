@@ -20,8 +20,8 @@ import pyarrow as pa
 from captions.config import CaptionConfig
 from captions.engine import CaptionItem, CaptionResult, run_captions
 from captions.images import View
-from pipeline import schema, storage
-from pipeline.cli import BadInput
+from pipeline.contract import schema, storage
+from pipeline.contract.cli import BadInput
 
 
 def view_label(path: str, index: int, num_views: int) -> str:
@@ -57,7 +57,7 @@ def clip_items(clips: pa.Table, dataroot: str) -> list[CaptionItem]:
     missing = need - set(clips.column_names)
     if missing:
         raise BadInput(f"clip index lacks columns {sorted(missing)} (has {clips.column_names}); "
-                       f"rebuild it with pipeline/buckets.py")
+                       f"rebuild it with pipeline/scenes/buckets.py")
     cols = {c: clips.column(c).to_pylist() for c in ("key", "middle_frame_paths", "scene_name", "scene_token")
             if c in clips.column_names}
     items = []

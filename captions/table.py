@@ -22,9 +22,9 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
-from pipeline import storage
-from pipeline.cli import BadInput
-from pipeline.manifest import QuarantineRecord, read_table, write_table
+from pipeline.contract import storage
+from pipeline.contract.cli import BadInput
+from pipeline.contract.manifest import QuarantineRecord, read_table, write_table
 
 CAPTION_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -129,7 +129,7 @@ def read_captions(uri: str) -> pa.Table:
 
 def write_quarantine_file(uri: str, records: list[QuarantineRecord], replace_items: set[str] | None = None) -> str:
     """Merge caption quarantine records into a quarantine parquet (same schema as
-    pipeline/manifest.py): rows of stage 'captions' for the items handled now are replaced,
+    pipeline/contract/manifest.py): rows of stage 'captions' for the items handled now are replaced,
     everything else is kept, so a re-run that succeeds clears its old failures."""
     rows: list[dict] = []
     if storage.exists(uri):

@@ -4,7 +4,7 @@ Accepted layouts under ROOT (one clip per entry, the clip key is the entry's nam
 - ``ROOT/<clip>/<VIEW>.mp4`` (any of .mp4 .mov .mkv .avi .webm): multi-view videos;
 - ``ROOT/<clip>/<VIEW>/*.jpg`` (or .jpeg .png), sorted by file name: image sequences;
 - ``ROOT/<clip>.mp4`` or ``ROOT/<clip>/*.jpg``: single-view clips (view label "video" / "images").
-Views named like nuScenes cameras are ordered as pipeline.schema.VIEWS (front row, then
+Views named like nuScenes cameras are ordered as pipeline.contract.schema.VIEWS (front row, then
 back row of the mosaic); others alphabetically. The middle frame is index (N-1)//2 of
 the N decoded frames (PyAV for videos), re-encoded as JPEG quality 95 so the hash and
 the request are deterministic.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from captions.engine import CaptionItem
 from captions.images import View
-from pipeline import schema
-from pipeline.cli import InputNotFound
+from pipeline.contract import schema
+from pipeline.contract.cli import InputNotFound
 
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 IMAGE_EXT = (".jpg", ".jpeg", ".png")

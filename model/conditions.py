@@ -1,6 +1,6 @@
 """The condition bundle MVDiT consumes (one batch), and the names the CFG drop API uses.
 
-Shapes follow the sample contract (pipeline/schema.py) with a batch axis in front.
+Shapes follow the sample contract (pipeline/contract/schema.py) with a batch axis in front.
 T is the pixel-frame count (any 4k+1); the latent has T' = (T - 1) // 4 + 1 frames.
 Geometry follows schema 2.0's time model: each view's boxes and extrinsics are at that view's
 own exposure in frame t, expressed in LiDAR(t) (the reference frame of `traj` and `bev`).
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline import schema
+from pipeline.contract import schema
 
 # Each name can be replaced by its null condition per sample (classifier-free guidance).
 # "camera" covers intrinsics + cam2lidar; "map" is the BEV ControlNet input (null = zeros).

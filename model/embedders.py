@@ -24,7 +24,7 @@ from torch import nn
 
 from model.blocks import Attention, Mlp, rope_cos_sin
 
-# Corner order of pipeline.geometry.box_corners: bottom face (z-) then top face (z+), each
+# Corner order of pipeline.contract.geometry.box_corners: bottom face (z-) then top face (z+), each
 # (+l,+w), (+l,-w), (-l,-w), (-l,+w) in the box frame (x along the heading).
 _CORNER_SIGNS = torch.tensor([[sx, sy, sz] for sz in (-1, 1) for sx, sy in ((1, 1), (1, -1), (-1, -1), (-1, 1))],
                              dtype=torch.float32)  # (8, 3)
@@ -32,7 +32,7 @@ METRIC_SCALE = 50.0  # metres -> ~unit range (BEV half extent) before Fourier fe
 
 
 def box_corners(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 7) x y z w l h yaw -> (..., 8, 3) corners; torch twin of pipeline.geometry.box_corners."""
+    """(..., 7) x y z w l h yaw -> (..., 8, 3) corners; torch twin of pipeline.contract.geometry.box_corners."""
     half = torch.stack([boxes[..., 4], boxes[..., 3], boxes[..., 5]], -1)[..., None, :] / 2   # (l, w, h)/2
     local = _CORNER_SIGNS.to(boxes) * half                                                  # (..., 8, 3)
     c, s = boxes[..., 6:7].cos(), boxes[..., 6:7].sin()

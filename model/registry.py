@@ -14,7 +14,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.mvdit import MVDiT
-from pipeline.cli import ArgumentParser, UnknownName, entry
+from pipeline.contract.cli import ArgumentParser, UnknownName, entry
 
 PRESETS: dict[str, ModelConfig] = {
     # tests / CPU smoke runs: a 6-view 9-frame 64x128 step is well under a second on CPU

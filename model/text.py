@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.cli import ArgumentParser, BadInput, InputNotFound, UnknownName, entry
+from pipeline.contract.cli import ArgumentParser, BadInput, InputNotFound, UnknownName, entry
 
 DEFAULT_MAX_LENGTH = 300
 INDEX_FILE = "index.json"
@@ -165,7 +165,7 @@ def read_captions(source: str) -> list[str]:
         table = pq.read_table(source, columns=["text"])
         return [t for t in table.column("text").to_pylist() if t is not None]
     if os.path.isdir(source):
-        from pipeline.shardio import iter_shard
+        from pipeline.contract.shardio import iter_shard
         tars = sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True))
         if not tars:
             raise InputNotFound(f"{source}: no *.tar shards below this folder")

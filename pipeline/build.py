@@ -5,7 +5,7 @@
 
 Stages: scenes (one Ray task per scene -> zarr stores) -> clip index -> captions -> shard plan
 -> frames (one CPU task per encode call: the frames of that call only, at most --frame-budget-mb,
-pipeline/windows.py) -> encode (a pool of VAE actors, num_gpus=1 when the cluster has GPUs) -> write
+pipeline/shards/windows.py) -> encode (a pool of VAE actors, num_gpus=1 when the cluster has GPUs) -> write
 (one task per shard).
 Tasks + actors rather than Ray Data: shards are planned before any work and each shard task
 depends on exactly the encode results it needs, so Ray overlaps decoding, encoding and
@@ -20,8 +20,8 @@ import sys
 
 if not __package__:  # run by path (`python pipeline/build.py`, `ray job submit`): make `pipeline` importable
     _here = os.path.dirname(os.path.abspath(__file__))
-    # Drop pipeline/ itself from the path FIRST: pipeline/inspect.py and pipeline/nuscenes.py would shadow the
-    # stdlib and the devkit (also in Ray workers, which inherit the script directory when it is on sys.path).
+    # Drop pipeline/ itself from the path FIRST: its packages (scenes/, tools/, ...) would shadow installed
+    # modules of the same name (also in Ray workers, which inherit the script directory when it is on sys.path).
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
@@ -32,13 +32,13 @@ from collections import Counter
 
 from tqdm import tqdm  # noqa: E402
 
-from pipeline import cli, schema, storage  # noqa: E402
-from pipeline.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
-from pipeline.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
-from pipeline.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
-from pipeline.manifest import write_manifest, write_quarantine  # noqa: E402
-from pipeline.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
-from pipeline.write import shard_is_complete  # noqa: E402
+from pipeline.contract import cli, schema, storage  # noqa: E402
+from pipeline.shards.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
+from pipeline.shards.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
+from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
+from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
+from pipeline.shards.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
+from pipeline.shards.write import shard_is_complete  # noqa: E402
 
 
 # ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
@@ -56,14 +56,14 @@ _NUSC: dict = {}
 
 
 def scene_task(dataroot: str, version: str, scene_name: str, out: str, index: str | None = None, map_crop=None):
-    """Build (or reuse) one scene store. With ``index`` (the driver's pipeline/tableindex.py index) the task
-    reads only its scene's records, and ``map_crop`` (pipeline/mapcrop.py) is its part of the map; without,
+    """Build (or reuse) one scene store. With ``index`` (the driver's pipeline/scenes/tableindex.py index) the task
+    reads only its scene's records, and ``map_crop`` (pipeline/scenes/mapcrop.py) is its part of the map; without,
     the full devkit tables and map load once per worker process."""
-    from pipeline.nuscenes import load_nuscenes
-    from pipeline.scenestore import build_scene_store
+    from pipeline.scenes.nuscenes import load_nuscenes
+    from pipeline.scenes.scenestore import build_scene_store
     try:
         if index:
-            from pipeline.tableindex import SceneTables
+            from pipeline.scenes.tableindex import SceneTables
             nusc = SceneTables(index, scene_name, dataroot)
         else:
             if (dataroot, version) not in _NUSC:
@@ -76,8 +76,8 @@ def scene_task(dataroot: str, version: str, scene_name: str, out: str, index: st
 
 
 def frames_task(dataroot: str, paths: list[str], width: int, height: int, draft: bool):
-    """One encode call's frame window (pipeline/windows.py) -> (FrameSet, small info for the driver)."""
-    from pipeline.frames import decode_frames
+    """One encode call's frame window (pipeline/shards/windows.py) -> (FrameSet, small info for the driver)."""
+    from pipeline.shards.frames import decode_frames
     t0 = time.perf_counter()
     fs = decode_frames(dataroot, paths, width, height, draft=draft)
     fs.seconds = time.perf_counter() - t0
@@ -85,11 +85,11 @@ def frames_task(dataroot: str, paths: list[str], width: int, height: int, draft:
 
 
 def shard_task(inp: ShardInputs, *unit_results: dict):
-    from pipeline.windows import merge_parts
-    from pipeline.write import make_shard
+    from pipeline.shards.windows import merge_parts
+    from pipeline.shards.write import make_shard
     t0 = time.perf_counter()
     parts: dict[str, list] = {}
-    for r in unit_results:  # a unit split by views (pipeline/windows.py) comes back in several results
+    for r in unit_results:  # a unit split by views (pipeline/shards/windows.py) comes back in several results
         for uid, res in r.items():
             parts.setdefault(uid, []).append(res)
     merged = {uid: merge_parts(parts[uid]) for uid in sorted(set(inp.unit_of.values()))}
@@ -115,7 +115,7 @@ def _bar(cfg: BuildConfig, total: int, desc: str):
 
 
 def _scene_names(cfg: BuildConfig) -> list[str]:
-    from pipeline.nuscenes import check_tables
+    from pipeline.scenes.nuscenes import check_tables
     path = os.path.join(check_tables(cfg.dataroot, cfg.version), "scene.json")
     with open(path) as f:
         names = sorted(s["name"] for s in json.load(f))
@@ -128,10 +128,10 @@ def _scene_names(cfg: BuildConfig) -> list[str]:
 
 
 def _run_scenes(ray, cfg, names, quarantine, secs):
-    from pipeline.mapcrop import MapCropper
-    from pipeline.scenes import problem_records
-    from pipeline.scenestore import open_scene_store
-    from pipeline.tableindex import ensure_table_index
+    from pipeline.scenes.mapcrop import MapCropper
+    from pipeline.scenes.run import problem_records
+    from pipeline.scenes.scenestore import open_scene_store
+    from pipeline.scenes.tableindex import ensure_table_index
     t0 = time.perf_counter()
     index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out)   # tables read once per job, not per worker
     cropper = MapCropper(index, cfg.dataroot, names)                  # maps too: each read once, cut per scene
@@ -177,8 +177,8 @@ def _vae_digest(vae_dir: str) -> str:
 
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
-    from pipeline.buckets import load_stage, make_clip_index, write_clip_index
-    from pipeline.scenestore import open_scene_store
+    from pipeline.scenes.buckets import load_stage, make_clip_index, write_clip_index
+    from pipeline.scenes.scenestore import open_scene_store
     from captions.config import CaptionConfig
     from captions.stage import caption_clips
 
@@ -242,7 +242,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                                 records, splits, quarantine, secs, summary)
     summary.shards_written = written
     summary.seconds = secs
-    if cfg.timeline:  # where the time went, per task (pipeline/timeline.py sums it per stage)
+    if cfg.timeline:  # where the time went, per task (pipeline/tools/timeline.py sums it per stage)
         ray.timeline(filename=cfg.timeline)
     write_quarantine(cfg.out, _dedupe(quarantine))
     summary.quarantined = len(_dedupe(quarantine))
@@ -259,7 +259,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
 
 
 def _is_tiny(vae_dir: str) -> bool:
-    from pipeline.vae import TINY_VAE_CONFIG
+    from pipeline.shards.vae import TINY_VAE_CONFIG
     with open(os.path.join(vae_dir, "config.json")) as f:
         c = json.load(f)
     return list(c.get("block_out_channels", [])) == list(TINY_VAE_CONFIG["block_out_channels"])
@@ -276,7 +276,7 @@ _ACTORS: dict = {}
 def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
     """VAE actors, kept for later builds in the same driver (notebooks, tests): the model loads once."""
     from dataclasses import replace
-    from pipeline.encode import EncodeActor
+    from pipeline.shards.encode import EncodeActor
     opts = dict(RESOURCES["vae_actor"]) if has_gpu else {"num_cpus": cfg.encode_cpus}
     # encode calls are pure functions of their inputs: a killed actor is restarted (model reloaded in
     # __init__) and its in-flight calls are retried, so a lost GPU node costs time, not samples
@@ -292,14 +292,14 @@ def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
 
 def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_hash, has_gpu, records, splits,
                       quarantine, secs, summary) -> int:
-    from pipeline.windows import plan_calls, window_stats
+    from pipeline.shards.windows import plan_calls, window_stats
     t0 = time.perf_counter()
     units, unit_of = plan_units([c for p in todo for c in p.clips], frames_of,
                                 reuse=reuse_holds(cfg.encode.frame_batch))
     if not todo:
         secs["encode+write"] = 0.0
         return 0
-    # one frame window per encode call, each at most frame_budget_mb (pipeline/windows.py)
+    # one frame window per encode call, each at most frame_budget_mb (pipeline/shards/windows.py)
     plan = plan_calls(units, int(cfg.frame_budget_mb * 1e6), cfg.units_per_call)
     summary.windows = window_stats(plan)
     actors = _actor_pool(ray, cfg, has_gpu)

@@ -33,5 +33,5 @@ def synth_dataset(tmp_path_factory):
     """A synthetic dataset in the nuScenes v1.0 format, shared read-only by the session.
 
     Tests that damage files (missing sweep, corrupt JPEG) must write their own copy."""
-    from pipeline.synth import write_dataset
+    from pipeline.synth.writer import write_dataset
     return write_dataset(tmp_path_factory.mktemp("nuscenes"), **SYNTH_TEST)

@@ -1,4 +1,4 @@
-"""Test factories: valid samples and shards that obey pipeline/schema.py, without running
+"""Test factories: valid samples and shards that obey pipeline/contract/schema.py, without running
 the pipeline. Used by the caption, trainer, inspect and stats tests; the pipeline's
 own tests use real builds instead."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import schema
-from pipeline.shardio import write_shard
+from pipeline.contract import schema
+from pipeline.contract.shardio import write_shard
 
 
 def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int = 9, height: int = 64,

@@ -1,5 +1,5 @@
 """Caption-test data: camera JPEGs in the nuScenes layout (samples/<CAM>/...), a clip index with
-the columns pipeline/buckets.py writes, shards + manifest whose meta.json frames point at
+the columns pipeline/scenes/buckets.py writes, shards + manifest whose meta.json frames point at
 real JPEGs, and tiny multi-view mp4 / jpg-sequence folders."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import schema
-from pipeline.manifest import ShardRecord, write_manifest
-from pipeline.shardio import sha256_file
+from pipeline.contract import schema
+from pipeline.contract.manifest import ShardRecord, write_manifest
+from pipeline.contract.shardio import sha256_file
 
 IMG_W, IMG_H = 96, 54
 
@@ -69,7 +69,7 @@ def write_shards_with_frames(out: Path, dataroot: Path, buckets: dict, split: st
     """tests/factories.write_shards + real JPEGs for each sample's middle frame + the split manifest."""
     from tests.factories import write_shards
     paths = write_shards(out, buckets, split=split, per_shard=per_shard)
-    from pipeline.shardio import iter_shard
+    from pipeline.contract.shardio import iter_shard
     records = []
     for i, p in enumerate(sorted(paths)):
         keys = []

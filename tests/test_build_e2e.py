@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import schema
+from pipeline.contract import schema
 from pipeline.build import parse_args, run_build
-from pipeline.buckets import read_clip_index
-from pipeline.manifest import read_manifest, read_quarantine
-from pipeline.scenestore import open_scene_store, store_uri
-from pipeline.shardio import iter_shard
+from pipeline.scenes.buckets import read_clip_index
+from pipeline.contract.manifest import read_manifest, read_quarantine
+from pipeline.scenes.scenestore import open_scene_store, store_uri
+from pipeline.contract.shardio import iter_shard
 
 pytestmark = pytest.mark.slow
 STAGE = str(Path(__file__).parent / "data" / "build_test_stage.yaml")
@@ -26,7 +26,7 @@ STAGE = str(Path(__file__).parent / "data" / "build_test_stage.yaml")
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from pipeline.vae import write_tiny_vae
+    from pipeline.shards.vae import write_tiny_vae
     return write_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-cogvae")
 
 
@@ -96,7 +96,7 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
         assert np.allclose(s.intrinsics, k, atol=1e-4)
         assert np.array_equal(s.bev, sa.bev[rng]) and np.array_equal(s.cam2lidar, sa.cam2lidar[rng])
         # view masks: some corner of the view's own box in front of the camera and inside the 64x32 image
-        from pipeline.geometry import box_corners
+        from pipeline.contract.geometry import box_corners
         c = box_corners(s.view_boxes.astype(np.float64))                             # (T, V, N, 8, 3)
         l2c = np.linalg.inv(s.cam2lidar.astype(np.float64))                         # (T, V, 4, 4)
         cam = np.einsum("tvij,tvnkj->tvnki", l2c[..., :3, :3], c) + l2c[:, :, None, None, :3, 3]
@@ -109,8 +109,8 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
 
 
 def test_shorter_clips_are_cut_exactly_from_longer_ones(ref, synth_dataset, vae_dir):
-    from pipeline.encode import EncodeConfig, VaeEncoder
-    from pipeline.frames import decode_frames
+    from pipeline.shards.encode import EncodeConfig, VaeEncoder
+    from pipeline.shards.frames import decode_frames
     out, _ = ref
     by = {(s.meta["scene_name"], s.meta["start_frame"], s.num_frames): s for _, s in _samples(out)}
     pairs = [(k, by[(k[0], k[1], 17)]) for k in by if k[2] == 9 and (k[0], k[1], 17) in by]
@@ -216,7 +216,7 @@ def test_dataset_card_lists_what_the_manifests_hold(ref):
 def test_capacity_plan_matches_the_reference_build(ref, synth_dataset, tmp_path, capsys):
     """mdv2-plan, which decodes and encodes nothing, predicts the build's clips, samples and shards per bucket
     exactly and its bytes within 10 %; schema 2.0's members add bytes."""
-    from pipeline.plan import main as plan_main
+    from pipeline.shards.plan import main as plan_main
     out, summary = ref
     path = tmp_path / "plan.json"
     assert plan_main(["--config", STAGE, "--dataroot", str(synth_dataset.root), "--version", synth_dataset.version,
@@ -239,7 +239,7 @@ def test_capacity_plan_matches_the_reference_build(ref, synth_dataset, tmp_path,
 
 
 def test_capacity_plan_bad_input_is_one_error_line(tmp_path, capsys):
-    from pipeline.plan import main as plan_main
+    from pipeline.shards.plan import main as plan_main
     assert plan_main(["--config", "demo", "--dataroot", str(tmp_path), "--version", "v1.0-nothere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "v1.0-nothere" in err[0]

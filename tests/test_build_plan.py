@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import random
 
-from pipeline import schema
-from pipeline.encode import plan_units
-from pipeline.write import ClipRef, plan_shards
+from pipeline.contract import schema
+from pipeline.shards.encode import plan_units
+from pipeline.shards.write import ClipRef, plan_shards
 
 
 def _clips():
@@ -50,7 +50,7 @@ def test_video_clips_sharing_a_start_share_one_unit_single_frames_do_not():
 
 
 def test_without_reuse_every_clip_is_its_own_unit():
-    from pipeline.encode import reuse_holds
+    from pipeline.shards.encode import reuse_holds
     clips = _clips()
     frames_of = {c.key: [["x"]] * c.num_frames for c in clips}
     units, unit_of = plan_units(clips, frames_of, reuse=False)

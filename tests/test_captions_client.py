@@ -16,7 +16,7 @@ from captions.config import CaptionConfig, CaptionConfigError
 from captions.images import View, image_hash, mosaic, openai_image_tokens, request_images
 from captions.stage import caption_clips
 from captions.validate import InvalidAnswer, check_answer
-from pipeline import schema
+from pipeline.contract import schema
 from tests.factories_captions import write_clip_dataset
 from tests.openai_server import FakeOpenAI
 

@@ -10,9 +10,9 @@ import pytest
 
 from captions.config import CaptionConfig, CaptionConfigError
 from captions.regenerate import recaption_shards
-from pipeline import schema
-from pipeline.manifest import read_manifest, read_quarantine
-from pipeline.shardio import iter_shard, sha256_file
+from pipeline.contract import schema
+from pipeline.contract.manifest import read_manifest, read_quarantine
+from pipeline.contract.shardio import iter_shard, sha256_file
 from tests.factories_captions import write_shards_with_frames
 from tests.openai_server import FakeOpenAI
 

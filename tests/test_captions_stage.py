@@ -15,7 +15,7 @@ from PIL import Image
 from captions.config import CaptionConfig, CaptionConfigError, load_prompt
 from captions.stage import caption_clips
 from captions.table import CAPTION_SCHEMA, read_captions
-from pipeline import schema
+from pipeline.contract import schema
 from tests.factories_captions import write_clip_dataset
 from tests.openai_server import FakeOpenAI, describe
 
@@ -171,7 +171,7 @@ def test_cli_clips_writes_table_and_quarantine(data, tmp_path, capsys):
             os.rename(root / (bad + ".bak"), root / bad)
     assert rc == 0
     assert "6 clips" in capsys.readouterr().out
-    from pipeline.manifest import read_quarantine
+    from pipeline.contract.manifest import read_quarantine
     q = read_quarantine(str(tmp_path))
     assert [(r.stage, r.item, r.reason) for r in q] == [("captions", clips.column("key")[1].as_py(),
                                                          "unreadable_image")]

@@ -1,4 +1,4 @@
-"""Every command answers an input mistake with one ``error:`` line and exit code 2 (pipeline/cli.py).
+"""Every command answers an input mistake with one ``error:`` line and exit code 2 (pipeline/contract/cli.py).
 
 The real commands run in subprocesses (the console scripts of the venv, ``python pipeline/build.py``,
 ``python -m pipeline.synth``, ``python -m model.text``), each with a mistake that is caught before
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
+from pipeline.contract import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["a caption"]}), d / "captions.parquet")
-    from pipeline import manifest  # a build output made by an older pipeline: schema 1.x shards
+    from pipeline.contract import manifest  # a build output made by an older pipeline: schema 1.x shards
     manifest.write_manifest(str(d / "old"), "train", [manifest.ShardRecord(
         "train/64x128_t9/shard-000000.tar", "train", "64x128_t9", 64, 128, 9, 1, 10, "0" * 64, "1.3", "cfg", ["k"])])
     return {"d": d, "data": d / "data", "vae": d / "vae", "out": d / "out"}
@@ -152,7 +152,7 @@ def test_debug_shows_the_traceback(inputs, name, args, env):
     r = run(name, *_args(args, inputs), env=env)
     assert r.returncode != 0
     assert "Traceback (most recent call last)" in r.stderr
-    assert "pipeline.cli.InputNotFound" in r.stderr
+    assert "pipeline.contract.cli.InputNotFound" in r.stderr
 
 
 def test_help_lists_debug():

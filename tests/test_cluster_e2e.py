@@ -24,8 +24,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import inspect, manifest, schema, storage
-from pipeline.shardio import iter_shard, sha256_bytes
+from pipeline.tools import inspect
+from pipeline.contract import manifest, schema, storage
+from pipeline.contract.shardio import iter_shard, sha256_bytes
 from s3_server import FaultProxy, free_port, s3_server  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,7 @@ def head(s3_server):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def inputs(synth_dataset, tmp_path_factory):
-    from pipeline.vae import write_tiny_vae
+    from pipeline.shards.vae import write_tiny_vae
     d = tmp_path_factory.mktemp("e2e")
     stage = d / "e2e.yaml"
     stage.write_text(STAGE_YAML)

@@ -1,4 +1,4 @@
-"""pipeline/inspect.py: CLI behaviour on factory shards and the geometry of its overlays (numeric).
+"""pipeline/tools/inspect.py: CLI behaviour on factory shards and the geometry of its overlays (numeric).
 The pixel check on real synthetic renders is in test_cluster_e2e.py (it needs a real build)."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from factories import make_sample, write_shards
-from pipeline import geometry, inspect, schema
+from pipeline.contract import geometry, schema
+from pipeline.tools import inspect
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_bev_box_drawn_ahead_of_ego():
 def test_vae_decoded_views(tmp_path):
     """--vae: the latents go through a real (tiny, random) AutoencoderKLCogVideoX back to frames per view."""
     import torch
-    from pipeline.vae import write_tiny_vae
+    from pipeline.shards.vae import write_tiny_vae
     torch.set_num_threads(1)
     vae = write_tiny_vae(tmp_path / "vae")
     image_shard = write_shards(tmp_path / "out", {(64, 128, 1): 1})[0]  # T=1 keeps the decode cheap

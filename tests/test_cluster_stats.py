@@ -1,4 +1,4 @@
-"""pipeline/stats.py on factory shards whose contents are known by construction (tests/factories.py):
+"""pipeline/tools/stats.py on factory shards whose contents are known by construction (tests/factories.py):
 every sample has 5 boxes of classes 0..4 (car, truck, construction_vehicle, bus, trailer); the last one
 (trailer) leaves at frame T // 2, so a T=9 clip has 5 objects in frames 0-3 and 4 in frames 4-8, and a
 T=1 clip has 4 objects."""
@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from factories import make_sample, write_shards
-from pipeline import manifest, schema, stats, viewstats
-from pipeline.shardio import iter_shard, sha256_bytes, write_shard
+from pipeline.contract import manifest, schema
+from pipeline.tools import stats, viewstats
+from pipeline.contract.shardio import iter_shard, sha256_bytes, write_shard
 
 
 def _manifest_for(out, paths, split):
@@ -86,7 +87,7 @@ def test_stats_not_an_output_root(tmp_path, capsys):
     assert "no <split>/manifest.parquet found" in capsys.readouterr().err
 
 
-# ---- per-view statistics of the schema-2.0 time model (pipeline/viewstats.py) -------------------------------
+# ---- per-view statistics of the schema-2.0 time model (pipeline/tools/viewstats.py) -------------------------------
 
 # view -> (shutter offset from CAM_FRONT in ms, metres its box of object n moves per (n + 1)); CAM_FRONT is the reference
 RIG = {"CAM_FRONT": (0, 0.0), "CAM_FRONT_RIGHT": (12, 0.1), "CAM_BACK_RIGHT": (35, 0.3), "CAM_BACK": (25, 0.2),

@@ -1,4 +1,4 @@
-"""pipeline/storage.py against local disk and a real S3-compatible server (moto, 127.0.0.1).
+"""pipeline/contract/storage.py against local disk and a real S3-compatible server (moto, 127.0.0.1).
 
 Covers: atomic writes (nothing half-written becomes visible), listing, manifests on s3://,
 retries of transient failures injected on the wire, and streaming shards from the bucket
@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 
 from factories import write_shards
-from pipeline import manifest, schema, storage
-from pipeline.shardio import iter_shard, sha256_bytes
+from pipeline.contract import manifest, schema, storage
+from pipeline.contract.shardio import iter_shard, sha256_bytes
 from s3_server import FaultProxy, aws_env, s3_server  # noqa: F401  (session fixture)
 
 
@@ -30,7 +30,7 @@ def bucket(s3_server):  # noqa: F811
 
 @contextmanager
 def client_retries_off():
-    """Make s3fs/botocore give up at the first failure, so only pipeline.storage's retries can help."""
+    """Make s3fs/botocore give up at the first failure, so only pipeline.contract.storage's retries can help."""
     import s3fs
     old, old_retries = fsspec.config.conf.get("s3"), s3fs.S3FileSystem.retries
     fsspec.config.conf["s3"] = {"config_kwargs": {"retries": {"max_attempts": 1}}}

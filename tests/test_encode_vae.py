@@ -1,13 +1,13 @@
-"""pipeline/vae.py + pipeline/encode.py on the tiny random CogVAE (real diffusers class, CPU fp32)."""
+"""pipeline/shards/vae.py + pipeline/shards/encode.py on the tiny random CogVAE (real diffusers class, CPU fp32)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.encode import EncodeConfig, EncodeUnit, VaeEncoder, encode_units, non_finite, vae_meta
-from pipeline.frames import FrameSet
-from pipeline.vae import TINY_VAE_CONFIG, main as tiny_vae_main
+from pipeline.contract import schema
+from pipeline.shards.encode import EncodeConfig, EncodeUnit, VaeEncoder, encode_units, non_finite, vae_meta
+from pipeline.shards.frames import FrameSet
+from pipeline.shards.vae import TINY_VAE_CONFIG, main as tiny_vae_main
 
 
 @pytest.fixture(scope="module")

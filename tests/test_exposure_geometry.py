@@ -7,13 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.boxcheck import projection_errors, summary, truth_at_views
-from pipeline.clips import clip_geometry
-from pipeline.interpolate import errors_vs_truth, load_keyframe_annotations
-from pipeline.nuscenes import build_timeline, load_nuscenes
-from pipeline.scenes import ScenesConfig, process_scenes
-from pipeline.scenestore import open_scene_store
+from pipeline.contract import schema
+from pipeline.tools.boxcheck import projection_errors, summary, truth_at_views
+from pipeline.shards.clips import clip_geometry
+from pipeline.scenes.interpolate import errors_vs_truth, load_keyframe_annotations
+from pipeline.scenes.nuscenes import build_timeline, load_nuscenes
+from pipeline.scenes.run import ScenesConfig, process_scenes
+from pipeline.scenes.scenestore import open_scene_store
 
 
 @pytest.fixture(scope="module")

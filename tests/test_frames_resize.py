@@ -1,12 +1,12 @@
-"""pipeline/frames.py: decode + resize + top crop, geometry agreement with the intrinsics, clear errors."""
+"""pipeline/shards/frames.py: decode + resize + top crop, geometry agreement with the intrinsics, clear errors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import geometry
-from pipeline.frames import FrameError, decode_frames, decode_resize_crop, full_decode_resize_crop, resized_height
+from pipeline.contract import geometry
+from pipeline.shards.frames import FrameError, decode_frames, decode_resize_crop, full_decode_resize_crop, resized_height
 
 
 def _jpeg(path, w=1600, h=900, dot=None, quality=95):

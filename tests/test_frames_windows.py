@@ -1,11 +1,11 @@
-"""pipeline/windows.py: encode calls whose frame windows never exceed the budget, and cover every view once."""
+"""pipeline/shards/windows.py: encode calls whose frame windows never exceed the budget, and cover every view once."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.encode import EncodeUnit
-from pipeline.windows import frame_bytes, merge_parts, plan_calls, window_stats
+from pipeline.shards.encode import EncodeUnit
+from pipeline.shards.windows import frame_bytes, merge_parts, plan_calls, window_stats
 
 H, W, V = 32, 64, 6
 FB = frame_bytes(H, W)  # 6144 B

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pyquaternion import Quaternion
 
-from pipeline import geometry as g
+from pipeline.contract import geometry as g
 
 
 def test_quaternion_matches_pyquaternion():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.geometry import make_transform, yaw_to_quat
-from pipeline.interpolate import EXTRAPOLATE_US, KeyframeAnnotations, interpolate_boxes, interpolate_global
+from pipeline.contract.geometry import make_transform, yaw_to_quat
+from pipeline.scenes.interpolate import EXTRAPOLATE_US, KeyframeAnnotations, interpolate_boxes, interpolate_global
 
 
 def _ann():

@@ -10,7 +10,7 @@ import torch
 from model.conditions import CONDITION_NAMES, Conditions, random_conditions
 from model.embedders import box_corners
 from model.registry import build_model
-from pipeline import geometry
+from pipeline.contract import geometry
 
 torch.set_num_threads(1)
 

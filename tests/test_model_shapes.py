@@ -10,7 +10,7 @@ import torch
 from model.conditions import CONDITION_NAMES, Conditions, latent_len, random_conditions
 from model.config import ModelConfig
 from model.registry import PRESETS, build_from_config, build_model, count_parameters, describe, main
-from pipeline import schema
+from pipeline.contract import schema
 
 torch.set_num_threads(1)
 

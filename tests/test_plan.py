@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.buckets import read_clip_index
-from pipeline.plan import PlanConfig, make_plan
-from pipeline.scenes import ScenesConfig, process_scenes
-from pipeline.write import ClipRef, plan_shards
+from pipeline.scenes.buckets import read_clip_index
+from pipeline.shards.plan import PlanConfig, make_plan
+from pipeline.scenes.run import ScenesConfig, process_scenes
+from pipeline.shards.write import ClipRef, plan_shards
 
 STAGE = """name: plan-test
 buckets:

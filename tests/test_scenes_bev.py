@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.bevmap import BevConfig, bev_fast, bev_reference, per_class_iou
-from pipeline.geometry import make_transform, transform_points, yaw_to_quat
+from pipeline.contract import schema
+from pipeline.scenes.bevmap import BevConfig, bev_fast, bev_reference, per_class_iou
+from pipeline.contract.geometry import make_transform, transform_points, yaw_to_quat
 from tests.factories_scenes import write_map
 
 YAW = np.deg2rad(30.0)
@@ -77,7 +77,7 @@ def test_reference_agrees_with_known_polygons(known_map):
 
 
 def test_reference_line_fallback_equals_the_devkit(known_map):
-    from pipeline.bevmap import _lines_mask
+    from pipeline.scenes.bevmap import _lines_mask
     yaw, box = float(np.degrees(YAW)), (POSE[0, 3], POSE[1, 3], 100.0, 100.0)
     with pytest.raises(TypeError):   # the devkit bug the fallback exists for
         known_map.get_map_mask(box, yaw, ["road_divider"], (200, 200))

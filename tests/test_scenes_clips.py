@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.buckets import (BucketSpec, StageConfig, clip_counts, load_stage, longest_valid_run, make_clip_index,
+from pipeline.contract import schema
+from pipeline.scenes.buckets import (BucketSpec, StageConfig, clip_counts, load_stage, longest_valid_run, make_clip_index,
                               read_clip_index, write_clip_index)
-from pipeline.scenestore import SceneArrays
+from pipeline.scenes.scenestore import SceneArrays
 
 VIEWS = list(schema.VIEWS)
 

@@ -9,17 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 from pyquaternion import Quaternion
 
-from pipeline import schema
-from pipeline.bevmap import bev_fast, bev_reference, per_class_iou
-from pipeline.buckets import read_clip_index
-from pipeline.geometry import make_transform
-from pipeline.interpolate import EXTRAPOLATE_US, errors_vs_truth, interpolate_boxes, load_keyframe_annotations
-from pipeline.nuscenes import build_timeline, load_map, load_nuscenes, split_for_unlisted
-from pipeline.scenes import ScenesConfig, main, process_scenes
-from pipeline.scenestore import build_scene_store_status, open_scene_store
+from pipeline.contract import schema
+from pipeline.scenes.bevmap import bev_fast, bev_reference, per_class_iou
+from pipeline.scenes.buckets import read_clip_index
+from pipeline.contract.geometry import make_transform
+from pipeline.scenes.interpolate import EXTRAPOLATE_US, errors_vs_truth, interpolate_boxes, load_keyframe_annotations
+from pipeline.scenes.nuscenes import build_timeline, load_map, load_nuscenes, split_for_unlisted
+from pipeline.scenes.run import ScenesConfig, main, process_scenes
+from pipeline.scenes.scenestore import build_scene_store_status, open_scene_store
 
 # Synthetic motion is constant speed v <= 10 m/s and constant yaw rate |w| <= 10 m/s * 0.0136 1/m (road
-# curvature) + 0.015 = 0.151 rad/s (pipeline/synth_world.py). Keyframes are <= 7 rounds = 0.6 s apart;
+# curvature) + 0.015 = 0.151 rad/s (pipeline/synth/world.py). Keyframes are <= 7 rounds = 0.6 s apart;
 # linear centre interpolation on that arc is off by at most the sagitta v*|w|*dt^2/8 = 0.068 m (the
 # extrapolation over <= 83 ms beyond a track end adds v*|w|*0.68*0.083/2 = 4 mm at most there);
 # slerp of a constant-rate yaw is exact; a 7-number box in the ~1 deg tilted LiDAR frame cannot hold that
@@ -150,7 +150,7 @@ def test_store_is_skipped_when_unchanged_and_range_reads(built, tmp_path):
 
 
 def test_stores_of_the_old_time_model_are_recomputed(built, tmp_path, monkeypatch):
-    from pipeline import scenestore
+    from pipeline.scenes import scenestore
     info, out, res = built
     name = res.summaries[0]["scene"]
     monkeypatch.setattr(scenestore, "STORE_VERSION", "1")      # a store written by the schema-1 pipeline

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.nuscenes import build_timeline, load_nuscenes
-from pipeline.synth import write_dataset
-from pipeline.synth_world import CAMERA_RIG
+from pipeline.contract import schema
+from pipeline.scenes.nuscenes import build_timeline, load_nuscenes
+from pipeline.synth.writer import write_dataset
+from pipeline.synth.world import CAMERA_RIG
 
 
 @pytest.fixture(scope="module")

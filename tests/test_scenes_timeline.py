@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.buckets import read_clip_index
-from pipeline.manifest import read_quarantine
-from pipeline.nuscenes import build_timeline, load_nuscenes
-from pipeline.scenes import ScenesConfig, process_scenes, write_quarantine
+from pipeline.contract import schema
+from pipeline.scenes.buckets import read_clip_index
+from pipeline.contract.manifest import read_quarantine
+from pipeline.scenes.nuscenes import build_timeline, load_nuscenes
+from pipeline.scenes.run import ScenesConfig, process_scenes, write_quarantine
 from tests.factories_scenes import copy_dataset
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline import schema
-from pipeline.schema import SchemaError, decode_sample, encode_sample
-from pipeline.shardio import iter_shard, tar_bytes
+from pipeline.contract import schema
+from pipeline.contract.schema import SchemaError, decode_sample, encode_sample
+from pipeline.contract.shardio import iter_shard, tar_bytes
 from factories import make_sample
 
 
@@ -208,7 +208,7 @@ def test_schema_imports_without_torch_or_ray():
         import sys
         sys.modules['torch'] = None   # any import of torch/ray now raises ImportError
         sys.modules['ray'] = None
-        import pipeline.schema, pipeline.shardio
+        import pipeline.contract.schema, pipeline.contract.shardio
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray') and sys.modules[m] is not None))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import numpy as np
 import pytest
 
-from pipeline.synth import main, write_dataset
+from pipeline.synth.writer import main, write_dataset
 
 SMALL = dict(scenes=1, seconds=1.0, image_size=(96, 54))
 
@@ -61,7 +61,7 @@ def test_cli_regular_rig_and_drop_rate(tmp_path, capsys):
     front = sorted(r["timestamp"] for r in sd if "__CAM_FRONT__" in r["filename"])
     assert np.all(np.abs(np.diff(front) - 83_333) <= 3_001)
     cs = json.loads((tmp_path / "r" / "v1.0-synth" / "calibrated_sensor.json").read_text())
-    from pipeline.geometry import quat_to_matrix
+    from pipeline.contract.geometry import quat_to_matrix
     axes = np.stack([quat_to_matrix(r["rotation"]) @ [0.0, 0.0, 1.0] for r in cs if r["camera_intrinsic"]])
     assert len(axes) == 6 and np.abs(axes[:, 2]).max() < 1e-9           # optical axes exactly horizontal
     m = json.loads((tmp_path / "r" / "maps" / "expansion" / "singapore-onenorth.json").read_text())

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.synth_world import CAMERA_RIG
+from pipeline.contract import schema
+from pipeline.synth.world import CAMERA_RIG
 
 matplotlib.use("Agg")
 

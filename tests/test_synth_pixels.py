@@ -10,8 +10,8 @@ from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import view_points
 from pyquaternion import Quaternion
 
-from pipeline import schema
-from pipeline.synth_render import CLASS_COLORS, MAP_COLORS, OTHER_COLOR, SKY_HORIZON, SKY_TOP, shade_variants
+from pipeline.contract import schema
+from pipeline.synth.render import CLASS_COLORS, MAP_COLORS, OTHER_COLOR, SKY_HORIZON, SKY_TOP, shade_variants
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.geometry import make_transform, matrix_to_quat, transform_points, yaw_to_quat
-from pipeline.synth import keyframe_indices
-from pipeline.synth_render import clip_near
-from pipeline.synth_world import (CATEGORY_SPECS, EGO_OFFSET, LIDAR_YAW, TRIGGER_SWEEPS, ObjectTrack,
+from pipeline.contract.geometry import make_transform, matrix_to_quat, transform_points, yaw_to_quat
+from pipeline.synth.writer import keyframe_indices
+from pipeline.synth.render import clip_near
+from pipeline.synth.world import (CATEGORY_SPECS, EGO_OFFSET, LIDAR_YAW, TRIGGER_SWEEPS, ObjectTrack,
                                   camera_intrinsics, camera_rotation, camera_to_ego, lidar_rotation, make_ego,
                                   make_objects, make_road, trigger_rounds)
 

@@ -1,4 +1,4 @@
-"""The per-scene table index (pipeline/tableindex.py) against the devkit, the reference: same records,
+"""The per-scene table index (pipeline/scenes/tableindex.py) against the devkit, the reference: same records,
 same decorations, the same scene stores; and what a scene task holds does not grow with the table set."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bevmap import map_geometry
-from pipeline.mapcrop import MapCropper, load_geometry
-from pipeline.nuscenes import load_map, load_nuscenes
-from pipeline.scenestore import build_scene_store_status, open_scene_store
-from pipeline.tableindex import PER_SCENE, WHOLE, SceneTables, build_table_index, ensure_table_index, \
+from pipeline.scenes.bevmap import map_geometry
+from pipeline.scenes.mapcrop import MapCropper, load_geometry
+from pipeline.scenes.nuscenes import load_map, load_nuscenes
+from pipeline.scenes.scenestore import build_scene_store_status, open_scene_store
+from pipeline.scenes.tableindex import PER_SCENE, WHOLE, SceneTables, build_table_index, ensure_table_index, \
     iter_json_array, read_meta
 
 
@@ -120,8 +120,8 @@ def test_scene_tasks_hold_one_scene_not_the_table_set(ray_local, tmp_path):
     hold the same records for it (not more with more scenes) and no devkit object (NuScenes, NuScenesMap) is
     ever created in a worker."""
     from pipeline.build import _run_scenes
-    from pipeline.build_config import BuildConfig
-    from pipeline.synth_scale import write_tables_only
+    from pipeline.shards.build_config import BuildConfig
+    from pipeline.synth.scale import write_tables_only
     def held_by_scene_task(uri: str, scene: str) -> dict:
         """What a scene task holds: its SceneTables' record counts; and any full devkit object in the process."""
         from nuscenes.map_expansion.map_api import NuScenesMap

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
-from pipeline.manifest import ShardRecord, write_manifest
+from pipeline.contract import schema
+from pipeline.contract.manifest import ShardRecord, write_manifest
 from tests.factories import make_sample, write_shards
 from train.buckets import bucket_indices, bucket_of_url, schedule_weights
 from train.config import DataConfig
@@ -63,7 +63,7 @@ def test_latents_are_scaled_posterior_draws(shards):
     ss = find_shards(cfg, "train", [])
     batch = next(iter(BatchStream(ss, cfg, seed=0, stop_step=1)))
     # the factory's sample i is seeded; find the stored mean of the first key and compare
-    from pipeline.shardio import iter_shard
+    from pipeline.contract.shardio import iter_shard
     stored = {}
     for url in ss.urls[batch.bucket]:
         for key, members in iter_shard(url):
@@ -187,7 +187,7 @@ def test_other_schema_major_is_refused(tmp_path, version):
     meta = json.loads(members["meta.json"])
     meta["schema_version"] = version
     members["meta.json"] = schema.meta_bytes(meta)
-    from pipeline.shardio import write_shard
+    from pipeline.contract.shardio import write_shard
     write_shard(root / schema.shard_path("train", 32, 64, 1, 0), [(s["key"], members)])
     (root / "stage.yaml").write_text(STAGE)
     cfg = data_cfg(root)

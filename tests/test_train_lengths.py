@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
-from pipeline.shardio import write_shard
+from pipeline.contract import schema
+from pipeline.contract.shardio import write_shard
 from tests.factories import make_sample
 from train import clip_length
 from train.config import DataConfig
@@ -121,7 +121,7 @@ def test_fit_frames_crops_and_holds():
 def test_decode_of_an_even_latent_count_keeps_frame_timing(tmp_path):
     """T = 13 (T' = 4): diffusers would decode 16 frames; the sampler pads one latent and cuts back
     to 13, and the first 9 frames are exactly the decode of the first 3 latents (same VAE batches)."""
-    from pipeline.vae import write_tiny_vae
+    from pipeline.shards.vae import write_tiny_vae
     from train.sample import decode_latents
     write_tiny_vae(tmp_path / "vae")
     lat = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0))

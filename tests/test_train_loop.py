@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline import schema
+from pipeline.contract import schema
 from tests.factories import write_shards
 from train import checkpoint as ckpt
 from train.config import DataConfig, TrainConfig
@@ -154,7 +154,7 @@ def test_tiny_model_loss_decreases(data):
 
 @pytest.mark.slow
 def test_sample_writes_videos_and_contact_sheet(data):
-    from pipeline.vae import write_tiny_vae
+    from pipeline.shards.vae import write_tiny_vae
     from train.sample import main as sample_main
     if not (data / "full").exists():
         train(config(data, "full", 2), progress=False)

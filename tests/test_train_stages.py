@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from model.config import ModelConfig
 from model.registry import build_from_config
-from pipeline import schema
+from pipeline.contract import schema
 from tests.factories import write_shards
 from train import checkpoint as ckpt
 from train.config import DataConfig, TrainConfig

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
-from pipeline.shardio import tar_bytes
+from pipeline.contract import schema
+from pipeline.contract.shardio import tar_bytes
 from tests.factories import make_sample
 from train.tario import _members_of, parse_members, read_all, tar_members
 

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline import cli, schema
-from pipeline.buckets import FULL, load_stage  # FULL: a stage's "longest clip of each scene" bucket
+from pipeline.contract import cli, schema
+from pipeline.scenes.buckets import FULL, load_stage  # FULL: a stage's "longest clip of each scene" bucket
 
 BUCKET_RE = re.compile(r"(\d+)x(\d+)_t(\d+|full)")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import InputNotFound
+from pipeline.contract.cli import InputNotFound
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"

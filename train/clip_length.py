@@ -27,7 +27,7 @@ import logging
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.contract import schema
 
 log = logging.getLogger("train.clip_length")
 

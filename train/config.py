@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import BadInput, InputNotFound, yaml_problem
+from pipeline.contract.cli import BadInput, InputNotFound, yaml_problem
 
 # The paper drops text, camera, boxes and trajectory at 15 % each (Appendix E). The map is
 # never dropped in training; CFG uses the null (all-zero) map in the unconditional branch.

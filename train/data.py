@@ -34,8 +34,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from pipeline import manifest as manifest_mod
-from pipeline import cli, schema, storage
+from pipeline.contract import manifest as manifest_mod
+from pipeline.contract import cli, schema, storage
 from train import clip_length
 from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
                            stage_specs)
@@ -137,7 +137,7 @@ class LoaderStats:
 
 
 def decode(raw: dict) -> dict:
-    """Raw webdataset sample -> arrays (validated by pipeline/schema.py; BEV maps stay bit-packed).
+    """Raw webdataset sample -> arrays (validated by pipeline/contract/schema.py; BEV maps stay bit-packed).
 
     The posterior draw z = s * (mean + std * eps) is left to the trainer (Batch.sample_latents):
     float16 mean/std travel at half the bytes, and on a GPU the draw costs nothing.

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from model.conditions import CONDITION_NAMES, Conditions
-from pipeline import cli, schema
-from pipeline.shardio import iter_shard
+from pipeline.contract import cli, schema
+from pipeline.contract.shardio import iter_shard
 from train import checkpoint as ckpt
 from train import clip_length, flow
 from train.config import TrainConfig
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         lo = 4 * ((a.frames - 1) // 4) + 1
         near = f"use {lo} or {lo + 4}" if a.frames > 1 else "use 1 or more"
         raise cli.BadInput(f"--frames {a.frames}: the model generates 4k+1 frames (1, 5, 9, 13, 17, ...); {near}")
-    from pipeline.encode import vae_meta
+    from pipeline.shards.encode import vae_meta
     vae_meta(a.vae)  # a --vae folder without config.json fails now, not after sampling
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                   a.seed, a.device, a.text_encoder, a.text_cache, a.frames)

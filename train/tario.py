@@ -9,7 +9,7 @@ disk for decoding. Here:
   (object stores, pipes) are read whole instead;
 - the 512-byte ustar headers are parsed by hand (name, size, type: the fields webdataset
   uses), and ``.npy`` members are handed out as memoryviews into the mapping, which
-  ``pipeline.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a latent
+  ``pipeline.contract.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a latent
   between the page cache and the batch is the collate's stack.
 Anything that is not a plain ustar member (pax/GNU long names, sparse files) makes the shard
 go through tarfile instead, so every tar that webdataset reads still reads. Shards are never

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.conditions import CONDITION_NAMES
-from pipeline import cli
+from pipeline.contract import cli
 from train import checkpoint as ckpt
 from train import flow
 from train.distributed import check_sp, make_topology, wrap_ddp

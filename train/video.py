@@ -7,7 +7,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import geometry
+from pipeline.contract import geometry
 
 CLASS_COLOURS = [(255, 158, 0), (255, 99, 71), (233, 150, 70), (255, 69, 0), (255, 140, 0),
                  (112, 128, 144), (255, 61, 99), (220, 20, 60), (0, 0, 230), (47, 79, 79)]

@@ -1,0 +1,104 @@
+"""Manifests and quarantine tables (parquet): the source of truth for what a build produced.
+
+A shard exists for readers only once a manifest row names it. Rows are sorted by
+path so a manifest's bytes do not depend on the order shards finished in.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.contract import schema, storage
+
+MANIFEST_SCHEMA = pa.schema([
+    ("path", pa.string()),            # relative to the output root
+    ("split", pa.string()),
+    ("bucket", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("num_frames", pa.int32()),
+    ("samples", pa.int32()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("schema_version", pa.string()),
+    ("config_hash", pa.string()),
+    ("keys", pa.list_(pa.string())),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("stage", pa.string()),           # scenes | captions | frames | encode | write
+    ("item", pa.string()),            # sample key, scene name or file
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+@dataclass
+class ShardRecord:
+    path: str
+    split: str
+    bucket: str
+    height: int
+    width: int
+    num_frames: int
+    samples: int
+    bytes: int
+    sha256: str
+    schema_version: str
+    config_hash: str
+    keys: list[str]
+
+
+@dataclass
+class QuarantineRecord:
+    stage: str
+    item: str
+    reason: str
+    detail: str = ""
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # no statistics/created_by variance: deterministic bytes for identical rows
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    return buf.getvalue()
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    storage.atomic_write(uri, _table_bytes(table))
+
+
+def read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def write_manifest(out: str, split: str, records: list[ShardRecord]) -> str:
+    uri = storage.join(out, schema.manifest_path(split))
+    rows = sorted((asdict(r) for r in records), key=lambda r: r["path"])
+    write_table(uri, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    return uri
+
+
+def read_manifest(out: str, split: str) -> list[ShardRecord]:
+    uri = storage.join(out, schema.manifest_path(split))
+    if not storage.exists(uri):
+        return []
+    names = [f.name for f in fields(ShardRecord)]
+    return [ShardRecord(**{k: r[k] for k in names}) for r in read_table(uri).to_pylist()]
+
+
+def write_quarantine(out: str, records: list[QuarantineRecord]) -> str:
+    uri = storage.join(out, schema.QUARANTINE_FILE)
+    rows = sorted((asdict(r) for r in records), key=lambda r: (r["stage"], r["item"], r["reason"]))
+    write_table(uri, pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
+    return uri
+
+
+def read_quarantine(out: str) -> list[QuarantineRecord]:
+    uri = storage.join(out, schema.QUARANTINE_FILE)
+    if not storage.exists(uri):
+        return []
+    return [QuarantineRecord(**r) for r in read_table(uri).to_pylist()]
