@@ -11,6 +11,7 @@ from model.conditions import CONDITION_NAMES, Conditions, latent_len, random_con
 from model.config import ModelConfig
 from model.registry import PRESETS, build_from_config, build_model, count_parameters, describe, main
 from pipeline.contract import schema
+from tests.factories_train import perturb_zero_init
 
 torch.set_num_threads(1)
 
@@ -21,14 +22,6 @@ def tiny():
     return build_model("tiny").eval()
 
 
-def _perturb(model, std=0.05, seed=0):
-    """Give zero-initialised tensors values, so every path of the network is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 @pytest.mark.parametrize("frames", [1, 9, 17, 33])
@@ -50,7 +43,7 @@ def test_forward_shapes_across_buckets(tiny, frames, views, hw):
 def test_any_4k_plus_1_length_forward_backward(frames):
     """Lengths no bucket has (4k+1 but not 8k+1) train: forward, backward, a gradient everywhere."""
     torch.manual_seed(frames)
-    m = _perturb(build_model("tiny"))
+    m = perturb_zero_init(build_model("tiny"))
     g = torch.Generator().manual_seed(frames)
     cond = random_conditions(1, 2, frames, text_dim=32, bev_size=16, generator=g)
     x = torch.randn(1, 2, 16, latent_len(frames), 4, 4, generator=g)
@@ -66,7 +59,7 @@ def test_odd_latent_is_padded_and_cropped():
     # with a trained-looking (non-zero) final layer the output must still be the input's size,
     # and the padded row must not leak: outputs for H'=5 equal the first 5 rows of nothing else
     torch.manual_seed(1)
-    m = _perturb(build_model("tiny")).eval()
+    m = perturb_zero_init(build_model("tiny")).eval()
     cond = random_conditions(1, 2, 1, text_dim=32, bev_size=24, generator=torch.Generator().manual_seed(1))
     x = torch.randn(1, 2, 16, 1, 5, 6)
     with torch.no_grad():
@@ -84,7 +77,7 @@ def test_cross_view_ring_reaches_only_neighbours():
     x2[:, 0] += 1.0
     for mode, view3_changes in (("ring", False), ("all", True)):
         torch.manual_seed(3)
-        m = _perturb(build_model("tiny", cross_view=mode)).eval()
+        m = perturb_zero_init(build_model("tiny", cross_view=mode)).eval()
         with torch.no_grad():
             d = (m(x, torch.tensor([0.3]), cond) - m(x2, torch.tensor([0.3]), cond)).abs().flatten(2).amax(-1)[0]
         assert d[1] > 1e-4 and d[5] > 1e-4 and d[2] > 1e-6
@@ -159,7 +152,7 @@ def test_clip_without_boxes_and_empty_caption(tiny):
 
 def test_bf16_autocast_and_checkpointing_match_fp32():
     torch.manual_seed(4)
-    m = _perturb(build_model("tiny"))
+    m = perturb_zero_init(build_model("tiny"))
     cond = random_conditions(1, 2, 9, text_dim=32, bev_size=16, generator=torch.Generator().manual_seed(4))
     x, t = torch.randn(1, 2, 16, 3, 4, 4), torch.tensor([0.4])
     ref = m(x, t, cond)

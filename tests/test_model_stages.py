@@ -8,19 +8,11 @@ import torch
 from model.conditions import random_conditions
 from model.registry import build_model
 from model.stages import init_from_state
+from tests.factories_train import perturb_zero_init
 
 torch.set_num_threads(1)
 
 
-def _perturb(model, std=0.05, seed=0):
-    """Give every zero-initialised tensor values: t0, adaLN tables, gates, final layer and the
-    ControlNet projections are all live, as after a stage of training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def _inputs(T: int, B=2, V=3, seed=0):
@@ -33,7 +25,7 @@ def _inputs(T: int, B=2, V=3, seed=0):
 @pytest.fixture(scope="module")
 def stage1():
     torch.manual_seed(0)
-    return _perturb(build_model("tiny", temporal=False, controlnet_cross_view=False)).eval()
+    return perturb_zero_init(build_model("tiny", temporal=False, controlnet_cross_view=False)).eval()
 
 
 def test_spatial_only_model_has_no_temporal_blocks(stage1):
@@ -79,7 +71,7 @@ def test_stage2_trains_its_temporal_blocks(stage1):
 
 
 def test_dropping_modules_is_refused_unless_asked(stage1):
-    stage2 = _perturb(build_model("tiny", controlnet_cross_view=False))
+    stage2 = perturb_zero_init(build_model("tiny", controlnet_cross_view=False))
     back = build_model("tiny", temporal=False, controlnet_cross_view=False)
     with pytest.raises(ValueError, match="init-allow-drop"):
         init_from_state(back, stage2.state_dict(), stage2.config)
@@ -135,7 +127,7 @@ def test_cross_view_gate_starts_at_zero_and_learns():
 def test_checkpoint_without_gate_keeps_its_cross_view():
     # a checkpoint written before the gate existed computed cross-view attention ungated (gate 1)
     torch.manual_seed(0)
-    old = _perturb(build_model("tiny"))
+    old = perturb_zero_init(build_model("tiny"))
     with torch.no_grad():
         for name, p in old.named_parameters():
             if name.endswith("cross_view.gate"):

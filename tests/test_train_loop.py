@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from pipeline.contract import schema
 from tests.factories import write_shards
+from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
-from train.config import DataConfig, TrainConfig
+from train.config import TrainConfig
 from train.data import BatchStream, find_shards
 from train.train import (TextSource, build_model, compute_loss, ema_update, lr_at, make_optimizer, seed_step,
                          step_generator, train)
@@ -47,12 +48,6 @@ def data(tmp_path_factory):
     return root
 
 
-def config(root: Path, out: str, steps: int, **kw) -> TrainConfig:
-    d = dict(out=str(root / out), steps=steps, lr=2e-3, warmup=3, ema_decay=0.9, val_every=0, ckpt_every=1000,
-             data=DataConfig(root=str(root / "shards"), stage=str(root / "stage.yaml"), samples_per_chunk=6,
-                             shuffle_buffer=3, text_cache=str(root / "text_cache"), text_max_length=16))
-    d.update(kw)
-    return TrainConfig(**d)
 
 
 def test_train_then_resume_equals_uninterrupted(data):
