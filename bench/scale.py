@@ -67,7 +67,7 @@ class Sampler(threading.Thread):
 def frame_path_848(args, index: str, names: list[str]) -> dict:
     """The frame path's peak at 848x1600 for a 20 s scene of the table set (stage3's 848x1600 buckets).
 
-    With frame windows (pipeline/shards/windows.py, when merged) it is the largest planned window under the
+    With frame windows (pipeline/shards/windows.py) it is the largest planned window under the
     build's default budget; without, it is today's frames_task object: every needed frame of the scene
     at that resolution in one FrameSet (P, H, W, 3) uint8. Allocated and filled by decode_frames for a
     window, computed (P x H x W x 3) for a whole scene larger than 2 GB (this machine is shared)."""
@@ -92,7 +92,7 @@ def frame_path_848(args, index: str, names: list[str]) -> dict:
         from pipeline.shards.windows import plan_calls
         budget = int(getattr(cfg, "frame_budget_mb", 1000.0) * 1e6)
         calls = plan_calls(units, budget, cfg.units_per_call)
-        peak = max(c.window_bytes for c in calls)
+        peak = max(c.window_bytes() for c in calls)
         how = f"largest frame window of {len(calls)} encode calls under --frame-budget-mb {budget / 1e6:g}"
     except ImportError:
         paths = {p for us in units.values() for u in us for row in u.frames for p in row}
