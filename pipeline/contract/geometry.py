@@ -144,20 +144,19 @@ def project(points_cam: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray,
 
 def box_view_visibility(boxes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, width: int,
                         height: int, min_depth: float = 0.1) -> np.ndarray:
-    """Which boxes are visible in which view: any corner in front of the camera and inside the image.
+    """The static-rig case of view_box_visibility: one box per frame for every view, fixed extrinsics.
 
     boxes (T, N, 7) in LiDAR; intrinsics (V, 3, 3); cam2lidar (V, 4, 4) -> (T, V, N) bool."""
-    corners = box_corners(boxes)                       # (T, N, 8, 3)
-    lidar2cam = invert_transform(cam2lidar)            # (V, 4, 4)
-    pts = transform_points(lidar2cam[None, :, None], corners[:, None])  # (T, V, N, 8, 3)
-    uv, depth = project(pts, np.asarray(intrinsics)[None, :, None])
-    inside = (depth > min_depth) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
-    return inside.any(-1)
+    t, v = np.shape(boxes)[0], np.shape(cam2lidar)[0]
+    view_boxes = np.broadcast_to(np.asarray(boxes)[:, None], (t, v) + np.shape(boxes)[1:])
+    return view_box_visibility(view_boxes, intrinsics, np.broadcast_to(cam2lidar, (t, v, 4, 4)), width, height,
+                               min_depth)
 
 
 def view_box_visibility(view_boxes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, width: int,
                         height: int, min_depth: float = 0.1) -> np.ndarray:
-    """As box_view_visibility with each view's own boxes and per-frame extrinsics.
+    """Which boxes each view sees: any corner in front of the camera and inside the image, each view
+    with its own boxes and per-frame extrinsics (schema 2.0).
 
     view_boxes (T, V, N, 7) in LiDAR(t); intrinsics (V, 3, 3); cam2lidar (T, V, 4, 4) -> (T, V, N) bool."""
     corners = box_corners(view_boxes)                  # (T, V, N, 8, 3)
