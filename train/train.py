@@ -233,6 +233,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
+    # the shards first: a wrong --data-root or an old schema is a one-line error before any model is built
+    shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
     say = (lambda m: print(f"train: {m}", file=sys.stderr)) if rank == 0 else None
     model, ema = build_model(cfg, resume, report=say)
     if cfg.grad_checkpointing:
@@ -255,7 +257,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         enable_sequence_parallel(model, topo.sp_group)
     ddp = wrap_ddp(model, topo, device)
 
-    shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
     stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start, stop_step=cfg.steps)
     text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
     validator = None
