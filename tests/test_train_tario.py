@@ -123,3 +123,28 @@ class _SharedInWorker(torch.utils.data.IterableDataset):
     def __iter__(self):
         for b in self.stream:
             yield b, all(t.is_shared() for t in (b.latent_mean, b.latent_std, b.boxes, b.box_mask, b.bev))
+
+
+def test_per_shard_runs_ahead_in_another_thread_and_keeps_the_order(tmp_path):
+    """tar_members hands each shard's members to per_shard in its decode thread, up to ``ahead`` shards
+    before the consumer, and yields the results in draw order; the reads fill the page cache (sendfile)
+    and the mapping gives the file's exact bytes."""
+    import threading
+    urls = []
+    for i in range(5):
+        (tmp_path / f"{i}.tar").write_bytes(_shard(1 + i % 2))
+        urls.append(str(tmp_path / f"{i}.tar"))
+    order = [3, 0, 4, 4, 1, 2]
+    seen_threads = set()
+
+    def per_shard(members):
+        seen_threads.add(threading.get_ident())
+        return [len([m for m in members if m])]  # members per shard ({} excluded)
+
+    for ahead in (1, 3):
+        sources = iter([{"url": urls[i], "stream": open(urls[i], "rb")} for i in order])
+        got = list(tar_members(sources, handler=lambda e: False, per_shard=per_shard, ahead=ahead))
+        assert got == [len(parse_members(_shard(1 + i % 2))[0]) for i in order]
+    assert threading.get_ident() not in seen_threads
+    with open(urls[1], "rb") as f:
+        assert bytes(read_all(f)) == (tmp_path / "1.tar").read_bytes()

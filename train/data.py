@@ -8,8 +8,9 @@ A shard's bucket is its ``{H}x{W}_t{T}`` folder; its batch size comes from the s
 
 Determinism (why resume is exact): the bucket of step s is a hash of (seed, rank, s)
 (train/buckets.py). Each (rank, stream, bucket) reads an endless sequence of *chunks*;
-chunk k draws shards with replacement (resampling, so epochs never end) and shuffles
-samples with RNGs seeded by (seed, rank, stream, bucket, k). How many samples a stream has
+chunk k reads the shards in a random order, cycled (so epochs never end, and a chunk reads a shard
+twice only when it needs more shards than there are), and shuffles samples with RNGs seeded by
+(seed, rank, stream, bucket, k). How many samples a stream has
 consumed before step N follows from the schedule alone, so a resumed run re-opens the
 right chunk and skips the samples already used (reading, not decoding, them).
 
@@ -162,6 +163,16 @@ def decode(raw: dict) -> dict:
                 bev=s.bev, views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
 
 
+def _decoded(raw: dict) -> tuple[int, str | None, dict | Exception]:
+    """(member bytes, shard URL, decoded sample or the exception that rejected it): decode() as a value,
+    so the read-ahead thread can run it and the consumer decides, in stream order, what an error means."""
+    nbytes = sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+    try:
+        return nbytes, raw.get("__url__"), decode(raw)
+    except Exception as e:  # noqa: BLE001  SchemaError is counted by the consumer, the rest re-raised there
+        return nbytes, raw.get("__url__"), e
+
+
 # ---- streams --------------------------------------------------------------------------
 
 class BucketStream:
@@ -174,7 +185,7 @@ class BucketStream:
     def seek(self, consumed: int) -> None:
         self.chunk, skip = divmod(consumed, self.cfg.samples_per_chunk)
         self._it = self._chunk_iter(self.chunk)
-        for _ in range(skip):  # raw samples only: no decode, no latent draw
+        for _ in range(skip):  # decoded ahead like any sample, but no batch is assembled
             next(self._it)
         self.index = skip
 
@@ -187,20 +198,27 @@ class BucketStream:
         rng = np.random.default_rng((*self.key, chunk))
         empty = {"draws": 0}
 
-        def shard_draws():
+        def shard_draws():  # runs in the read-ahead thread (train/tario.py), after the shuffle seed is drawn
             while True:
-                empty["draws"] += 1
-                if empty["draws"] > 2 * len(self.urls) + 10:
-                    raise RuntimeError(f"no readable sample in {empty['draws']} shard draws of {self.urls[:3]}...: "
-                                       f"the shards of this bucket are all unreadable (see warnings above)")
-                url = self.urls[int(rng.integers(len(self.urls)))]
-                try:
-                    yield dict(url=url, stream=open_url(url))
-                except Exception as e:  # missing object, failing pipe: counted, not fatal
-                    self._handler(e)
+                for i in rng.permutation(len(self.urls)):  # without replacement: no shard twice in a round
+                    empty["draws"] += 1
+                    if empty["draws"] > 2 * len(self.urls) + 10:
+                        raise RuntimeError(f"no readable sample in {empty['draws']} shard draws of "
+                                           f"{self.urls[:3]}...: the shards of this bucket are all unreadable "
+                                           f"(see warnings above)")
+                    url = self.urls[int(i)]
+                    try:
+                        yield dict(url=url, stream=open_url(url))
+                    except Exception as e:  # missing object, failing pipe: counted, not fatal
+                        self._handler(e)
 
-        raw = group_by_keys(tar_members(shard_draws(), handler=self._handler), handler=self._handler)
-        shuffled = wds.filters._shuffle(raw, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
+        def per_shard(members: Iterator[dict]) -> list[tuple[int, str | None, dict | Exception]]:
+            return [_decoded(raw) for raw in group_by_keys(members, handler=self._handler)]
+
+        # samples leave the read-ahead thread decoded (or as the error that rejected them), in shard order
+        samples = tar_members(shard_draws(), handler=self._handler, per_shard=per_shard,
+                              ahead=self.cfg.read_ahead_shards)
+        shuffled = wds.filters._shuffle(samples, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
                                         rng=random.Random(int(rng.integers(2**62))))
         for n, sample in enumerate(shuffled):
             if n >= self.cfg.samples_per_chunk:
@@ -219,15 +237,15 @@ class BucketStream:
                 self._it = self._chunk_iter(self.chunk)
                 continue
             self.index += 1
-            try:
-                out = decode(raw)
-            except schema.SchemaError as e:
+            nbytes, url, out = raw
+            if isinstance(out, schema.SchemaError):
                 self.stats.bad_samples += 1
-                log.warning("skipping bad sample (%d so far) from %s: %s", self.stats.bad_samples,
-                            raw.get("__url__"), e)
+                log.warning("skipping bad sample (%d so far) from %s: %s", self.stats.bad_samples, url, out)
                 continue
+            if isinstance(out, Exception):  # ShardVersionError, or a bug: raised here, in the consumer
+                raise out
             self.stats.samples += 1
-            self.stats.bytes += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+            self.stats.bytes += nbytes
             return out
 
 
@@ -291,20 +309,42 @@ def unpack_bev(packed: torch.Tensor) -> torch.Tensor:
     return bits.flatten(-2)[..., :schema.BEV_CELLS].bool()
 
 
-def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0) -> torch.Tensor:
-    """Stack straight into the batch tensor, zero-padding ``axis`` to ``size``: the one copy between the
-    shard buffer and the batch (the arrays are views into it, train/tario.py). In a DataLoader worker the
-    tensor is allocated in shared memory, so handing the batch to the main process copies nothing more."""
+class _BatchArena:
+    """The tensors of one batch as views of ONE allocation: in a DataLoader worker that is one
+    shared-memory segment, so a batch crosses to the main process as one file descriptor (and one
+    mapping) instead of one per field, which cost the main process more CPU than the loading itself."""
+
+    def __init__(self, specs: list[tuple[tuple[int, ...], np.dtype]]):
+        self.offsets, total = [], 0
+        for shape, dtype in specs:
+            self.offsets.append(total)
+            total += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned: any dtype, SIMD
+        total = max(total, 64)
+        self.storage = (torch.UntypedStorage._new_shared(total) if get_worker_info() is not None
+                        else torch.UntypedStorage(total))
+        self.specs, self.next = specs, 0
+
+    def take(self) -> torch.Tensor:
+        shape, dtype = self.specs[self.next]
+        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        offset = self.offsets[self.next] // dtype.itemsize
+        self.next += 1
+        return torch.empty(0, dtype=tdtype).set_(self.storage, offset, shape)
+
+
+def _stack_shape(arrs: list[np.ndarray], axis: int | None, size: int) -> tuple[int, ...]:
     shape = list(arrs[0].shape)
     if axis is not None:
         shape[axis] = size
-    shape = (len(arrs), *shape)
-    dtype = torch.from_numpy(np.empty(0, arrs[0].dtype)).dtype
-    if get_worker_info() is None:
-        out = torch.empty(shape, dtype=dtype)
-    else:
-        nbytes = int(np.prod(shape)) * arrs[0].dtype.itemsize
-        out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
+    return (len(arrs), *shape)
+
+
+def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Stack straight into the batch tensor ``out`` (or a new one), zero-padding ``axis`` to ``size``: the
+    one copy between the shard buffer and the batch (the arrays are views into it, train/tario.py)."""
+    if out is None:
+        out = _BatchArena([(_stack_shape(arrs, axis, size), arrs[0].dtype)]).take()
     o = out.numpy()
     if axis is None:
         np.stack(arrs, out=o)
@@ -331,19 +371,22 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
                         "latents of the longer clips approximate", bucket, sorted(set(lengths)), t)
         samples = [clip_length.crop_frames(s, t) for s in samples]
     n = max(s["box_class"].shape[0] for s in samples)
-
-    def stack(name, axis=None, dtype=None):  # boxes are zero-padded to the batch's N along ``axis``
-        t = stacked([s[name] for s in samples], axis, n)
-        return t.to(dtype) if dtype is not None else t
-
+    # name: (axis zero-padded to the batch's N boxes, dtype in the batch when not the stored one)
+    fields = {"latent_mean": (None, None), "intrinsics": (None, None), "cam2lidar": (None, None),
+              "boxes": (1, None), "view_boxes": (2, None), "box_class": (0, np.int64), "box_mask": (1, None),
+              "box_view_mask": (2, None), "traj": (None, None), "bev": (None, None), "scaling_factor": (None, None)}
+    arrays = {name: [np.asarray(s[name], np.float64 if name == "scaling_factor" else None) for s in samples]
+              for name in fields}
+    if all(s["latent_std"] is not None for s in samples):
+        fields["latent_std"], arrays["latent_std"] = (None, None), [s["latent_std"] for s in samples]
+    arena = _BatchArena([(_stack_shape(arrays[k], axis, n), np.dtype(dtype or arrays[k][0].dtype))
+                         for k, (axis, dtype) in fields.items()])
+    out = {k: stacked(arrays[k], axis, n, arena.take()) for k, (axis, _) in fields.items()}
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
-                 latent_mean=stack("latent_mean"),
-                 latent_std=None if any(s["latent_std"] is None for s in samples) else stack("latent_std"),
-                 scaling_factor=torch.tensor([s["scaling_factor"] for s in samples], dtype=torch.float64),
-                 intrinsics=stack("intrinsics"), cam2lidar=stack("cam2lidar"),
-                 boxes=stack("boxes", 1), view_boxes=stack("view_boxes", 2),
-                 box_class=stack("box_class", 0, torch.long), box_mask=stack("box_mask", 1),
-                 box_view_mask=stack("box_view_mask", 2), traj=stack("traj"), bev=stack("bev"))
+                 latent_mean=out["latent_mean"], latent_std=out.get("latent_std"),
+                 scaling_factor=out["scaling_factor"], intrinsics=out["intrinsics"], cam2lidar=out["cam2lidar"],
+                 boxes=out["boxes"], view_boxes=out["view_boxes"], box_class=out["box_class"],
+                 box_mask=out["box_mask"], box_view_mask=out["box_view_mask"], traj=out["traj"], bev=out["bev"])
 
 
 class BatchStream(IterableDataset):

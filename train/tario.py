@@ -3,10 +3,9 @@
 tarfile's stream mode copied every member out of a 64 KiB read buffer, built a TarInfo per
 member and read the shard in the loader's own thread, so decoding waited for the disk and the
 disk for decoding. Here:
-- a local shard is mapped whole (mmap with MAP_POPULATE: the kernel reads it into the page
-  cache and maps every page in one call) by a background thread that maps the NEXT shard while
-  the loader decodes the current one, so the disk and the CPU work overlap; other streams
-  (object stores, pipes) are read whole instead;
+- a background thread reads the NEXT shard into the page cache while the loader decodes the
+  current one, so the disk and the CPU work overlap, and then maps it: the members are views of
+  the page cache itself. Other streams (object stores, pipes) are read whole instead;
 - the 512-byte ustar headers are parsed by hand (name, size, type: the fields webdataset
   uses), and ``.npy`` members are handed out as memoryviews into the mapping, which
   ``pipeline.contract.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a latent
@@ -22,9 +21,12 @@ import io
 import mmap
 import os
 import re
+import sys
 import tarfile
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members
 _BLOCK = 512
@@ -37,9 +39,13 @@ class TruncatedShard(ValueError):
 
 
 def read_all(stream) -> bytes | bytearray | mmap.mmap:
-    """The whole shard. A local file is mapped (MAP_POPULATE: the kernel reads it into the page cache and
-    maps every page at once, in the read-ahead thread), so the arrays are views of the page cache itself:
-    no copy at all between the disk and the batch's np.stack. Other streams are read()."""
+    """The whole shard. A local file is first read through a small reused buffer (this pulls it into the
+    page cache at disk speed, in the read-ahead thread), then mapped, so the arrays are views of the page
+    cache itself: no copy between the disk and the batch's np.stack. Other streams are read().
+
+    Not MAP_POPULATE, which did both in one call: it holds the process's memory-map lock while the disk
+    reads, and every large allocation of the decoding thread (a batch tensor, a temporary) waits on that
+    lock, so the decoder stalled for the disk after all (0.6x of a raw read, bench/loader.py)."""
     fileno = getattr(stream, "fileno", None)
     try:
         fd = fileno() if fileno else None
@@ -48,8 +54,38 @@ def read_all(stream) -> bytes | bytearray | mmap.mmap:
         fd, size = None, 0
     if not size:
         return stream.read()
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)  # stays valid after the file is closed
+    pos = 0
+    while pos < size:
+        n = _into_page_cache(fd, pos, size - pos)
+        if n == 0:  # the file shrank: map what is there, parse_members reports the truncation
+            size = pos
+            break
+        pos += n
+    if not size:
+        return b""
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)  # stays valid after the file is closed
+
+
+_DEVNULL: int | None = None
+_SCRATCH = threading.local()
+
+
+def _into_page_cache(fd: int, offset: int, count: int) -> int:
+    """Read ``count`` bytes of ``fd`` at ``offset`` into the page cache; bytes read, 0 at the end of the file.
+
+    sendfile to /dev/null: the kernel reads the pages and copies them nowhere, in ONE call per shard. A
+    Python loop of read() calls took the GIL back after every call, and while the decoder and the
+    batching hold it (switch interval 5 ms) each of those waits stalled the disk: 0.17 GB/s instead of
+    2.5 (bench/loader.py's figures). Elsewhere than Linux, read() into a reused 1 MiB buffer."""
+    global _DEVNULL
+    if hasattr(os, "sendfile") and sys.platform.startswith("linux"):
+        if _DEVNULL is None:
+            _DEVNULL = os.open(os.devnull, os.O_WRONLY)
+        return os.sendfile(_DEVNULL, fd, offset, count)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None:
+        buf = _SCRATCH.buf = bytearray(1 << 20)
+    return os.preadv(fd, [buf], offset)
 
 
 def _octal(field: bytes) -> int:
@@ -130,28 +166,56 @@ def _next_shard(sources: Iterator[dict]):
             close()
 
 
-def tar_members(sources: Iterator[dict], handler) -> Iterator[dict]:
+def _shard_items(read, handler, per_shard: Callable[[Iterator[dict]], list]) -> list | None:
+    """The members ({} last) of the shard that ``read`` (a _next_shard future) brings, through
+    ``per_shard``. None when the draws are exhausted."""
+    got = read.result()
+    if got is None:
+        return None
+    source, data, error = got
+    url = source["url"]
+
+    def members() -> Iterator[dict]:
+        try:
+            if error is not None:
+                raise error
+            yield from _members_of(url, data)
+        except Exception as exn:  # truncated or corrupt shard: the handler counts it, the stream goes on
+            exn.args = (*exn.args, url)
+            if not handler(exn):
+                raise
+        yield {}  # the shard's end: a sample cut by a truncation ends here too, and fails its schema check
+
+    return per_shard(members())
+
+
+def tar_members(sources: Iterator[dict], handler, per_shard: Callable[[Iterator[dict]], list] = list,
+                ahead: int = 2) -> Iterator:
     """{url, stream} per shard -> webdataset member dicts {fname, data, __url__}, then {} at the end of
-    each shard (group_by_keys never joins samples across shards). webdataset's tar_file_expander
-    contract; the next shard is read in the background while this one is decoded."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="shard-read")
+    each shard (group_by_keys never joins samples across shards): webdataset's tar_file_expander contract.
+
+    Three stages overlap, one thread each: the next shards are drawn and read from the disk, their
+    members go through ``per_shard`` (and that is what is yielded instead of the members), and the
+    current one is consumed here; up to ``ahead`` shards are read and processed ahead of it, which
+    absorbs the jitter between a disk and a decoder of about the same speed. The loader passes the
+    grouping and the decoding of its samples (train/data.py): the schema checks touch every byte, and
+    numpy releases the GIL on large arrays, so on two cores the disk, the checks and the batch assembly
+    all run at once."""
+    reader = ThreadPoolExecutor(1, thread_name_prefix="shard-read")
+    decoder = ThreadPoolExecutor(1, thread_name_prefix="shard-decode")
+
+    def submit():
+        return decoder.submit(_shard_items, reader.submit(_next_shard, sources), handler, per_shard)
     try:
-        fut = pool.submit(_next_shard, sources)
+        queue = deque(submit() for _ in range(max(1, ahead)))
         while True:
-            got = fut.result()  # an error of the draw itself (e.g. every shard unreadable) stops the stream
-            if got is None:
+            # the next one is queued before waiting: the reader starts a draw the moment its last read ends
+            queue.append(submit())
+            items = queue.popleft().result()  # an error of the draw itself (every shard unreadable) ends the stream
+            if items is None:
                 return
-            fut = pool.submit(_next_shard, sources)  # read-ahead: the disk works while this shard is decoded
-            source, data, error = got
-            url = source["url"]
-            try:
-                if error is not None:
-                    raise error
-                yield from _members_of(url, data)
-                yield {}
-            except Exception as exn:  # truncated or corrupt shard: the handler counts it, the stream goes on
-                exn.args = (*exn.args, url)
-                if not handler(exn):
-                    raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # the generator is not touched after we return
+            yield from items
+    finally:  # the generator is not touched after we return
+        reader.shutdown(wait=False, cancel_futures=True)
+        decoder.shutdown(wait=True, cancel_futures=True)
+        reader.shutdown(wait=True)

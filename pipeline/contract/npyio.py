@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import math
+import threading
 
 import numpy as np
 
@@ -23,9 +24,23 @@ def all_finite(arr: np.ndarray) -> bool:
     if arr.size == 0:
         return True
     uint, mask = _EXPONENT_BITS[arr.dtype.itemsize]
-    bits = np.ascontiguousarray(arr).view(uint)
+    bits = np.ascontiguousarray(arr).view(uint).reshape(-1)
     no_sign = uint((1 << (8 * arr.dtype.itemsize - 1)) - 1)
-    return bool((bits & no_sign).max() < uint(mask))
+    # the AND goes into a reused buffer: a fresh latent-sized temporary per call cost a large allocation
+    # and its page faults, as much again as the check itself
+    out = _scratch(bits.nbytes)[:bits.nbytes].view(uint)
+    np.bitwise_and(bits, no_sign, out=out)
+    return bool(out.max() < uint(mask))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _SCRATCH.buf = np.empty(max(nbytes, 1 << 16), np.uint8)
+    return buf
 
 
 _NPY_V1 = b"\x93NUMPY\x01\x00"
