@@ -8,6 +8,9 @@ import glob
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from pipeline.contract.shardio import iter_shard
 
 pytestmark = pytest.mark.slow
 STAGE = str(Path(__file__).parent / "data" / "build_test_stage.yaml")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +247,25 @@ def test_capacity_plan_bad_input_is_one_error_line(tmp_path, capsys):
     assert plan_main(["--config", "demo", "--dataroot", str(tmp_path), "--version", "v1.0-nothere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "v1.0-nothere" in err[0]
+
+
+def test_build_command_stops_the_ray_it_started(synth_dataset, vae_dir, tmp_path):
+    """The command as users run it, without a cluster: it starts a local Ray and stops every process of
+    it before it returns. It stops Ray itself (not in Ray's exit hook) and kills the autoscaler monitor
+    first, which a plain shutdown waited a second for: nothing of that Ray may be left behind."""
+    from procs import cluster_processes
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    try:
+        r = subprocess.run([sys.executable, "pipeline/build.py", "--config", STAGE, "--dataroot", str(synth_dataset.root),
+                            "--version", synth_dataset.version, "--out", str(tmp_path / "out"), "--vae", str(vae_dir),
+                            "--cpus", "2", "--encode-cpus", "0.5", "--limit-scenes", "1", "--captions", "dataset",
+                            "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "ray_stop" in r.stdout and glob.glob(f"{tmp_path}/out/*/*/shard-*.tar")
+        assert any(Path(ray_tmp).rglob("raylet.out")), "the build's Ray did not use RAY_TMPDIR: the check is void"
+        assert cluster_processes(ray_tmp) == {}
+    finally:
+        for pid in cluster_processes(ray_tmp):
+            os.kill(pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ import pytest
 from pipeline.tools import inspect
 from pipeline.contract import manifest, schema, storage
 from pipeline.contract.shardio import iter_shard, sha256_bytes
+from procs import cluster_processes
 from s3_server import FaultProxy, free_port, s3_server  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -41,35 +42,6 @@ SAMPLES_PER_SHARD = 3
 
 
 # ---- the cluster --------------------------------------------------------------------------------
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, cmdline) of every process we can read."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out[int(d)] = (ppid, cmd)
-    return out
-
-
-def cluster_processes(marker: str) -> dict[int, str]:
-    """Processes whose command line names `marker` (our temp dir) and all their descendants."""
-    table = _proc_table()
-    mine = {pid for pid, (_, cmd) in table.items() if marker in cmd and pid != os.getpid()}
-    grew = True
-    while grew:
-        kids = {pid for pid, (ppid, _) in table.items() if ppid in mine} - mine
-        grew = bool(kids)
-        mine |= kids
-    return {pid: table[pid][1] for pid in mine}
-
 
 def _kill(pids, sig) -> None:
     for pid in pids:
