@@ -170,11 +170,12 @@ class BoxEmbedder(nn.Module):
 
     def forward(self, view_boxes: torch.Tensor, box_class: torch.Tensor, box_mask: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """view_boxes (B, T, V, N, 7), box_class (B, N), box_mask (B, T, N)
+        """view_boxes (B, T, V, N, 7), box_class (B, N), box_mask (B, T, V, N): view v has a box for
+        object n in frame t (or (B, T, N): the same for every view)
         -> (B, T', V, N, D), (B, T', V, N). Each (view, object) is its own track, so view v's
         tokens depend on view v's boxes only."""
         B, T, V, N, _ = view_boxes.shape
-        mask = box_mask[:, :, None].expand(B, T, V, N)
+        mask = (box_mask[:, :, None] if box_mask.dim() == 3 else box_mask).expand(B, T, V, N)
         # padded slots may hold anything (even NaN): replace before any arithmetic touches them
         boxes = torch.where(mask[..., None], view_boxes, torch.zeros_like(view_boxes))
         corners = box_corners(boxes) / METRIC_SCALE                                 # (B, T, V, N, 8, 3)

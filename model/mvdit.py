@@ -142,10 +142,13 @@ class MVDiT(nn.Module):
         trj = self.traj(cond.traj.to(dt))                                                 # (B, T', D)
         trj = torch.where(drops["traj"][:, None, None], self.null_traj.to(dt), trj)
         Tl = trj.shape[1]
-        # boxes: [null slot, N tracks] per view and latent frame, from that view's own boxes; a
-        # track is a key of view v if present and seen by v in any pixel frame of the group
-        box, _ = self.boxes(cond.view_boxes.to(dt), cond.box_class.long(), cond.box_mask.bool())  # (B, T', V, N, D)
-        vis = group_any(cond.box_mask.bool()[:, :, None] & cond.box_view_mask.bool())   # (B, T', V, N)
+        # boxes: [null slot, N tracks] per view and latent frame, from that view's own boxes; a track
+        # is a key of view v if v sees it in any pixel frame of the group. Seen by v at v's exposure is
+        # enough: an object that enters (or leaves) between CAM_FRONT's exposure and v's has no
+        # reference box (box_mask) in that frame but does have v's box, and it is in v's image
+        has_box = cond.box_mask.bool()[:, :, None] | cond.box_view_mask.bool()           # (B, T, V, N)
+        box, _ = self.boxes(cond.view_boxes.to(dt), cond.box_class.long(), has_box)      # (B, T', V, N, D)
+        vis = group_any(cond.box_view_mask.bool())                                        # (B, T', V, N)
         db = drops["boxes"][:, None, None, None]
         box = torch.cat([self.null_box.to(dt).expand(B, Tl, V, 1, -1), box], 3).transpose(1, 2)  # (B, V, T', 1+N, D)
         box_mask = torch.cat([db.expand(B, Tl, V, 1), vis & ~db], 3).transpose(1, 2)     # (B, V, T', 1+N)

@@ -53,17 +53,21 @@ def test_box_corners_match_pipeline_geometry():
 
 
 def test_padded_boxes_do_not_change_output(model):
+    """A slot is padding in view v and frame t when the object has neither a reference box (box_mask) nor
+    a box seen by v (box_view_mask): what padding holds (even NaN) never reaches the output."""
     x, t, cond = _inputs()
     mask = cond.box_mask.clone()
     mask[0, :, 1] = False          # a box absent in every frame
     mask[1, 5:, 2] = False         # a box that leaves after frame 4
-    cond = _replace(cond, box_mask=mask)
-    assert (~mask).any() and mask.any()
-    vmask = mask[:, :, None, :, None]
-    boxes = torch.where(vmask, cond.view_boxes, torch.full_like(cond.view_boxes, 1e4))
+    vis = cond.box_view_mask.clone()
+    vis[0, :, :, 1] = False
+    vis[1, 5:, :, 2] = False
+    cond = _replace(cond, box_mask=mask, box_view_mask=vis)
+    pad = ~(mask[:, :, None] | vis)                                       # (B, T, V, N)
+    assert pad.any() and (~pad).any()
+    boxes = torch.where(pad[..., None], torch.full_like(cond.view_boxes, 1e4), cond.view_boxes)
     boxes[0, :, :, 1] = float("nan")  # padding may hold anything
-    vis = cond.box_view_mask | ~mask[:, :, None]  # visibility of padded slots is irrelevant too
-    other = _replace(cond, view_boxes=boxes, box_view_mask=vis)
+    other = _replace(cond, view_boxes=boxes)
     with torch.no_grad():
         a, b = model(x, t, cond), model(x, t, other)
     assert torch.equal(a, b)
@@ -72,6 +76,27 @@ def test_padded_boxes_do_not_change_output(model):
     boxes2[0, :, :, mask[0, 0].nonzero()[0, 0]] += 3.0
     with torch.no_grad():
         assert not torch.allclose(a, model(x, t, _replace(cond, view_boxes=boxes2)))
+
+
+def test_box_seen_by_a_view_without_a_reference_box_is_a_key_of_that_view():
+    """An object that enters the scene between CAM_FRONT's exposure and view 2's (up to ~43 ms later) has
+    no reference box in that frame (box_mask False) but view 2 sees it (box_view_mask): its view-2 boxes
+    must condition view 2. The model once gated keys with box_mask & box_view_mask and dropped it."""
+    torch.manual_seed(0)
+    m = _perturb(build_model("tiny", cross_view="none")).eval()
+    x, t, cond = _inputs(B=1, V=4, T=9)
+    mask = cond.box_mask.clone()
+    mask[0, :, 0] = False                                   # object 0: never present at CAM_FRONT's time
+    vis = cond.box_view_mask.clone()
+    vis[0, :, :, 0] = False
+    vis[0, :, 2, 0] = True                                  # ... but seen by view 2 in every frame
+    cond = _replace(cond, box_mask=mask, box_view_mask=vis)
+    moved = cond.view_boxes.clone()
+    moved[0, :, 2, 0, :2] += 2.0
+    with torch.no_grad():
+        d = (m(x, t, cond) - m(x, t, _replace(cond, view_boxes=moved))).abs().flatten(2).amax(-1)[0]  # (V,)
+    assert d[2] > 1e-5, d
+    assert torch.all(d[torch.arange(4) != 2] == 0), d
 
 
 def test_per_view_boxes_shapes_and_view_isolation(model):
