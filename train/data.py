@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import braceexpand
@@ -37,10 +37,10 @@ from webdataset.tariterators import group_by_keys
 
 from pipeline.contract import manifest as manifest_mod
 from pipeline.contract import cli, schema, storage
-from train import clip_length
 from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_key, match_buckets, schedule_weights,
                            stage_specs)
 from train.config import DataConfig
+from train.batch import Batch, collate, unpack_bev  # noqa: F401  (Batch, unpack_bev: re-exported)
 from train.tario import tar_members  # one read per shard, read ahead, members as views (no copies)
 
 log = logging.getLogger("train.data")
@@ -247,146 +247,6 @@ class BucketStream:
             self.stats.samples += 1
             self.stats.bytes += nbytes
             return out
-
-
-@dataclass
-class Batch:
-    """One bucket's batch. Shapes: B samples, V views, T frames, N boxes (padded)."""
-    step: int
-    bucket: str
-    keys: list[str]
-    captions: list[str]
-    latent_mean: torch.Tensor    # (B, V, 16, T', H/8, W/8) float16, unscaled posterior mean
-    latent_std: torch.Tensor | None  # same, posterior std (None when the shards store the mean only)
-    scaling_factor: torch.Tensor # (B,) the VAE scaling factor s of each sample
-    intrinsics: torch.Tensor     # (B, V, 3, 3)
-    cam2lidar: torch.Tensor      # (B, T, V, 4, 4) camera v at its exposure -> LiDAR(t)
-    boxes: torch.Tensor          # (B, T, N, 7) reference boxes (CAM_FRONT time); the model reads view_boxes
-    view_boxes: torch.Tensor     # (B, T, V, N, 7) each view's boxes at its own exposure, in LiDAR(t)
-    box_class: torch.Tensor      # (B, N) long
-    box_mask: torch.Tensor       # (B, T, N) bool
-    box_view_mask: torch.Tensor  # (B, T, V, N) bool
-    traj: torch.Tensor           # (B, T, 4, 4)
-    bev: torch.Tensor            # (B, T, 8, 200, 25) uint8, bit-packed as stored (schema.pack_bev)
-    stats: dict = field(default_factory=dict)
-
-    def pin_memory(self) -> "Batch":
-        """Called by the DataLoader's pin-memory thread (pin_memory=True on a CUDA machine)."""
-        import dataclasses
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.latent_mean.shape)
-
-    def sample_latents(self, gen: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """z = s * (mean + std * eps), a fresh posterior draw -> (B, V, 16, T', H/8, W/8) float32 on device."""
-        mean = self.latent_mean.to(device).float()
-        s = self.scaling_factor.to(device).float().view(-1, *([1] * (mean.dim() - 1)))
-        if self.latent_std is None:
-            return s * mean
-        eps = torch.randn(mean.shape, generator=gen).to(device)
-        return s * (mean + self.latent_std.to(device).float() * eps)
-
-    def conditions(self, text: torch.Tensor, text_mask: torch.Tensor, device: torch.device | str = "cpu"):
-        """The model's Conditions on ``device``; the BEV maps travel packed and are unpacked there."""
-        from model.conditions import Conditions
-        return Conditions(text=text, text_mask=text_mask, intrinsics=self.intrinsics, cam2lidar=self.cam2lidar,
-                          view_boxes=self.view_boxes, box_class=self.box_class, box_mask=self.box_mask,
-                          box_view_mask=self.box_view_mask, traj=self.traj,
-                          bev=unpack_bev(self.bev.to(device)).float()).to(device)
-
-
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits' default bit order: first cell = high bit
-
-
-def unpack_bev(packed: torch.Tensor) -> torch.Tensor:
-    """(..., 200, 25) uint8 -> (..., 200, 200) bool, on packed's device: schema.unpack_bev in torch.
-
-    The batches keep the maps packed: 8x fewer bytes through DataLoader worker queues and to the GPU."""
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1   # (..., 200, 25, 8)
-    return bits.flatten(-2)[..., :schema.BEV_CELLS].bool()
-
-
-class _BatchArena:
-    """The tensors of one batch as views of ONE allocation: in a DataLoader worker that is one
-    shared-memory segment, so a batch crosses to the main process as one file descriptor (and one
-    mapping) instead of one per field, which cost the main process more CPU than the loading itself."""
-
-    def __init__(self, specs: list[tuple[tuple[int, ...], np.dtype]]):
-        self.offsets, total = [], 0
-        for shape, dtype in specs:
-            self.offsets.append(total)
-            total += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned: any dtype, SIMD
-        total = max(total, 64)
-        self.storage = (torch.UntypedStorage._new_shared(total) if get_worker_info() is not None
-                        else torch.UntypedStorage(total))
-        self.specs, self.next = specs, 0
-
-    def take(self) -> torch.Tensor:
-        shape, dtype = self.specs[self.next]
-        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
-        offset = self.offsets[self.next] // dtype.itemsize
-        self.next += 1
-        return torch.empty(0, dtype=tdtype).set_(self.storage, offset, shape)
-
-
-def _stack_shape(arrs: list[np.ndarray], axis: int | None, size: int) -> tuple[int, ...]:
-    shape = list(arrs[0].shape)
-    if axis is not None:
-        shape[axis] = size
-    return (len(arrs), *shape)
-
-
-def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0, out: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """Stack straight into the batch tensor ``out`` (or a new one), zero-padding ``axis`` to ``size``: the
-    one copy between the shard buffer and the batch (the arrays are views into it, train/tario.py)."""
-    if out is None:
-        out = _BatchArena([(_stack_shape(arrs, axis, size), arrs[0].dtype)]).take()
-    o = out.numpy()
-    if axis is None:
-        np.stack(arrs, out=o)
-        return out
-    lead = (slice(None),) * axis
-    for i, a in enumerate(arrs):
-        k = a.shape[axis]
-        o[(i, *lead, slice(0, k))] = a
-        o[(i, *lead, slice(k, None))] = 0
-    return out
-
-
-def collate(samples: list[dict], step: int, bucket: str) -> Batch:
-    views = {s["views"] for s in samples}
-    if len(views) != 1:
-        raise ValueError(f"bucket {bucket}: samples with different view lists {sorted(views)} cannot share a batch")
-    lengths = [s["shape"][2] for s in samples]
-    if len(set(lengths)) > 1:
-        # a "full" bucket mixes clip lengths: keep a common prefix (train/clip_length.py says when
-        # its latents are exact: always for the pipeline's 8k+1 clips)
-        t, exact = clip_length.common_prefix(lengths)
-        if not exact:
-            log.warning("bucket %s: clips of %s frames share no exact CogVAE prefix; cropped to %d frames, "
-                        "latents of the longer clips approximate", bucket, sorted(set(lengths)), t)
-        samples = [clip_length.crop_frames(s, t) for s in samples]
-    n = max(s["box_class"].shape[0] for s in samples)
-    # name: (axis zero-padded to the batch's N boxes, dtype in the batch when not the stored one)
-    fields = {"latent_mean": (None, None), "intrinsics": (None, None), "cam2lidar": (None, None),
-              "boxes": (1, None), "view_boxes": (2, None), "box_class": (0, np.int64), "box_mask": (1, None),
-              "box_view_mask": (2, None), "traj": (None, None), "bev": (None, None), "scaling_factor": (None, None)}
-    arrays = {name: [np.asarray(s[name], np.float64 if name == "scaling_factor" else None) for s in samples]
-              for name in fields}
-    if all(s["latent_std"] is not None for s in samples):
-        fields["latent_std"], arrays["latent_std"] = (None, None), [s["latent_std"] for s in samples]
-    arena = _BatchArena([(_stack_shape(arrays[k], axis, n), np.dtype(dtype or arrays[k][0].dtype))
-                         for k, (axis, dtype) in fields.items()])
-    out = {k: stacked(arrays[k], axis, n, arena.take()) for k, (axis, _) in fields.items()}
-    return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
-                 latent_mean=out["latent_mean"], latent_std=out.get("latent_std"),
-                 scaling_factor=out["scaling_factor"], intrinsics=out["intrinsics"], cam2lidar=out["cam2lidar"],
-                 boxes=out["boxes"], view_boxes=out["view_boxes"], box_class=out["box_class"],
-                 box_mask=out["box_mask"], box_view_mask=out["box_view_mask"], traj=out["traj"], bev=out["bev"])
 
 
 class BatchStream(IterableDataset):
