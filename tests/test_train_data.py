@@ -250,3 +250,32 @@ def test_batch_tensors_are_views_of_one_allocation(shards):
         assert not batch.view_boxes[i, :, :, n:].any() and not batch.box_view_mask[i, :, :, n:].any()
         assert np.array_equal(batch.box_class[i, :n].numpy(), s.box_class)
         assert batch.scaling_factor[i] == s.meta["vae"]["scaling_factor"]
+
+
+def test_worker_batches_through_the_ring_equal_the_default_hand_over(shards):
+    """DataLoader workers hand batches over through reused shared-memory slots (train/batchring.py): the
+    batches equal those of torch's default hand-over (worker_ring_mb=0), all of them kept at once while the
+    workers went on reusing the slots (the trainer's copy is its own), and the slots were reused."""
+    import train.batchring as batchring
+    from train.data import PREFETCH, make_loader
+    cfg = data_cfg(shards, num_workers=2)
+    ss = find_shards(cfg, "train", [])
+    taken = []
+    take = batchring.BatchRing.take
+
+    def counting_take(self, rb, pin=False):
+        taken.append((rb.worker, rb.slot))
+        return take(self, rb, pin)
+    batchring.BatchRing.take = counting_take
+    try:
+        ring = list(make_loader(BatchStream(ss, cfg, seed=2, stop_step=24)))
+    finally:
+        batchring.BatchRing.take = take
+    plain = list(make_loader(BatchStream(ss, data_cfg(shards, num_workers=2, worker_ring_mb=0), seed=2, stop_step=24)))
+    assert len(taken) == 24 and len(set(taken)) <= 2 * (PREFETCH + 2) < len(taken)  # 2 workers' slots, reused
+    assert [b.keys for b in ring] == [b.keys for b in plain]
+    for a, b in zip(ring, plain):
+        for name, t in vars(a).items():
+            if isinstance(t, torch.Tensor):
+                assert t.dtype == getattr(b, name).dtype and torch.equal(t, getattr(b, name)), name
+        assert a.stats == b.stats and a.step == b.step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -84,14 +85,18 @@ class _BatchArena:
     shared-memory segment, so a batch crosses to the main process as one file descriptor (and one
     mapping) instead of one per field, which cost the main process more CPU than the loading itself."""
 
-    def __init__(self, specs: list[tuple[tuple[int, ...], np.dtype]]):
+    def __init__(self, specs: list[tuple[tuple[int, ...], np.dtype]],
+                 allocate: Callable[[int], torch.UntypedStorage] | None = None):
         self.offsets, total = [], 0
         for shape, dtype in specs:
             self.offsets.append(total)
             total += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned: any dtype, SIMD
         total = max(total, 64)
-        self.storage = (torch.UntypedStorage._new_shared(total) if get_worker_info() is not None
-                        else torch.UntypedStorage(total))
+        if allocate is not None:  # a ring slot (train/batchring.py)
+            self.storage = allocate(total)
+        else:
+            self.storage = (torch.UntypedStorage._new_shared(total) if get_worker_info() is not None
+                            else torch.UntypedStorage(total))
         self.specs, self.next = specs, 0
 
     def take(self) -> torch.Tensor:
@@ -127,7 +132,10 @@ def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0, out:
     return out
 
 
-def collate(samples: list[dict], step: int, bucket: str) -> Batch:
+def collate(samples: list[dict], step: int, bucket: str,
+            allocate: Callable[[int], torch.UntypedStorage] | None = None) -> Batch:
+    """Stack decoded samples into a Batch, its tensors views of one allocation (``allocate(nbytes)``, or
+    new memory: shared memory in a DataLoader worker)."""
     views = {s["views"] for s in samples}
     if len(views) != 1:
         raise ValueError(f"bucket {bucket}: samples with different view lists {sorted(views)} cannot share a batch")
@@ -150,7 +158,7 @@ def collate(samples: list[dict], step: int, bucket: str) -> Batch:
     if all(s["latent_std"] is not None for s in samples):
         fields["latent_std"], arrays["latent_std"] = (None, None), [s["latent_std"] for s in samples]
     arena = _BatchArena([(_stack_shape(arrays[k], axis, n), np.dtype(dtype or arrays[k][0].dtype))
-                         for k, (axis, dtype) in fields.items()])
+                         for k, (axis, dtype) in fields.items()], allocate)
     out = {k: stacked(arrays[k], axis, n, arena.take()) for k, (axis, _) in fields.items()}
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
                  latent_mean=out["latent_mean"], latent_std=out.get("latent_std"),

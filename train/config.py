@@ -34,7 +34,9 @@ class DataConfig:
     num_workers: int = 0               # DataLoader workers; each is one deterministic stream
     samples_per_chunk: int = 256       # resample/shuffle unit; bounds the skip work on resume
     shuffle_buffer: int = 32           # samples held for shuffling inside a chunk
-    read_ahead_shards: int = 4         # shards read and decoded ahead of the one being batched (train/tario.py)
+    read_ahead_shards: int = 2         # shards read and decoded ahead of the one being batched (train/tario.py)
+    worker_ring_mb: int = 256          # reused shared memory per DataLoader worker for its batches; a batch
+                                       # larger than a quarter of it goes the slower default way (0: always)
     text_cache: str | None = None      # model.text.TextEmbeddingCache folder (caption hash -> T5 states)
     text_encoder: str | None = None    # T5 folder, used for captions missing from the cache
     text_max_length: int = 300         # T5 tokens, as the paper and model/text.py (demo configs set less)

@@ -41,6 +41,7 @@ from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_ke
                            stage_specs)
 from train.config import DataConfig
 from train.batch import Batch, collate, unpack_bev  # noqa: F401  (Batch, unpack_bev: re-exported)
+from train.batchring import BatchRing, RingBatch, ring_batch
 from train.tario import tar_members  # one read per shard, read ahead, members as views (no copies)
 
 log = logging.getLogger("train.data")
@@ -260,6 +261,7 @@ class BatchStream(IterableDataset):
         self.shards, self.cfg, self.seed, self.rank, self.world = shards, cfg, seed, rank, world
         self.start, self.stop = start_step, stop_step
         self.streams = max(1, cfg.num_workers)
+        self.ring: BatchRing | None = None
         self.weights = schedule_weights(shards.buckets, cfg.schedule, shards.samples)
 
     def bucket_of_steps(self, steps: np.ndarray) -> np.ndarray:
@@ -284,7 +286,16 @@ class BatchStream(IterableDataset):
         done = np.bincount(self.bucket_of_steps(before), minlength=len(self.shards.buckets)) if len(before) else \
             np.zeros(len(self.shards.buckets), np.int64)
         stats = LoaderStats()
+        ring = self.ring if info is not None else None  # set by Loader before the workers fork
         streams: dict[int, BucketStream] = {}
+        slot: list[int] = []
+
+        def allocate(nbytes: int) -> torch.UntypedStorage:  # a free ring slot, else the default way
+            got = ring.claim(worker, nbytes)
+            if got is None:
+                return torch.UntypedStorage._new_shared(nbytes)
+            slot.append(got)
+            return ring.storage(worker, got)
         step = self.start + worker
         while self.stop is None or step < self.stop:
             b = int(self.bucket_of_steps(np.array([step]))[0])
@@ -294,20 +305,48 @@ class BatchStream(IterableDataset):
                 streams[b] = BucketStream(self._urls_for(self.shards.urls[bucket.name], stream), key, self.cfg, stats)
                 streams[b].seek(int(done[b]) * bucket.batch_size)
             samples = [next(streams[b]) for _ in range(bucket.batch_size)]
-            batch = collate(samples, step, bucket.name)
+            slot.clear()
+            batch = collate(samples, step, bucket.name, allocate if ring is not None else None)
             batch.stats = dict(stats.as_dict(), stream=stream)
-            yield batch
+            yield ring_batch(ring, worker, slot[0], batch) if slot else batch
             step += self.streams
 
 
-def make_loader(stream: BatchStream) -> torch.utils.data.DataLoader:
-    """A DataLoader over a BatchStream (batch_size=None: the stream batches by bucket itself)."""
-    # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous (Batch.pin_memory)
-    kw = dict(num_workers=stream.streams if stream.cfg.num_workers > 0 else 0, batch_size=None,
-              pin_memory=torch.cuda.is_available())
-    if stream.cfg.num_workers > 0:
-        kw.update(prefetch_factor=2, persistent_workers=False)
-    return torch.utils.data.DataLoader(stream, **kw)
+class Loader:
+    """Iterates Batches of a BatchStream through a torch DataLoader (batch_size=None: the stream batches
+    by bucket itself). With workers, the batches come through reused shared memory (train/batchring.py)."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous
+        kw = dict(num_workers=self.stream.streams if self.stream.cfg.num_workers > 0 else 0, batch_size=None,
+                  pin_memory=torch.cuda.is_available())
+        if self.stream.cfg.num_workers > 0:
+            kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
+        return torch.utils.data.DataLoader(self.stream, **kw)
+
+    def __iter__(self) -> Iterator[Batch]:
+        cfg, ring = self.stream.cfg, None
+        if cfg.num_workers > 0 and cfg.worker_ring_mb > 0 and BatchRing.usable():
+            slots = PREFETCH + 2  # in flight per worker: PREFETCH queued, one being made, one being copied out
+            ring = BatchRing(self.stream.streams, slots, cfg.worker_ring_mb * 2**20 // slots)
+        self.stream.ring = ring
+        try:
+            for batch in self._dataloader():
+                yield batch.unpack() if isinstance(batch, RingBatch) else batch
+        finally:
+            self.stream.ring = None
+            if ring is not None:
+                ring.close()
+
+
+PREFETCH = 2  # batches each DataLoader worker keeps ready
+
+
+def make_loader(stream: BatchStream) -> Loader:
+    return Loader(stream)
 
 
 def total_stats(per_stream: dict[int, dict]) -> dict:
