@@ -172,3 +172,18 @@ def test_webdataset_streams_shards_from_s3(bucket, tmp_path):
     piped = [dict(raw)["__key__"] for raw in wds.WebDataset([storage.webdataset_url(u) for u in urls],
                                                              shardshuffle=False, empty_check=False)]
     assert piped == keys
+
+
+def test_a_command_that_reads_a_manifest_and_exits_does_not_abort(tmp_path):
+    """read_table reads in the calling thread. pq.read_table's dataset scanner dropped its Python file object
+    on an Arrow pool thread after returning; when the interpreter was already exiting (a command that reads
+    a manifest and stops with an error line) that thread could not take the GIL and the process aborted
+    ("terminate called without an active exception", exit -6), 25 times in 30 in this very script."""
+    import subprocess
+    import sys
+    uri = manifest.write_manifest(str(tmp_path), "train", [manifest.ShardRecord(
+        "train/64x128_t9/shard-000000.tar", "train", "64x128_t9", 64, 128, 9, 1, 10, "0" * 64, "2.0", "cfg", ["k"])])
+    script = ("import sys\nfrom pipeline.contract.manifest import read_table\n"
+              f"assert read_table({uri!r}).num_rows == 1\nsys.exit(2)\n")
+    codes = [subprocess.run([sys.executable, "-c", script], capture_output=True).returncode for _ in range(6)]
+    assert codes == [2] * 6, codes

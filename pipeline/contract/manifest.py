@@ -72,7 +72,10 @@ def write_table(uri: str, table: pa.Table) -> None:
 
 
 def read_table(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    # read here, in this thread: pq.read_table's dataset scanner drops its Python file object on an Arrow
+    # pool thread after returning, and when that happens while the interpreter exits (a command that read
+    # a manifest and stops with an error line) the thread cannot take the GIL and the process aborts
+    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri))).read(use_threads=False)
 
 
 def write_manifest(out: str, split: str, records: list[ShardRecord]) -> str:
