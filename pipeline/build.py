@@ -99,6 +99,13 @@ def shard_task(inp: ShardInputs, *unit_results: dict):
 
 # ---- driver -------------------------------------------------------------------------------------
 
+# A local Ray's raylet connects to its own object store right after starting it, and when the store is not
+# up at the first try it waits raylet_client_connect_timeout_milliseconds (default 1000) before the next:
+# ray.init took 2.4 s or 3.4 s by that race (its log: 1.000 s between the store's start and the object
+# manager's). Ten times the attempts at a tenth of the delay: the same 10 s budget, ray.init 2.4 s.
+LOCAL_RAY_CONFIG = {"raylet_client_connect_timeout_milliseconds": 100, "raylet_client_num_connect_attempts": 100}
+
+
 def _init_ray(cfg: BuildConfig):
     import ray
     if not ray.is_initialized():
@@ -106,7 +113,8 @@ def _init_ray(cfg: BuildConfig):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _system_config=LOCAL_RAY_CONFIG)
     return ray
 
 
