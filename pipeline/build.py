@@ -34,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from pipeline.contract import cli, schema, storage  # noqa: E402
 from pipeline.shards.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
+from pipeline.shards.raysession import init_ray, ray_running, stop_ray  # noqa: E402
 from pipeline.shards.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
 from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
 from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
@@ -98,24 +99,6 @@ def shard_task(inp: ShardInputs, *unit_results: dict):
 
 
 # ---- driver -------------------------------------------------------------------------------------
-
-# A local Ray's raylet connects to its own object store right after starting it, and when the store is not
-# up at the first try it waits raylet_client_connect_timeout_milliseconds (default 1000) before the next:
-# ray.init took 2.4 s or 3.4 s by that race (its log: 1.000 s between the store's start and the object
-# manager's). Ten times the attempts at a tenth of the delay: the same 10 s budget, ray.init 2.4 s.
-LOCAL_RAY_CONFIG = {"raylet_client_connect_timeout_milliseconds": 100, "raylet_client_num_connect_attempts": 100}
-
-
-def _init_ray(cfg: BuildConfig):
-    import ray
-    if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _system_config=LOCAL_RAY_CONFIG)
-    return ray
 
 
 def _bar(cfg: BuildConfig, total: int, desc: str):
@@ -203,7 +186,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     summary, secs, quarantine = BuildSummary(), {}, []
     names = _scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
     t0 = time.perf_counter()
-    ray = _init_ray(cfg)
+    ray = init_ray(cfg.cpus, cfg.address)
     secs["ray_start"] = time.perf_counter() - t0
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     total_cpus = ray.cluster_resources().get("CPU", 0)
@@ -425,39 +408,17 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     return build_parser(__doc__).parse(argv)
 
 
-def _ray_running() -> bool:
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
-
-
-def _stop_ray() -> None:
-    """Stop the Ray this command started (or leave the cluster it joined) now, and fast: a small local build
-    spent a third of its overhead here (bench/encode.py build_vs_serial).
-    - Not in Ray's exit hook, which first sleeps 0.5 s for worker logs to print; the build forwards none.
-    - The autoscaler monitor of a local Ray is killed first: on SIGTERM it reports its own death to the
-      GCS, which ray.shutdown() has already stopped, and hangs until shutdown's 1 s grace runs out. It
-      holds no state (ray 2.60 has no ray.init switch for it, hence the private lookup, skipped if absent)."""
-    import ray
-    try:
-        node = ray._private.worker._global_node
-        for info in (node.all_processes.get("monitor", []) if node is not None and node.is_head() else []):
-            info.process.kill()
-            info.process.wait(timeout=5)
-    except Exception:  # noqa: BLE001  another Ray layout: the plain shutdown still works
-        pass
-    ray.shutdown()
-
-
 @cli.entry
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
-    ray_before = _ray_running()
+    ray_before = ray_running()
     try:
         summary = run_build(cfg)
     finally:
         t1 = time.perf_counter()
-        if not ray_before and _ray_running():
-            _stop_ray()
+        if not ray_before and ray_running():
+            stop_ray()
             _ACTORS.clear()  # their handles died with that Ray
     summary.seconds["ray_stop"] = round(time.perf_counter() - t1, 1)
     summary.seconds["total"] = time.perf_counter() - t0

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def ray_local():
     """One real local Ray runtime (num_cpus=2) for the whole session."""
     import ray
-    from pipeline.build import LOCAL_RAY_CONFIG
+    from pipeline.shards.raysession import LOCAL_RAY_CONFIG
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, ignore_reinit_error=True, _system_config=LOCAL_RAY_CONFIG)
