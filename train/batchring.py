@@ -14,13 +14,14 @@ The copy makes the batch the trainer's own: keeping batches around never races t
 
 A semaphore per slot is the free flag: sem_post/sem_wait order the memory between the processes on
 any CPU. A batch larger than a slot, or no free slot, goes the default way (never a wait); so does
-everything when workers are not forked (spawn start method).
+everything off Linux (the workers must be forked to inherit the ring; on Linux the Loader forks them).
 """
 from __future__ import annotations
 
 import itertools
 import mmap
 import multiprocessing
+import sys
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -43,8 +44,8 @@ class BatchRing:
 
     @staticmethod
     def usable() -> bool:
-        """Workers inherit the ring only when they are forked."""
-        return multiprocessing.get_start_method(allow_none=True) in (None, "fork") and hasattr(mmap, "MAP_SHARED")
+        """Workers inherit the ring only when they are forked: Linux, where the Loader asks for fork."""
+        return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
     # ---- in a worker ------------------------------------------------------------------------------
     def claim(self, worker: int, nbytes: int) -> int | None:

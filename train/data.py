@@ -319,12 +319,14 @@ class Loader:
     def __init__(self, stream: BatchStream):
         self.stream = stream
 
-    def _dataloader(self) -> torch.utils.data.DataLoader:
+    def _dataloader(self, fork: bool) -> torch.utils.data.DataLoader:
         # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous
         kw = dict(num_workers=self.stream.streams if self.stream.cfg.num_workers > 0 else 0, batch_size=None,
                   pin_memory=torch.cuda.is_available())
         if self.stream.cfg.num_workers > 0:
             kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
+        if fork:  # the workers inherit the ring's memory and semaphores
+            kw.update(multiprocessing_context="fork")
         return torch.utils.data.DataLoader(self.stream, **kw)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -334,7 +336,7 @@ class Loader:
             ring = BatchRing(self.stream.streams, slots, cfg.worker_ring_mb * 2**20 // slots)
         self.stream.ring = ring
         try:
-            for batch in self._dataloader():
+            for batch in self._dataloader(fork=ring is not None):
                 yield batch.unpack() if isinstance(batch, RingBatch) else batch
         finally:
             self.stream.ring = None

@@ -39,9 +39,9 @@ class TruncatedShard(ValueError):
 
 
 def read_all(stream) -> bytes | bytearray | mmap.mmap:
-    """The whole shard. A local file is first read through a small reused buffer (this pulls it into the
-    page cache at disk speed, in the read-ahead thread), then mapped, so the arrays are views of the page
-    cache itself: no copy between the disk and the batch's np.stack. Other streams are read().
+    """The whole shard. A local file is first read into the page cache (``_into_page_cache``, at disk speed,
+    in the read-ahead thread), then mapped, so the arrays are views of the page cache itself: no copy
+    between the disk and the batch's np.stack. Other streams are read().
 
     Not MAP_POPULATE, which did both in one call: it holds the process's memory-map lock while the disk
     reads, and every large allocation of the decoding thread (a batch tensor, a temporary) waits on that
