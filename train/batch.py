@@ -114,12 +114,9 @@ def _stack_shape(arrs: list[np.ndarray], axis: int | None, size: int) -> tuple[i
     return (len(arrs), *shape)
 
 
-def stacked(arrs: list[np.ndarray], axis: int | None = None, size: int = 0, out: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """Stack straight into the batch tensor ``out`` (or a new one), zero-padding ``axis`` to ``size``: the
-    one copy between the shard buffer and the batch (the arrays are views into it, train/tario.py)."""
-    if out is None:
-        out = _BatchArena([(_stack_shape(arrs, axis, size), arrs[0].dtype)]).take()
+def stacked(arrs: list[np.ndarray], axis: int | None, out: torch.Tensor) -> torch.Tensor:
+    """Stack straight into the batch tensor ``out``, zero-padding ``axis`` to its size: the one copy
+    between the shard buffer and the batch (the arrays are views into it, train/tario.py)."""
     o = out.numpy()
     if axis is None:
         np.stack(arrs, out=o)
@@ -159,7 +156,7 @@ def collate(samples: list[dict], step: int, bucket: str,
         fields["latent_std"], arrays["latent_std"] = (None, None), [s["latent_std"] for s in samples]
     arena = _BatchArena([(_stack_shape(arrays[k], axis, n), np.dtype(dtype or arrays[k][0].dtype))
                          for k, (axis, dtype) in fields.items()], allocate)
-    out = {k: stacked(arrays[k], axis, n, arena.take()) for k, (axis, _) in fields.items()}
+    out = {k: stacked(arrays[k], axis, arena.take()) for k, (axis, _) in fields.items()}
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
                  latent_mean=out["latent_mean"], latent_std=out.get("latent_std"),
                  scaling_factor=out["scaling_factor"], intrinsics=out["intrinsics"], cam2lidar=out["cam2lidar"],
