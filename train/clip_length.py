@@ -32,7 +32,8 @@ from pipeline.contract import schema
 log = logging.getLogger("train.clip_length")
 
 VAE_FRAME_BATCH = 8  # AutoencoderKLCogVideoX.num_sample_frames_batch_size (diffusers' _encode)
-PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar")  # axis 0 = T
+# axis 0 = T; fill_mask (schema 3.0) only where the decoded sample carries it
+PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar", "fill_mask")
 PER_LATENT = ("latent_mean", "latent_std")                                                   # axis 2 = T'
 
 
@@ -58,7 +59,8 @@ def crop_frames(sample: dict, t: int) -> dict:
     tl = schema.latent_frames(t)
     out = dict(sample, shape=(*sample["shape"][:2], t))
     for name in PER_FRAME:
-        out[name] = sample[name][:t]
+        if sample.get(name) is not None:
+            out[name] = sample[name][:t]
     for name in PER_LATENT:
         if sample.get(name) is not None:
             out[name] = sample[name][:, :, :tl]
@@ -71,8 +73,9 @@ def hold_frames(sample: dict, t: int) -> dict:
     extra, extra_l = t - t0, schema.latent_frames(t) - schema.latent_frames(t0)
     out = dict(sample, shape=(*sample["shape"][:2], t))
     for name in PER_FRAME:
-        a = sample[name]
-        out[name] = np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+        a = sample.get(name)
+        if a is not None:
+            out[name] = np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
     for name in PER_LATENT:
         a = sample.get(name)
         if a is not None:
