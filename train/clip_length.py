@@ -32,8 +32,8 @@ from pipeline.contract import schema
 log = logging.getLogger("train.clip_length")
 
 VAE_FRAME_BATCH = 8  # AutoencoderKLCogVideoX.num_sample_frames_batch_size (diffusers' _encode)
-# axis 0 = T; fill_mask (schema 3.0) only where the decoded sample carries it
-PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar", "fill_mask")
+PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar")  # axis 0 = T
+OPTIONAL_PER_FRAME = ("fill_mask",)  # axis 0 = T, where the decoded sample carries it (schema 3.0)
 PER_LATENT = ("latent_mean", "latent_std")                                                   # axis 2 = T'
 
 
@@ -58,8 +58,8 @@ def crop_frames(sample: dict, t: int) -> dict:
     """The first t frames of a decoded sample (train.data.decode's dict)."""
     tl = schema.latent_frames(t)
     out = dict(sample, shape=(*sample["shape"][:2], t))
-    for name in PER_FRAME:
-        if sample.get(name) is not None:
+    for name in PER_FRAME + OPTIONAL_PER_FRAME:
+        if name in PER_FRAME or sample.get(name) is not None:
             out[name] = sample[name][:t]
     for name in PER_LATENT:
         if sample.get(name) is not None:
@@ -72,8 +72,8 @@ def hold_frames(sample: dict, t: int) -> dict:
     t0 = sample["shape"][2]
     extra, extra_l = t - t0, schema.latent_frames(t) - schema.latent_frames(t0)
     out = dict(sample, shape=(*sample["shape"][:2], t))
-    for name in PER_FRAME:
-        a = sample.get(name)
+    for name in PER_FRAME + OPTIONAL_PER_FRAME:
+        a = sample[name] if name in PER_FRAME else sample.get(name)
         if a is not None:
             out[name] = np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
     for name in PER_LATENT:

@@ -1,16 +1,16 @@
 """CogVAE decoding for the sampler: latents -> uint8 frames, tiled so a 848x1600 clip fits a GPU.
 
 Memory (why tiling). diffusers' AutoencoderKLCogVideoX decodes 2 latent frames at a time (8 pixel
-frames, 9 for the first batch) with a causal conv cache, and its largest activations are the
-128-channel feature maps of the last up-block at the full output size. Their size grows with the
-decoded area: the authors' FAQ measures 51-58 GB for one 848x1600 view decoded whole.
-`enable_tiling` decodes overlapping spatial tiles one after another and blends them, so the
-activations are those of ONE tile: with the default 240x360 px tile (30x45 latents, overlap
-1/5 -> stride 192x288 px) that is 86,400 px instead of 1,356,800 (1/15.7), i.e. about
-58 / 15.7 = 3.7 GB, plus the decoded tiles kept for blending (5 x 6 tiles x 3 x 17 x 240 x 360
-bf16 = 0.26 GB for T = 17) and the VAE's 0.43 GB of bf16 weights: well under 40 GB (an estimate
-from the tile sizes; bench/gpu.py measures it where a GPU is lent). `enable_slicing` decodes the
-items of a batch one by one (we decode one view at a time anyway).
+frames; 3 latents, 9 frames, in the first batch, the largest) with a causal conv cache, and its
+largest activations are the 128-channel maps of the last up-block at the full output size, so
+they grow with the decoded area: the authors' FAQ measures 51-58 GB for one 848x1600 view
+decoded whole. `enable_tiling` decodes overlapping spatial tiles one after another and blends
+them, so the activations are those of ONE tile: the default 240x360 px tile (30x45 latents,
+overlap 1/5 -> stride 192x288 px) is 86,400 px instead of 1,356,800 (1/15.7), about 3.4-4.7 GB
+in bf16, plus the decoded tiles kept for blending (0.26 GB at T = 17) and the VAE's 0.43 GB of
+bf16 weights: well under 40 GB (docs/train.md shows how these figures were made on a CPU;
+bench/gpu.py (c) measures them where a GPU is lent). `enable_slicing` decodes the items of a
+batch one by one (we decode one view at a time anyway).
 
 Tile stride: diffusers steps through the latent by int(tile_latent * (1 - overlap)) and crops each
 blended tile to tile_px - int(tile_px * overlap) pixels; the two agree only when that pixel stride
@@ -46,21 +46,25 @@ class DecodeConfig:
                     f"matches; e.g. 240x360 with overlap 0.2")
 
 
-def load_decoder(folder: str, device: torch.device | str, cfg: DecodeConfig | None = None):
-    """The CogVAE of `folder` (local diffusers folder) on `device`: bf16 on a GPU (fp16 gives NaNs,
-    DESIGN.md §8), fp32 on the CPU; tiling and slicing as `cfg` says."""
-    from diffusers import AutoencoderKLCogVideoX
+def setup_decoder(vae, cfg: DecodeConfig | None = None):
+    """Tiling and slicing on a loaded AutoencoderKLCogVideoX as `cfg` says; returns it."""
     cfg = cfg or DecodeConfig()
     cfg.check()
-    device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = AutoencoderKLCogVideoX.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
-    vae = vae.to(device, dtype).eval().requires_grad_(False)
     if cfg.tiling:
         vae.enable_tiling(tile_sample_min_height=cfg.tile_height, tile_sample_min_width=cfg.tile_width,
                           tile_overlap_factor_height=cfg.tile_overlap, tile_overlap_factor_width=cfg.tile_overlap)
     vae.enable_slicing()
     return vae
+
+
+def load_decoder(folder: str, device: torch.device | str, cfg: DecodeConfig | None = None):
+    """The CogVAE of `folder` (local diffusers folder) on `device`: bf16 on a GPU (fp16 gives NaNs,
+    DESIGN.md §8), fp32 on the CPU; tiling and slicing as `cfg` says."""
+    from diffusers import AutoencoderKLCogVideoX
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = AutoencoderKLCogVideoX.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    return setup_decoder(vae.to(device, dtype).eval().requires_grad_(False), cfg)
 
 
 @torch.no_grad()
