@@ -145,3 +145,15 @@ def test_two_processes_split_the_clips_and_write_the_same_files(run, capsys, tmp
                 diff = np.abs(a.astype(int) - b.astype(int))
                 assert a.shape == (5, 32, 64, 3) and diff.max() <= (0 if d == two else 2) and diff.mean() < 0.05
     assert schema.valid_num_frames(rows[one][0]["num_frames"])
+
+
+def test_fill_mask_comes_from_the_member_or_the_meta():
+    """Schema 3.0 records repaired drops as fill_mask.npy (T, V) and meta "filled" pairs; the manifest
+    keeps the generated frames' rows of it."""
+    from train.generate import fill_mask
+    meta = {"filled": [[1, 2], [4, 0]]}
+    assert fill_mask({}, meta, 3, 3) == [[False] * 3, [False, False, True], [False] * 3]
+    mask = np.zeros((5, 3), bool)
+    mask[0, 1] = mask[4, 2] = True
+    assert fill_mask({"fill_mask.npy": schema.npy_bytes(mask)}, meta, 5, 3) == mask.tolist()
+    assert fill_mask({}, {}, 2, 3) == [[False] * 3] * 2

@@ -30,13 +30,10 @@ import os
 import shutil
 import sys
 import tarfile
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.contract import cli, manifest, schema
@@ -201,8 +198,6 @@ def generate(a: argparse.Namespace) -> dict:
               "precision": "bf16" if rt.autocast else "fp32", "tiling": decode_cfg.tiling,
               "tile": [decode_cfg.tile_height, decode_cfg.tile_width]}
     check_recipe(out, config)
-    # a CPU barrier that waits as long as the slowest group needs (NCCL's would time out after 10 min)
-    wait = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if topo.world > 1 else None
     mine = keys[topo.dp_rank::topo.dp]          # clip i -> data-parallel group i mod dp
     todo = {k: [g for g in range(a.generations) if read_record(out, k, g) is None] for k in mine}
     todo = {k: gs for k, gs in todo.items() if gs}
@@ -238,10 +233,7 @@ def generate(a: argparse.Namespace) -> dict:
             made += 1
             bar.update(1)
     bar.close()
-    if wait is not None:  # also the barrier before the manifest: every group is done
-        total = torch.tensor([made if topo.sp_rank == 0 else 0])
-        dist.all_reduce(total, group=wait)
-        made = int(total)
+    made = rt.wait_all(made if topo.sp_rank == 0 else 0)   # every group done before the manifest
     summary = {"clips": len(keys), "generations": a.generations, "generated": made,
                "skipped": len(keys) * a.generations - made}
     if rt.main:

@@ -26,6 +26,7 @@ import copy
 import json
 import sys
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -58,7 +59,10 @@ def velocity_fn(model, cond: Conditions, cfg_scale: float) -> Callable[[torch.Te
 
     x (B, V, 16, T', H', W'), t (B,) -> v = eps - x0, same shape as x. The conditional and the null
     branch run in one batch; the null branch replaces every condition name by its null (text,
-    camera, boxes, trajectory and the all-zero map) and v = v_null + s (v_cond - v_null)."""
+    camera, boxes, trajectory and the all-zero map) and v = v_null + s (v_cond - v_null).
+    A model that brings its own guidance (INTERFACES.md B: `guided_velocity`) is called as it says."""
+    if hasattr(model, "guided_velocity"):
+        return lambda x, t: model.guided_velocity(x, t, cond, cfg_scale)
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, cond)
     both = cat_conditions(cond, cond)
@@ -78,11 +82,22 @@ class Runtime:
     """This process's place in the run (torchrun or one process) and how it computes."""
     topo: Topology
     device: torch.device
-    autocast: bool  # bf16
+    autocast: bool       # bf16
+    wait: object = None  # a gloo group over the world that waits a day: groups finish at different times
 
     @property
     def main(self) -> bool:
         return self.topo.rank == 0
+
+    def wait_all(self, value: int = 0) -> int:
+        """Barrier over the world that returns the sum of `value` over the ranks. A CPU (gloo) group
+        with a long timeout: a group with fewer or shorter clips may wait long for the others, past
+        NCCL's 10 minutes (a rank that fails ends the run anyway: torchrun stops the others)."""
+        if self.wait is None:
+            return value
+        total = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(total, group=self.wait)
+        return int(total)
 
     def sp_barrier(self) -> None:
         """All ranks of this SP group got here (a 1-element all-reduce: works on NCCL and gloo)."""
@@ -107,7 +122,8 @@ def start(device: str = "auto", sp: int = 1, precision: str = "auto") -> Runtime
         raise cli.BadInput(str(e)) from None
     if precision == "bf16" and dev.type != "cuda":
         raise cli.BadInput("--precision bf16 is for GPUs (CPU bf16 autocast is slow and not tested); use auto or fp32")
-    return Runtime(topo, dev, dev.type == "cuda" and precision in ("auto", "bf16"))
+    wait = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if world > 1 else None
+    return Runtime(topo, dev, dev.type == "cuda" and precision in ("auto", "bf16"), wait)
 
 
 def stop() -> None:
@@ -291,8 +307,7 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
                 "sp": topo.sp, "precision": "bf16" if rt.autocast else "fp32"}
         if topo.sp_rank == 0:
             infos.append(write_sample(Path(out) / (s["key"] if limit else ""), video, lat, s, meta, info, pngs))
-    if topo.world > 1:
-        dist.barrier()
+    rt.wait_all()
     stop()
     return infos
 
