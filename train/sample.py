@@ -217,8 +217,8 @@ class Sampler:
 
     @torch.no_grad()
     def latents(self, s: dict, seed: int, steps: int, cfg_scale: float, progress: bool = False) -> torch.Tensor:
-        """Generate the latents of one decoded sample -> (V, 16, T', h, w) float32 on the CPU, scaled
-        (the VAE's scaling factor applied). The noise comes from a CPU generator seeded with `seed`:
+        """Generate the latents of one decoded sample -> (V, 16, T', h, w) float32 on the CPU, in the
+        model's (scaled) latent space: decoding divides by the VAE's scaling factor. The noise comes from a CPU generator seeded with `seed`:
         the same on every device, rank and world size."""
         rt = self.rt
         batch = collate([s], 0, schema.bucket_name(*s["shape"]))
