@@ -9,6 +9,10 @@
     weights, bf16, set up as pipeline/shards/encode.py's `load_vae` does (frame batch 8, one view at a
     time), tiling off and on. Baseline: the FLOP floor = pixel-frames x 9.3 MFLOP / peak; the
     figure `vae_*_floor_fraction` is floor time / measured time.
+(c) CogVAE decode of one 848 x 1600 T=17 view (the eval protocol's clip; mdv2-sample / mdv2-generate
+    decode view by view) with the CogVideoX-2b VAE architecture, bf16, set up as train/vaedecode.py
+    does (240x360 tiles, overlap 1/5, slicing), tiling on and off: seconds and peak memory
+    (docs/train.md: the tiled decode should stay well under 40 GB; the authors measured 51-58 GB untiled).
 (b) Trainer steps (bf16 autocast, rectified-flow loss, AdamW, grad clip, fp32 EMA: the step of
     train/train.py on a batch held in memory) of the `small` and `paper` presets on a
     224x400 T=17 and a 424x800 T=9 batch, gradient checkpointing off and on: step time, peak
@@ -47,8 +51,10 @@ CLIP = dict(views=6, frames=17, height=424, width=800)
 SHAPES = (("224x400_t17", 224, 400, 17), ("424x800_t9", 424, 800, 9))
 PRESETS = ("small", "paper")
 DEVICE = "cuda"
+DECODE_VIEW = dict(frames=17, height=848, width=1600)
 # --smoke: the same code on the CPU, small enough for the test suite
 SMOKE_CLIP = dict(views=2, frames=9, height=32, width=48)
+SMOKE_DECODE_VIEW = dict(frames=9, height=64, width=96)
 SMOKE_SHAPES = (("32x64_t9", 32, 64, 9),)
 
 
@@ -138,6 +144,31 @@ def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
     out = {"seconds": sec, "seconds_all": times, "clip_fps": V * T / sec, "latent_shape": list(lat.shape),
            "peak_mem_gib": _peak_gib(), "flop_floor_seconds": floor, "floor_fraction": floor / sec if floor else None}
     del vae, x, lat
+    return out
+
+
+# ---- (c) CogVAE decode of one view ----------------------------------------------------------
+
+def bench_decode(tiling: bool, repeats: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+    from pipeline.shards.vae import TINY_VAE_CONFIG
+    from train.vaedecode import DecodeConfig, decode_view, setup_decoder
+    shape = DECODE_VIEW if _cuda() else SMOKE_DECODE_VIEW
+    dc = DecodeConfig(tiling=tiling) if _cuda() else DecodeConfig(tiling, tile_height=32, tile_width=64,
+                                                                   tile_overlap=0.25)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX() if _cuda() else AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)
+    vae = setup_decoder(vae.to(DEVICE, torch.bfloat16 if _cuda() else torch.float32).eval().requires_grad_(False), dc)
+    t, h, w = shape["frames"], shape["height"], shape["width"]
+    lat = torch.randn(16, (t - 1) // 4 + 1, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+    res: dict = {}
+    _reset_peak()
+    with torch.inference_mode():
+        times = _timed(lambda: res.update(frames=decode_view(vae, lat, 1.0)), repeats)
+    out = {"seconds": min(times), "peak_mem_gib": _peak_gib(), "tiling": tiling,
+           "tile": [dc.tile_height, dc.tile_width, dc.tile_overlap], "frames_shape": list(res["frames"].shape)}
+    del vae, res
     return out
 
 
@@ -293,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         for tiling in (False, True):
             run(f"vae_encode_tiling_{'on' if tiling else 'off'}",
                 lambda tiling=tiling: bench_vae(tiling, repeats, peak))
+        for tiling in (True, False):   # tiled first: the figure that matters survives an untiled OOM
+            run(f"vae_decode_view_tiling_{'on' if tiling else 'off'}", lambda tiling=tiling: bench_decode(tiling, 1))
     if not a.skip_steps:
         for preset in PRESETS:
             shapes = SHAPES[:1] if (a.quick and preset == "paper") else SHAPES

@@ -49,3 +49,5 @@ def test_smoke_runs_every_measurement_on_cpu():
     assert fig["vae_encode_tiling_off"]["latent_shape"] == [2, 16, 3, 4, 6]   # (V, 16, T', H/8, W/8)
     for k in keys[3:]:
         assert fig[k]["step_s"] > 0 and fig[k]["tflop_per_step"] > 0
+    for k in ("vae_decode_view_tiling_on", "vae_decode_view_tiling_off"):   # (c): one view decoded, tiled and not
+        assert "error" not in fig[k] and fig[k]["frames_shape"] == [9, 64, 96, 3], (k, fig[k])

@@ -33,6 +33,7 @@ log = logging.getLogger("train.clip_length")
 
 VAE_FRAME_BATCH = 8  # AutoencoderKLCogVideoX.num_sample_frames_batch_size (diffusers' _encode)
 PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar", "fill_mask")  # axis 0 = T
+OPTIONAL_PER_FRAME: tuple[str, ...] = ()  # axis 0 = T, members a decoded sample may lack
 PER_LATENT = ("latent_mean", "latent_std")                                                   # axis 2 = T'
 
 
@@ -57,8 +58,9 @@ def crop_frames(sample: dict, t: int) -> dict:
     """The first t frames of a decoded sample (train.data.decode's dict)."""
     tl = schema.latent_frames(t)
     out = dict(sample, shape=(*sample["shape"][:2], t))
-    for name in PER_FRAME:
-        out[name] = sample[name][:t]
+    for name in PER_FRAME + OPTIONAL_PER_FRAME:
+        if name in PER_FRAME or sample.get(name) is not None:
+            out[name] = sample[name][:t]
     for name in PER_LATENT:
         if sample.get(name) is not None:
             out[name] = sample[name][:, :, :tl]
@@ -70,9 +72,10 @@ def hold_frames(sample: dict, t: int) -> dict:
     t0 = sample["shape"][2]
     extra, extra_l = t - t0, schema.latent_frames(t) - schema.latent_frames(t0)
     out = dict(sample, shape=(*sample["shape"][:2], t))
-    for name in PER_FRAME:
-        a = sample[name]
-        out[name] = np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+    for name in PER_FRAME + OPTIONAL_PER_FRAME:
+        a = sample[name] if name in PER_FRAME else sample.get(name)
+        if a is not None:
+            out[name] = np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
     for name in PER_LATENT:
         a = sample.get(name)
         if a is not None:

@@ -39,6 +39,21 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 12) -> Path:
     return path
 
 
+def write_pngs(folder: str | Path, frames: np.ndarray) -> Path:
+    """(T, H, W, 3) uint8 -> folder/000.png, 001.png, ... (lossless; compress level 1: a 848x1600 frame
+    writes in ~0.1 s instead of ~0.4 s at the default level, ~10 % larger)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for t, image in enumerate(np.asarray(frames)):
+        Image.fromarray(image).save(folder / f"{t:03d}.png", compress_level=1)
+    return folder
+
+
+def read_pngs(folder: str | Path) -> np.ndarray:
+    """folder/*.png in name order -> (T, H, W, 3) uint8: write_pngs' inverse."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))])
+
+
 def grid(views: np.ndarray, cols: int = 3) -> np.ndarray:
     """(V, ..., H, W, 3) -> (..., rows*H, cols*W, 3); views fill rows left to right (front row first)."""
     v = views.shape[0]
