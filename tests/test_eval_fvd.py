@@ -29,6 +29,7 @@ def _two_clips(es, tmp_path):
     return ["--clips", str(lst)]
 
 
+@pytest.mark.slow  # I3D / InceptionV3 passes over dozens of clip-views: 15-45 s each on 2 cores
 def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise(eval_set, tmp_path, capsys):
     """The default protocol (16 frames, x0.25, 224 centre crop)."""
     cache = tmp_path / "cache"
@@ -50,6 +51,7 @@ def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise(eval_set, tmp_
         assert 1e-4 < low["views"][view]["value"] < high["views"][view]["value"]
 
 
+@pytest.mark.slow  # I3D / InceptionV3 passes over dozens of clip-views: 15-45 s each on 2 cores
 def test_the_cache_gives_the_same_numbers_as_a_fresh_pass(eval_set, tmp_path):
     gen = eval_set.variant("noise8", noisy(8.0))
     cache = tmp_path / "cache"
@@ -64,6 +66,7 @@ def test_the_cache_gives_the_same_numbers_as_a_fresh_pass(eval_set, tmp_path):
     assert other["cache"]["hits"] == 0 and other["value"] != first["value"]
 
 
+@pytest.mark.slow  # I3D / InceptionV3 passes over dozens of clip-views: 15-45 s each on 2 cores
 def test_several_generations_per_clip_score_against_one_real_clip_each(eval_set, tmp_path):
     gen = eval_set.variant("noise8x2", noisy(8.0), generations=2, clips=eval_set.clips[:2])
     r = _run("fvd", eval_set, gen, tmp_path, "--frames", "9")
@@ -72,6 +75,7 @@ def test_several_generations_per_clip_score_against_one_real_clip_each(eval_set,
     assert one["generations"] == [1] and one["generated_features"] == 4 and one["value"] != r["value"]
 
 
+@pytest.mark.slow  # I3D / InceptionV3 passes over dozens of clip-views: 15-45 s each on 2 cores
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(eval_set, tmp_path):
     few = ["--frames", "4"]
     same = _run("fid", eval_set, eval_set.gen, tmp_path, *few)
@@ -140,3 +144,10 @@ def test_usage_mistakes_are_one_line(eval_set, tmp_path, capsys):
     assert "CAM_TOP" in _error(capsys, _base(eval_set, eval_set.gen) + ["--views", "CAM_TOP"])
     with pytest.raises(SystemExit):
         main(["fvd", "--help"])
+
+
+def test_a_protocol_too_small_for_the_i3d_is_refused_before_any_work(eval_set, capsys):
+    err = _error(capsys, _base(eval_set, eval_set.gen) + ["--frames", "8"])
+    assert "at least 9 frames" in err and "8 frames of 224x224" in err
+    err = _error(capsys, _base(eval_set, eval_set.gen) + ["--crop", "0"])
+    assert "56x100" in err

@@ -18,7 +18,7 @@ from train.eval import weights as weights_mod
 from train.eval.features import Extractor, Unit, extract
 from train.eval.frechet import frechet_from_features
 from train.eval.generated import Generation, check_complete, read_frames, read_manifest, real_clips, select
-from train.eval.protocol import Protocol, frame_indices
+from train.eval.protocol import Protocol, downsampled_size, frame_indices
 from train.eval.realframes import check_real_frames, read_real
 
 
@@ -64,6 +64,18 @@ def _indices(protocol: Protocol):
     return of
 
 
+def _check_i3d_input(clips: list[Generation], protocol: Protocol, indices_of) -> None:
+    from train.eval.i3d import check_input
+    for g in {(g.num_frames, g.height, g.width): g for g in clips}.values():
+        h, w = downsampled_size(g.height, g.width, protocol.downsample)
+        if protocol.crop is not None:
+            h = w = protocol.crop
+        try:
+            check_input(len(indices_of(g)), h, w)
+        except ValueError as e:
+            raise cli.BadInput(f"clip {g.key}: {e}; use the default --frames / --downsample / --crop") from None
+
+
 def _fd(real: list[np.ndarray], gen: list[np.ndarray], what: str) -> float:
     a, b = np.concatenate(real), np.concatenate(gen)
     if a.shape[0] < 2 or b.shape[0] < 2:
@@ -77,6 +89,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     views = _views(rows, cfg.views)
     indices_of = _indices(cfg.protocol)
     reals = real_clips(rows)
+    if cfg.metric == "fvd":
+        _check_i3d_input(reals, cfg.protocol, indices_of)
     check_complete(cfg.generated, rows, indices_of)
     check_real_frames(cfg.dataroot, reals, indices_of)
     net = weights_mod.load(cfg.weights, weights_mod.SPECS[cfg.metric], cfg.device)

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.eval.narrow import DIVISORS, channels  # noqa: F401  (DIVISORS: part of this module's API)
+
 NUM_CLASSES = 400
 STEM_CHANNELS = 64          # Conv3d_1a_7x7's output channels at divisor 1 (train/eval/weights.py infers the divisor)
-DIVISORS = (1, 2, 4, 8, 16)
 
 # name, input channels, the six branch widths (b0, b1a, b1b, b2a, b2b, b3b) at divisor 1
 MIXED = (
@@ -34,6 +35,14 @@ MIXED = (
     ("Mixed_5c", 832, (384, 192, 384, 48, 128, 128)),
 )
 FINAL_CHANNELS = 1024       # Mixed_5c's output
+MIN_FRAMES, MIN_SIZE = 9, 193  # the final 2x7x7 average pool needs ceil(T / 8) >= 2 and ceil(S / 32) >= 7
+
+
+def check_input(frames: int, height: int, width: int) -> None:
+    """ValueError when a (T, H, W) clip is too small for the network's final pool."""
+    if frames < MIN_FRAMES or min(height, width) < MIN_SIZE:
+        raise ValueError(f"the I3D needs at least {MIN_FRAMES} frames of {MIN_SIZE}x{MIN_SIZE} pixels, the protocol "
+                         f"gives {frames} frames of {height}x{width}")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -98,9 +107,7 @@ class I3D(nn.Module):
 
     def __init__(self, divisor: int = 1, num_classes: int = NUM_CLASSES):
         super().__init__()
-        if divisor not in DIVISORS:
-            raise ValueError(f"divisor {divisor} is not one of {DIVISORS}")
-        c = lambda n: n // divisor  # noqa: E731
+        c = channels(divisor)
         self.divisor = divisor
         # attribute order = execution order (forward walks the children)
         self.Conv3d_1a_7x7 = Unit3D(3, c(64), kernel=(7, 7, 7), stride=(2, 2, 2))

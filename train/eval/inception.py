@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.eval.narrow import DIVISORS, channels  # noqa: F401  (DIVISORS: part of this module's API)
+
 NUM_CLASSES = 1008
 STEM_CHANNELS = 32          # Conv2d_1a_3x3's output channels at divisor 1
 FEATURES = 2048
-DIVISORS = (1, 2, 4, 8, 16)
 INPUT_SIZE = 299
 
 
@@ -141,9 +142,7 @@ class FIDInceptionV3(nn.Module):
 
     def __init__(self, divisor: int = 1, num_classes: int = NUM_CLASSES):
         super().__init__()
-        if divisor not in DIVISORS:
-            raise ValueError(f"divisor {divisor} is not one of {DIVISORS}")
-        c = lambda n: n // divisor  # noqa: E731
+        c = channels(divisor)
         self.divisor = divisor
         self.Conv2d_1a_3x3 = BasicConv2d(3, c(32), 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(c(32), c(32), 3)
