@@ -227,3 +227,24 @@ def test_linktree_never_writes_through_a_link(tmp_path):
     with pytest.raises(linktree.cli.BadInput, match="is a link"):
         linktree.build(str(src), str(out), {"a/b/x.jpg"})
     assert (src / "a" / "b" / "x.jpg").read_bytes() == b"x"
+
+
+def test_plan_prefers_a_frames_own_exposure_then_the_earlier_clip():
+    from train.eval.export import Claim, eval_tokens, plan
+    from train.eval.generated import Generation
+    from train.eval.nusc_index import CameraIndex
+    views = ("CAM_FRONT", "CAM_BACK")
+    # clip A: frame 1 of CAM_BACK is a repaired drop that reuses frame 2's image b2
+    a = Generation("a", 0, 1024, 3, 8, 16, views, (("f0", "b0"), ("f1", "b2"), ("f2", "b2")), ((16, 9),) * 2,
+                   ((False, False), (False, True), (False, False)), "a/g00")
+    # clip B overlaps A's last frame and then goes on
+    b = Generation("b", 0, 1024, 2, 8, 16, views, (("f2", "b2"), ("f3", "b3")), ((16, 9),) * 2,
+                   ((False, False), (False, False)), "b/g00")
+    claims, lost = plan([a, b])
+    assert claims["b2"] == Claim(False, "a", 2, "CAM_BACK")          # its own exposure, not the repaired drop
+    assert claims["f2"] == Claim(False, "a", 2, "CAM_FRONT") and claims["f3"].key == "b"
+    assert lost == 3                                                # a's drop at t=1, b's f2 and b2
+    index = CameraIndex({}, {"s0": {"CAM_FRONT": "f0", "CAM_BACK": "b0"}, "s2": {"CAM_FRONT": "f2", "CAM_BACK": "b2"},
+                             "s3": {"CAM_FRONT": "f3", "CAM_BACK": "b3"}, "sx": {"CAM_FRONT": "f1", "CAM_BACK": "zz"}})
+    assert eval_tokens(index, claims, eval_frames=16) == {"a": ["s0", "s2"], "b": ["s3"]}
+    assert eval_tokens(index, claims, eval_frames=2) == {"a": ["s0"], "b": ["s3"]}   # a's t=2 is outside

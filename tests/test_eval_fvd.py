@@ -29,6 +29,14 @@ def _two_clips(es, tmp_path):
     return ["--clips", str(lst)]
 
 
+def test_fvd_quick_two_clips_nine_frames(eval_set, tmp_path):
+    """The fast tier's end-to-end pass (the slow test below runs the default 16-frame protocol)."""
+    few = _two_clips(eval_set, tmp_path) + ["--frames", "9"]
+    same = _run("fvd", eval_set, eval_set.gen, tmp_path, *few)
+    noisy8 = _run("fvd", eval_set, eval_set.variant("noise8_two", noisy(8.0), clips=eval_set.clips[:2]), tmp_path, *few)
+    assert abs(same["value"]) < 1e-6 < 1e-3 < noisy8["value"] and same["clips"] == 2
+
+
 @pytest.mark.slow  # I3D / InceptionV3 passes over dozens of clip-views: 15-45 s each on 2 cores
 def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise(eval_set, tmp_path, capsys):
     """The default protocol (16 frames, x0.25, 224 centre crop)."""
@@ -151,3 +159,19 @@ def test_a_protocol_too_small_for_the_i3d_is_refused_before_any_work(eval_set, c
     assert "at least 9 frames" in err and "8 frames of 224x224" in err
     err = _error(capsys, _base(eval_set, eval_set.gen) + ["--crop", "0"])
     assert "56x100" in err
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("mdv2-eval", ["fvd", "--generated", "{d}", "--dataroot", "{d}"], "no manifest.parquet"),
+    ("mdv2-eval", ["psnr"], "invalid choice"),
+    ("mdv2-export-nuscenes", ["--generated", "{d}", "--dataroot", "{d}", "--out", "{d}/root"], "no manifest.parquet"),
+])
+def test_the_console_scripts_answer_a_mistake_with_one_line(tmp_path, script, args, words):
+    import os
+    import subprocess
+    import sys
+    exe = os.path.join(os.path.dirname(sys.executable), script)
+    r = subprocess.run([exe, *[a.format(d=tmp_path) for a in args]], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MDV2_DEBUG": ""})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr

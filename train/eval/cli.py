@@ -67,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = cli.ArgumentParser(prog="mdv2-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="metric", required=True, metavar="{fvd,fid}")
     _add(sub.add_parser("fvd", help="Fréchet video distance (VideoGPT I3D)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter), "fvd")
-    _add(sub.add_parser("fid", help="Fréchet inception distance (pytorch-fid InceptionV3)"), "fid")
+                        description="FVD per view and overall: the first 16 frames of every clip, real and generated, "
+                                    "downsampled x0.25 (848x1600 -> 212x400), shorter side to 224, centre 224x224, "
+                                    "VideoGPT's I3D logits (docs/eval.md section 2)."), "fvd")
+    _add(sub.add_parser("fid", help="Fréchet inception distance (pytorch-fid InceptionV3)",
+                        description="FID per view and overall: every scored frame (or keyframes only) at the "
+                                    "generated size, pytorch-fid's InceptionV3 2048-d pool features "
+                                    "(docs/eval.md section 2)."), "fid")
     return ap
 
 
