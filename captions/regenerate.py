@@ -14,7 +14,6 @@ shard whose bytes do not match its manifest sha256 is not touched (quarantined).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -27,8 +26,6 @@ from pipeline.contract import schema, storage
 from pipeline.contract.cli import InputNotFound
 from pipeline.contract.manifest import QuarantineRecord, read_manifest, write_manifest
 from pipeline.contract.shardio import iter_shard, sha256_bytes, tar_bytes
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,5 +130,4 @@ def recaption_shards(out: str, cfg: CaptionConfig, dataroot: str | None, splits:
             res.shards_rewritten += 1
     write_quarantine_file(storage.join(out, schema.QUARANTINE_FILE), res.quarantine,
                           replace_items={it.key for it in items} | {r.path for rs in manifests.values() for r in rs})
-    log.info(res.summary())
-    return res
+    return res  # mdv2-caption shards prints res.summary() once
