@@ -121,10 +121,9 @@ def _class_of(category: str) -> str | None:
 
 
 
-# the scene's text, used as its caption by `--captions dataset`: what the renderer draws (render.py's sky,
-# ground and sun), in the caption rules of captions/prompts/v1.txt (no objects, no counts, no road layout)
+# the caption of `--captions dataset`: what render.py draws, by the rules of captions/prompts/v1.txt (no objects)
 SCENE_DESCRIPTION = ("A synthetic scene on a clear, sunny day: a paved road through flat, open grassland under a "
-                     "blue sky, with no buildings or trees.")
+                     "blue sky.")
 
 
 class _SceneWriter:
@@ -166,13 +165,11 @@ class _SceneWriter:
         return times
 
     def plan(self) -> dict[str, np.ndarray]:
-        """The scene's trigger times per channel and its dropped images (self.dropped), drawn once: called
-        before write() too, so the progress bar's total is the images that will be drawn."""
+        """Trigger times per channel and the dropped images (self.dropped), drawn once (before write())."""
         if getattr(self, "_planned", None) is None:
-            times = self._times()
-            self.dropped = dropped_images(self.rng, self.n_frames, self.kf,
-                                          0.0 if self.cfg.regular else self.cfg.drop_rate)
-            self._planned = times
+            self._planned = self._times()
+            rate = 0.0 if self.cfg.regular else self.cfg.drop_rate
+            self.dropped = dropped_images(self.rng, self.n_frames, self.kf, rate)
         return self._planned
 
     def images_to_draw(self) -> int:
@@ -369,8 +366,7 @@ def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple
                  "log", "map"):
         tables[name] = []
     mapb = MapBuilder(seed, map_name)
-    # each scene draws from its own generator: planning every scene first (world, trigger times, dropped
-    # images) changes no byte and gives the bar the number of images that will really be drawn
+    # each scene has its own generator: planning all first changes no byte, and the bar counts what is drawn
     writers = [_SceneWriter(cfg, i, tables, mapb, None) for i in range(scenes)]
     bar = tqdm(total=sum(sw.images_to_draw() for sw in writers), desc="synth images", unit="img",
                disable=not progress, file=sys.stderr)
