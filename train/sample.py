@@ -90,7 +90,7 @@ def decode_latents(vae_folder: str, latents: torch.Tensor, scaling_factor: float
 def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, split: str | None = None,
            bucket: str | None = None, index: int = 0, weights: str = "ema", steps: int | None = None,
            cfg_scale: float | None = None, seed: int = 0, device: str = "cpu", text_encoder: str | None = None,
-           text_cache: str | None = None, frames: int | None = None) -> dict:
+           text_cache: str | None = None, frames: int | None = None, rerun: str | None = None) -> dict:
     model, cfg = load_model(ckpt_path, weights)
     cfg = copy.deepcopy(cfg)
     for key, value in (("root", data_root), ("text_encoder", text_encoder), ("text_cache", text_cache)):
@@ -131,6 +131,9 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
             "length_rule": "crop" if n_frames < source_frames else "hold" if n_frames > source_frames else "as is",
             "files": [str(f) for f in files]}
     (out_dir / "sample.json").write_text(json.dumps(info, indent=2))
+    if rerun:  # the generated views in 3-D with what they were conditioned on (pipeline/tools/rerunlog.py)
+        from pipeline.tools.rerunlog import write_generated
+        write_generated(rerun, s, meta, frames)
     return info
 
 
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-cache", help="text embedding cache (default: the run's)")
     ap.add_argument("--frames", type=int, help="frames to generate, any 4k+1 (default: the sample's own); longer "
                     "than the sample holds its last frame, shorter takes its first frames")
+    ap.add_argument("--rerun", metavar="OUT.rrd", help="also write a Rerun recording of the generated views with "
+                    "their conditioning boxes, cameras and map (needs the viewer extra, rerun-sdk)")
     a = ap.parse_args(argv)
     if a.frames is not None and not schema.valid_num_frames(a.frames):
         lo = 4 * ((a.frames - 1) // 4) + 1
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.shards.encode import vae_meta
     vae_meta(a.vae)  # a --vae folder without config.json fails now, not after sampling
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
-                  a.seed, a.device, a.text_encoder, a.text_cache, a.frames)
+                  a.seed, a.device, a.text_encoder, a.text_cache, a.frames, rerun=a.rerun)
     print(json.dumps(info))
     return 0
 

@@ -148,7 +148,7 @@ _LATENT_AXES = ("V view", "16 channel", "T' latent_frame", "H/8 row", "W/8 col")
 _BOX_UNITS, _MAT = "m (x y z w l h), rad (yaw)", ("3 row", "3 col")
 _ABSENT = "N = the clip's objects (tracks); zeros where box_mask[t, n] is False (absent at frame t)"
 MEMBERS: tuple[Member, ...] = (
-    Member("meta.json", None, None, doc="clip metadata (META_FIELDS; the card's meta.json table)"),
+    Member("meta.json", None, None, doc="clip metadata (fields: the card's meta.json table)"),
     Member("latent_mean.npy", "float16", lambda d: (d["V"], LATENT_CHANNELS, d["Tl"], d["H"] // 8, d["W"] // 8),
            doc="CogVAE posterior mean, unscaled", axes=_LATENT_AXES, units="latent (z = vae.scaling_factor x mean)",
            frame="view v's image; latent frame 0 = frame 0, latent frame k = frames 4k-3..4k"),
@@ -166,7 +166,7 @@ MEMBERS: tuple[Member, ...] = (
     Member("box_view_mask.npy", "bool", lambda d: (d["T"], d["V"], d["N"]), doc="box visible in view (a corner in "
            "front of the camera and inside the image)", axes=("T frame", "V view", "N object"), padding="False"),
     Member("box_class.npy", "int8", lambda d: (d["N"],), doc="class id 0-9", axes=("N object",),
-           units="index into OBJECT_CLASSES"),
+           units="class id (the card's class table)"),
     Member("box_track.npy", "int32", lambda d: (d["N"],), doc="instance index within the clip", axes=("N object",)),
     Member("intrinsics.npy", "float32", lambda d: (d["V"], 3, 3), doc="K at stored resolution",
            axes=("V view",) + _MAT, units="pixels of the stored H x W image", frame="camera (x right, y down, z fwd)"),
