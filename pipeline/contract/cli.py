@@ -17,6 +17,7 @@ by SIGPIPE does. Standard library only: every command imports this before anythi
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -59,14 +60,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written, and ``(default: X)`` after every option whose help does not
     already say its default (flags and options without a default value show none)."""
 
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        return not (d is None or d is argparse.SUPPRESS or isinstance(d, bool) or action.nargs == 0
+                    or (isinstance(d, (list, tuple, set, str)) and not d)
+                    or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and self._shows_default(action):  # argparse skips an empty help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        d = action.default
-        if ("default" in text.lower() or d is None or d is argparse.SUPPRESS or isinstance(d, bool)
-                or action.nargs == 0 or (isinstance(d, (list, tuple, set, str)) and not d)
-                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+        if "default" in text.lower() or not self._shows_default(action):
             return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return f"{text} (default: %(default)s)"
 
 
 def with_defaults(formatter: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
