@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.BadInput(f"--frames {a.frames}: the model generates 4k+1 frames (1, 5, 9, 13, 17, ...); {near}")
     from pipeline.shards.encode import vae_meta
     vae_meta(a.vae)  # a --vae folder without config.json fails now, not after sampling
+    if a.rerun:
+        from pipeline.tools.rerunlog import require_rerun
+        require_rerun()  # the viewer extra is missing: say so now, not after sampling
     info = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                   a.seed, a.device, a.text_encoder, a.text_cache, a.frames, rerun=a.rerun)
     print(json.dumps(info))

@@ -195,12 +195,18 @@ def _log_view(rr, rec, clip: Clip, t: int, v: int, world: np.ndarray) -> None:
                                                               colors=_colours(np.asarray(ids))))
 
 
+def require_rerun():
+    """The rerun module, or the user's error of a missing viewer extra (checked before any long work)."""
+    try:
+        import rerun
+    except ImportError:
+        raise cli.BadInput("--rerun needs rerun-sdk: pip install -e '.[viewer]' (docs/dataset.md)") from None
+    return rerun
+
+
 def write_recording(path: str, clips: list[Clip], app_id: str = "mdv2") -> list[str]:
     """Log the clips (one scene: sorted and chained) into a new .rrd at ``path``; returns the notes."""
-    try:
-        import rerun as rr
-    except ImportError:
-        raise cli.BadInput("--rerun needs rerun-sdk: pip install 'magicdrive-engine[viewer]'") from None
+    rr = require_rerun()
     if not clips:
         raise cli.BadInput("nothing to log: no clips")
     clips = sorted(clips, key=lambda c: int(c.frame_index[0]))
@@ -235,6 +241,7 @@ def inspect_recording(path: str, shard: str, key: str | None, scene: str | None,
     from pipeline.contract import storage
     from pipeline.contract.shardio import iter_shard
     from pipeline.tools.inspect import load_sample, view_images
+    require_rerun()
     if scene is None:
         samples = [load_sample(shard, key)]
     else:
