@@ -117,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 @cli.entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+    # WARNING by default: the HTTP stack logs every request at INFO (one line per caption); -v shows our
+    # retry messages (DEBUG) and the requests, not the HTTP stack's DEBUG dumps
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "verbose", False):  # our retry messages, not the HTTP stack's request dumps
-        for name in ("openai", "httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.INFO)
+    for name in ("openai", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         if args.command == "prompts":
             if args.show:

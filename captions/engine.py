@@ -15,7 +15,6 @@ cluster the stage runs inside the driver (or one task) and the limit is ``concur
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from captions.config import CaptionConfig, load_prompt, prompt_sha
 from captions.images import View, image_hash
 from captions.table import CaptionTable, cache_key
 from pipeline.contract.manifest import QuarantineRecord
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -223,5 +220,4 @@ def run_captions(items: list[CaptionItem], cfg: CaptionConfig, table_uri: str,
     table.compact()
     res.captions = dict(sorted(res.captions.items()))  # completion order must not leak into outputs
     res.quarantine.sort(key=lambda q: (q.item, q.reason))
-    log.info(res.summary())
-    return res
+    return res  # the command that asked prints res.summary() once

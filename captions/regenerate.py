@@ -14,7 +14,6 @@ shard whose bytes do not match its manifest sha256 is not touched (quarantined).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -27,8 +26,7 @@ from pipeline.contract import schema, storage
 from pipeline.contract.cli import InputNotFound
 from pipeline.contract.manifest import QuarantineRecord, read_manifest, write_manifest
 from pipeline.contract.shardio import iter_shard, sha256_bytes, tar_bytes
-
-log = logging.getLogger(__name__)
+from pipeline.shards.card import caption_sources, refresh_card
 
 
 @dataclass
@@ -101,6 +99,7 @@ def recaption_shards(out: str, cfg: CaptionConfig, dataroot: str | None, splits:
     res = RegenResult(captions=caps, samples=len(items), quarantine=quarantine + caps.quarantine)
 
     # pass 2: rewrite caption members shard by shard
+    metas: list[dict] = []  # every sample's caption block after the rewrite: the card says the real sources
     for split, records in manifests.items():
         for i, rec in enumerate(tqdm(records, desc=f"rewrite {split}", disable=not progress)):
             res.shards += 1
@@ -108,21 +107,25 @@ def recaption_shards(out: str, cfg: CaptionConfig, dataroot: str | None, splits:
                 continue
             uri = storage.join(out, rec.path)
             data = storage.read_bytes(uri)
-            samples, updated = [], 0
+            samples, updated, before, after = [], 0, [], []
             try:
                 for key, members in iter_shard(data):
+                    meta = json.loads(members["meta.json"])
+                    before.append({"caption": meta.get("caption")})  # not the whole meta: T x V paths each
                     if key in caps.captions:
                         text, cmeta = caps.captions[key]
-                        meta = json.loads(members["meta.json"])
                         meta["caption"] = {**meta.get("caption", {}), **cmeta}
                         members = dict(members, **{"meta.json": schema.meta_bytes(meta),
                                                    "caption.txt": text.encode("utf-8")})
                         schema.decode_sample(members, key)  # the rewritten sample still obeys the contract
                         updated += 1
+                    after.append({"caption": meta.get("caption")})
                     samples.append((key, members))
             except schema.SchemaError as e:
                 res.quarantine.append(QuarantineRecord("captions", rec.path, "schema_error", str(e)[:500]))
+                metas += before  # the shard keeps its old captions
                 continue
+            metas += after
             new = tar_bytes(samples)
             res.samples_updated += updated
             if new == data:
@@ -133,5 +136,5 @@ def recaption_shards(out: str, cfg: CaptionConfig, dataroot: str | None, splits:
             res.shards_rewritten += 1
     write_quarantine_file(storage.join(out, schema.QUARANTINE_FILE), res.quarantine,
                           replace_items={it.key for it in items} | {r.path for rs in manifests.values() for r in rs})
-    log.info(res.summary())
-    return res
+    refresh_card(out, captions=caption_sources(metas))
+    return res  # mdv2-caption shards prints res.summary() once

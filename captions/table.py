@@ -130,13 +130,19 @@ def read_captions(uri: str) -> pa.Table:
 def write_quarantine_file(uri: str, records: list[QuarantineRecord], replace_items: set[str] | None = None) -> str:
     """Merge caption quarantine records into a quarantine parquet (same schema as
     pipeline/contract/manifest.py): rows of stage 'captions' for the items handled now are replaced,
-    everything else is kept, so a re-run that succeeds clears its old failures."""
+    everything else is kept, so a re-run that succeeds clears its old failures. Nothing left: no file
+    (an existing one is removed; a missing quarantine file reads as no rows)."""
     rows: list[dict] = []
-    if storage.exists(uri):
+    exists = storage.exists(uri)
+    if exists:
         replace_items = replace_items or set()
         rows = [r for r in read_table(uri).to_pylist()
                 if not (r["stage"] == "captions" and r["item"] in replace_items)]
     rows += [asdict(r) for r in records]
+    if not rows:
+        if exists:
+            storage.remove(uri)
+        return uri
     rows.sort(key=lambda r: (r["stage"], r["item"], r["reason"]))
     write_table(uri, pa.Table.from_pylist(rows, schema=QUARANTINE_TABLE_SCHEMA))
     return uri

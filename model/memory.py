@@ -32,6 +32,8 @@ import math
 import sys
 from dataclasses import dataclass, replace
 
+from pipeline.contract.cli import HelpFormatter
+
 BYTES_PER_PARAM = {"weights": 4, "grads": 4, "adam": 8, "ema": 4, "bf16_copies": 2}
 BLOCK = 90
 CV_BASE, CV_PER_VIEW = 28, 12
@@ -174,7 +176,7 @@ def measure_saved_bytes(model, x, t, cond, autocast: bool = True) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.memory", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--stage", default="configs/stages/stage3.yaml")
     ap.add_argument("--full-frames", type=int, default=241, help="frames of a 'full' bucket clip (20 s at 12 Hz)")

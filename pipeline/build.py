@@ -40,6 +40,7 @@ from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_qua
 from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
 from pipeline.shards.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
 from pipeline.shards.write import shard_is_complete  # noqa: E402
+from pipeline.shards.rebuild import input_fingerprint, noop_summary, record_build  # noqa: E402
 
 
 # ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
@@ -167,24 +168,43 @@ def _vae_digest(vae_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_build(cfg: BuildConfig) -> BuildSummary:
-    from pipeline.scenes.buckets import load_stage, make_clip_index, write_clip_index
-    from pipeline.scenes.scenestore import open_scene_store
+def _content(cfg: BuildConfig):
+    """(vae meta, caption config, caption source, content hash): what decides the shards' bytes."""
     from captions.config import CaptionConfig
-    from captions.stage import caption_clips
-
     cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
     cfg.encode.vae = cfg.vae
-    stage = load_stage(cfg.stage)
     vae = vae_meta(cfg.vae)
     overrides = {k: v for k, v in (("base_url", cfg.caption_base_url), ("model", cfg.caption_model)) if v}
     ccfg = CaptionConfig.from_env(mode=cfg.captions, **overrides)
+    captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
+    return vae, ccfg, captions, config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
+
+
+def nothing_to_do(cfg: BuildConfig) -> BuildSummary | None:
+    """The early exit of a rebuild that would only skip shards (pipeline/shards/rebuild.py): the last complete
+    build's summary, without starting Ray; None = run the build. --timeline and --verify-resume always run it."""
+    if cfg.timeline or cfg.verify_resume:
+        return None
+    t0 = time.perf_counter()
+    *_, cfg_hash = _content(cfg)
+    summary = noop_summary(cfg.out, cfg_hash, input_fingerprint(cfg.dataroot, cfg.version, _scene_names(cfg)))
+    if summary is not None:
+        summary.seconds = {"noop_check": time.perf_counter() - t0}
+    return summary
+
+
+def run_build(cfg: BuildConfig) -> BuildSummary:
+    from pipeline.scenes.buckets import load_stage, make_clip_index, write_clip_index
+    from pipeline.scenes.scenestore import open_scene_store
+    from captions.stage import caption_clips
+
+    stage = load_stage(cfg.stage)
+    vae, ccfg, captions, cfg_hash = _content(cfg)
     if ccfg.mode == "mllm":
         ccfg.require_endpoint()  # before any work
-    captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
-    cfg_hash = config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
     summary, secs, quarantine = BuildSummary(), {}, []
     names = _scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
+    fingerprint = input_fingerprint(cfg.dataroot, cfg.version, names)
     t0 = time.perf_counter()
     ray = init_ray(cfg.cpus, cfg.address)
     secs["ray_start"] = time.perf_counter() - t0
@@ -246,6 +266,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
             "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
             "captions": captions, "config_hash": cfg_hash})
+        if all(p.path in records for p in plans):
+            record_build(cfg.out, cfg_hash, fingerprint, [p.path for p in plans], summary)
     return summary
 
 
@@ -414,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray_before = ray_running()
     try:
-        summary = run_build(cfg)
+        summary = nothing_to_do(cfg) or run_build(cfg)
     finally:
         t1 = time.perf_counter()
         if not ray_before and ray_running():

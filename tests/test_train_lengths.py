@@ -144,8 +144,12 @@ def test_contact_sheet_draws_each_views_boxes_through_its_own_extrinsics(tmp_pat
     boxes = np.array([[[10.0, 0, 0, 2, 2, 2, 0]], [[10.0, 5, 0, 2, 2, 2, 0]]])   # (V, N, 7)
     path = contact_sheet(tmp_path / "s.png", np.zeros((2, 32, 64, 3), np.uint8), boxes, np.array([True]),
                          np.array([0]), np.stack([k, k]), c2l, ["A", "B"])
+    from pipeline.tools.panels import LINE_PX, PAD_PX, readable_scale
     sheet = np.asarray(Image.open(path))
+    s = readable_scale(64)                          # views are enlarged to >= 320 px, each framed by 1 px
+    tile_w, tile_h = 64 * s + 2, 32 * s + LINE_PX + PAD_PX + 2
+    centre = 32 * s + (s - 1) / 2 - 0.5 + 1         # cx in the enlarged view (panels.scale_intrinsics), + frame
     for v in range(2):
-        tile = sheet[:, 64 * v:64 * (v + 1)]
+        tile = sheet[-tile_h:, tile_w * v:tile_w * (v + 1)]   # below the legend, which shows the colour too
         cols = np.nonzero((tile == CLASS_COLOURS[0]).all(-1))[1]
-        assert len(cols) > 10 and abs(cols.mean() - 31.5) < 1.0, (v, cols.mean())
+        assert len(cols) > 10 and abs(cols.mean() - centre) < 1.0, (v, cols.mean(), centre)

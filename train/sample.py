@@ -281,7 +281,7 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
            cfg_scale: float | None = None, seed: int = 0, device: str = "auto", text_encoder: str | None = None,
            text_cache: str | None = None, frames: int | None = None, limit: int | None = None, sp: int = 1,
            precision: str = "auto", decode_cfg: DecodeConfig | None = None, progress: bool = True,
-           pngs: bool = False) -> list[dict]:
+           pngs: bool = False, rerun: str | None = None) -> list[dict]:
     """Sample `limit` conditioning samples (None: one, written to `out` itself; K: OUT/<key>/ each) and
     return their sample.json records (those this rank wrote; all of them on one process)."""
     cfg = run_config(ckpt_path, data_root, text_encoder, text_cache)  # a wrong --ckpt fails before any process group
@@ -307,6 +307,10 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
                 "sp": topo.sp, "precision": "bf16" if rt.autocast else "fp32"}
         if topo.sp_rank == 0:
             infos.append(write_sample(Path(out) / (s["key"] if limit else ""), video, lat, s, meta, info, pngs))
+            if rerun:  # the generated views in 3-D with what they were conditioned on (pipeline/tools/rerunlog.py)
+                from pipeline.tools.rerunlog import write_generated
+                rr = Path(rerun) if not limit else Path(rerun).with_name(f"{Path(rerun).stem}-{s['key']}.rrd")
+                write_generated(str(rr), s, meta, video)
     rt.wait_all()
     stop()
     return infos
@@ -370,13 +374,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, help="frames to generate, any 4k+1 (default: the sample's own); longer "
                     "than the sample holds its last frame, shorter takes its first frames")
     ap.add_argument("--png", action="store_true", help="also write every frame losslessly: frames/<VIEW>/<ttt>.png")
+    ap.add_argument("--rerun", metavar="OUT.rrd", help="also write a Rerun recording of the generated views with "
+                    "their conditioning boxes, cameras and map (needs the viewer extra, rerun-sdk; with --limit one "
+                    "OUT-<key>.rrd per sample)")
     a = ap.parse_args(argv)
+    if a.rerun:
+        from pipeline.tools.rerunlog import require_rerun
+        require_rerun()  # the viewer extra is missing: say so now, not after sampling
     frames_arg(a.frames)
     if a.limit is not None and a.limit < 1:
         raise cli.BadInput(f"--limit {a.limit}: sample at least 1")
     infos = sample(a.ckpt, a.vae, a.out, a.data_root, a.split, a.bucket, a.index, a.weights, a.steps, a.cfg_scale,
                    a.seed, a.device, a.text_encoder, a.text_cache, a.frames, a.limit, a.sp, a.precision,
-                   decode_config(a), progress=not a.no_progress, pngs=a.png)
+                   decode_config(a), progress=not a.no_progress, pngs=a.png, rerun=a.rerun)
     for info in infos:
         print(json.dumps(info))
     return 0

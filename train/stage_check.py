@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.contract.cli import HelpFormatter
+
 
 def read_log(run: str | Path) -> list[dict]:
     path = Path(run) / "log.jsonl"
@@ -68,7 +70,7 @@ def same_batch_loss(prev_run: str | Path, next_run: str | Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mdv2-stage-check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--prev", required=True, help="run folder of the previous stage")
     ap.add_argument("--next", required=True, help="run folder of the stage started from it with --init-from")
     ap.add_argument("--bucket", help="require the next stage's first step to be on this bucket (e.g. 64x128_t1)")

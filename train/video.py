@@ -67,7 +67,7 @@ def grid(views: np.ndarray, cols: int = 3) -> np.ndarray:
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, intrinsics: np.ndarray,
-               cam2lidar: np.ndarray, min_depth: float = 0.1) -> np.ndarray:
+               cam2lidar: np.ndarray, min_depth: float = 0.1, width: int = 1) -> np.ndarray:
     """Project (N, 7) LiDAR boxes into one view and draw their 12 edges. image (H, W, 3) uint8."""
     img = Image.fromarray(image)
     draw = ImageDraw.Draw(img)
@@ -79,22 +79,32 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, intrin
             colour = CLASS_COLOURS[int(classes[n]) % len(CLASS_COLOURS)]
             for a, b in geometry.BOX_EDGES:
                 if depth[n, a] > min_depth and depth[n, b] > min_depth:
-                    draw.line([tuple(uv[n, a]), tuple(uv[n, b])], fill=colour, width=1)
+                    draw.line([tuple(uv[n, a]), tuple(uv[n, b])], fill=colour, width=width)
     return np.asarray(img)
 
 
 def contact_sheet(path: str | Path, frames: np.ndarray, view_boxes: np.ndarray, box_mask: np.ndarray,
-                  classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str]) -> Path:
-    """One frame t of every view (frames (V, H, W, 3)) with that frame's boxes, labelled, in a grid.
+                  classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str],
+                  title: str = "") -> Path:
+    """One frame t of every view (frames (V, H, W, 3)) with that frame's boxes, in a grid: each view enlarged to
+    at least 320 px wide, its name in a band above it, a header (``title``, wrapped) and a class legend.
     Schema 2.0: view v draws its own boxes view_boxes[t, v] (V, N, 7) through its own extrinsics
     cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects."""
+    from pipeline.contract.schema import OBJECT_CLASSES
+    from pipeline.tools import panels
+    scale = panels.readable_scale(frames.shape[2])
+    k = panels.scale_intrinsics(intrinsics, scale)
     tiles = []
     for v in range(frames.shape[0]):
-        tile = draw_boxes(frames[v], view_boxes[v][box_mask], classes[box_mask], intrinsics[v], cam2lidar[v])
-        img = Image.fromarray(tile)
-        ImageDraw.Draw(img).text((2, 1), names[v], fill=(255, 255, 255))
-        tiles.append(np.asarray(img))
+        tile = draw_boxes(panels.enlarge(frames[v], scale), view_boxes[v][box_mask], classes[box_mask], k[v],
+                          cam2lidar[v], width=max(1, scale // 2))
+        tiles.append(panels.labelled(tile, names[v]))
+    sheet = grid(np.stack(tiles), cols=min(3, len(tiles)))
+    present = sorted({int(c) for c in classes[box_mask]})
+    legend = panels.legend_band([(OBJECT_CLASSES[c], CLASS_COLOURS[c % len(CLASS_COLOURS)]) for c in present]
+                                or [("no objects", (30, 30, 30))], sheet.shape[1], "boxes:")
+    parts = ([panels.text_band(title, sheet.shape[1])] if title else []) + [legend, sheet]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(np.stack(tiles), cols=min(3, len(tiles)))).save(path)
+    Image.fromarray(np.concatenate(parts, 0)).save(path)
     return path

@@ -10,17 +10,21 @@ the shards it reads). Subclasses keep the builtin type that callers and tests al
 input is bad" (``entry(user_errors=(schema.SchemaError,))`` for the shard readers).
 
 ``--debug`` (every command) or ``MDV2_DEBUG=1`` shows the traceback of a user error too.
-Standard library only: every command imports this before anything heavy.
+``--help`` of every command shows each option's default (:class:`HelpFormatter`), and a command whose
+reader goes away (``mdv2-describe --json | head``) ends quietly with exit code 141, as a process killed
+by SIGPIPE does. Standard library only: every command imports this before anything heavy.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
 from typing import Callable
 
 EXIT_USER = 2            # like argparse: the command line or its inputs are wrong
+EXIT_PIPE = 141          # 128 + SIGPIPE: what a shell reports for a writer whose reader closed the pipe
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MDV2_DEBUG"
 
@@ -52,10 +56,45 @@ class UnknownName(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written, and ``(default: X)`` after every option whose help does not
+    already say its default (flags and options without a default value show none)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        return not (d is None or d is argparse.SUPPRESS or isinstance(d, bool) or action.nargs == 0
+                    or (isinstance(d, (list, tuple, set, str)) and not d)
+                    or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and self._shows_default(action):  # argparse skips an empty help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def with_defaults(formatter: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
+    """``formatter`` that also shows defaults (RawDescriptionHelpFormatter -> :class:`HelpFormatter`)."""
+    if issubclass(formatter, HelpFormatter):
+        return formatter
+    if formatter in (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        return HelpFormatter
+    return type(f"Defaults{formatter.__name__}", (HelpFormatter, formatter), {})
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with ``--debug`` and errors raised as UsageError (one line via :func:`entry`, not usage + exit)."""
+    """argparse with ``--debug``, defaults in ``--help`` (:class:`HelpFormatter`, also for a ``formatter_class``
+    passed in) and errors raised as UsageError (one line via :func:`entry`, not usage + exit)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = with_defaults(kwargs.get("formatter_class", HelpFormatter))
         super().__init__(*args, **kwargs)
         # SUPPRESS: the flag is read from argv by `entry`; a sub-parser must not reset it in the namespace
         self.add_argument(DEBUG_FLAG, action="store_true", default=argparse.SUPPRESS,
@@ -99,7 +138,11 @@ def entry(main: Callable | None = None, *, user_errors: tuple[type[BaseException
         @functools.wraps(fn)
         def run(argv: list[str] | None = None) -> int:
             try:
-                return fn(argv)
+                code = fn(argv)
+                sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+                return code
+            except BrokenPipeError:
+                return reader_gone()
             except caught as e:
                 if debug_requested(argv):
                     raise
@@ -108,3 +151,14 @@ def entry(main: Callable | None = None, *, user_errors: tuple[type[BaseException
         return run
 
     return wrap(main) if main is not None else wrap
+
+
+def reader_gone() -> int:
+    """stdout's reader closed the pipe (``| head``): point stdout at /dev/null so the interpreter's final flush
+    cannot raise again, and exit like a process killed by SIGPIPE (the Python docs' recipe, signal.html)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in a test): nothing to flush there
+        pass
+    return EXIT_PIPE

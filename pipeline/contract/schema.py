@@ -1,8 +1,9 @@
 """The sample contract: one clip = one webdataset sample (DESIGN.md §3).
 
 Every stage and every test imports this module, so it depends on numpy and the standard library only
-(no torch, no ray). It is the one place for the view order, the class tables, the member table, the key
-format, the path templates and the BEV conventions (grid rule and helpers in pipeline/contract/bevgrid.py).
+(no torch, no ray). It is the one place for the view order, the class tables, the member table (with what
+a reader needs: axes, units, frames, padding), the key format (path templates: pipeline/contract/paths.py)
+and the BEV conventions (grid rule and helpers in pipeline/contract/bevgrid.py).
 
 Time model (schema 2.0): frame t is the reference camera's (CAM_FRONT) exposure, and LiDAR(t) is the
 LiDAR pose at that instant (LIDAR_TOP calibration on CAM_FRONT's ego pose). Each camera fires at its own
@@ -59,20 +60,11 @@ CLASS_ID = {name: i for i, name in enumerate(OBJECT_CLASSES)}
 # nuScenes category -> detection class, as in the nuScenes detection benchmark
 # (nuscenes.eval.detection.utils.category_to_detection_name). Others are dropped.
 NUSCENES_CATEGORY_TO_CLASS: dict[str, str] = {
-    "movable_object.barrier": "barrier",
-    "vehicle.bicycle": "bicycle",
-    "vehicle.bus.bendy": "bus",
-    "vehicle.bus.rigid": "bus",
-    "vehicle.car": "car",
-    "vehicle.construction": "construction_vehicle",
-    "vehicle.motorcycle": "motorcycle",
-    "human.pedestrian.adult": "pedestrian",
-    "human.pedestrian.child": "pedestrian",
-    "human.pedestrian.construction_worker": "pedestrian",
-    "human.pedestrian.police_officer": "pedestrian",
-    "movable_object.trafficcone": "traffic_cone",
-    "vehicle.trailer": "trailer",
-    "vehicle.truck": "truck",
+    "movable_object.barrier": "barrier", "vehicle.bicycle": "bicycle", "vehicle.bus.bendy": "bus",
+    "vehicle.bus.rigid": "bus", "vehicle.car": "car", "vehicle.construction": "construction_vehicle",
+    "vehicle.motorcycle": "motorcycle", "human.pedestrian.adult": "pedestrian", "human.pedestrian.child": "pedestrian",
+    "human.pedestrian.construction_worker": "pedestrian", "human.pedestrian.police_officer": "pedestrian",
+    "movable_object.trafficcone": "traffic_cone", "vehicle.trailer": "trailer", "vehicle.truck": "truck",
 }
 
 MAP_CLASSES: tuple[str, ...] = ("drivable_area", "ped_crossing", "walkway", "stop_line",
@@ -111,19 +103,12 @@ def latent_frames(t: int) -> int:
     return (t - 1) // VAE_TEMPORAL_COMPRESSION + 1
 
 
-# ---- keys and paths (the only place these templates live) -------------------------
+# ---- keys and paths (templates in pipeline/contract/paths.py) ---------------------
 
-KEY_TEMPLATE = "{scene_name}_{start:04d}_{num_frames:03d}_{height}x{width}"
-BUCKET_TEMPLATE = "{height}x{width}_t{num_frames}"
-SHARD_TEMPLATE = "{split}/{bucket}/shard-{index:06d}.tar"   # relative to --out
-MANIFEST_TEMPLATE = "{split}/manifest.parquet"               # relative to --out
-QUARANTINE_FILE = "quarantine.parquet"                      # relative to --out
-CAPTIONS_FILE = "captions.parquet"                          # relative to --out
-WORK_DIR = "_work"                                          # relative to --out
-SCENE_STORE_TEMPLATE = WORK_DIR + "/scenes/{scene_name}.zarr"
-CLIP_INDEX_FILE = WORK_DIR + "/clips.parquet"
-TABLE_INDEX_TEMPLATE = WORK_DIR + "/tables/{version}"          # per-scene columnar tables (pipeline/scenes/tableindex.py)
-DATASET_CARD_FILE = "README.md"
+from pipeline.contract.paths import (  # noqa: E402,F401
+                                     BUCKET_TEMPLATE, CAPTIONS_FILE, CLIP_INDEX_FILE, DATASET_CARD_FILE, DATASET_INFO_FILE, KEY_TEMPLATE, MANIFEST_TEMPLATE, QUARANTINE_FILE,
+                                     SCENE_STORE_TEMPLATE, SHARD_TEMPLATE, TABLE_INDEX_TEMPLATE, WORK_DIR,
+                                     bucket_name, manifest_path, scene_store_path, shard_path, table_index_path)
 
 
 def sample_key(scene_name: str, start: int, num_frames: int, height: int, width: int) -> str:
@@ -132,26 +117,6 @@ def sample_key(scene_name: str, start: int, num_frames: int, height: int, width:
         raise SchemaError("key", f"{key!r} contains '.', which webdataset treats as an extension separator; "
                                  "rename the scene")
     return key
-
-
-def bucket_name(height: int, width: int, num_frames: int) -> str:
-    return BUCKET_TEMPLATE.format(height=height, width=width, num_frames=num_frames)
-
-
-def shard_path(split: str, height: int, width: int, num_frames: int, index: int) -> str:
-    return SHARD_TEMPLATE.format(split=split, bucket=bucket_name(height, width, num_frames), index=index)
-
-
-def manifest_path(split: str) -> str:
-    return MANIFEST_TEMPLATE.format(split=split)
-
-
-def table_index_path(version: str) -> str:
-    return TABLE_INDEX_TEMPLATE.format(version=version)
-
-
-def scene_store_path(scene_name: str) -> str:
-    return SCENE_STORE_TEMPLATE.format(scene_name=scene_name)
 
 
 # ---- the member table -------------------------------------------------------------
@@ -169,35 +134,56 @@ class SchemaError(ValueError):
 class Member:
     name: str             # tar member suffix, e.g. "boxes.npy"
     dtype: str | None     # numpy dtype for .npy members
-    shape: Callable[[dict], tuple] | None  # dims from {V, T, Tl, N, H, W}
+    shape: Callable[[dict], tuple] | None  # dims from {V, T, Tl, N, H, W, G}
     required: bool = True
     doc: str = ""
+    # for readers (the dataset card and info.json, pipeline/shards/card.py): each axis as "SIZE name"
+    axes: tuple[str, ...] = ()
+    units: str = ""
+    frame: str = ""       # coordinate frame (and the time it describes)
+    padding: str = ""     # what fills the entries that hold nothing
 
 
+_LATENT_AXES = ("V view", "16 channel", "T' latent_frame", "H/8 row", "W/8 col")
+_BOX_UNITS, _MAT = "m (x y z w l h), rad (yaw)", ("3 row", "3 col")
+_ABSENT = "N = the clip's objects (tracks); zeros where box_mask[t, n] is False (absent at frame t)"
 MEMBERS: tuple[Member, ...] = (
-    Member("meta.json", None, None, doc="clip metadata, see META_FIELDS"),
+    Member("meta.json", None, None, doc="clip metadata (fields: the card's meta.json table)"),
     Member("latent_mean.npy", "float16", lambda d: (d["V"], LATENT_CHANNELS, d["Tl"], d["H"] // 8, d["W"] // 8),
-           doc="CogVAE posterior mean, unscaled"),
+           doc="CogVAE posterior mean, unscaled", axes=_LATENT_AXES, units="latent (z = vae.scaling_factor x mean)",
+           frame="view v's image; latent frame 0 = frame 0, latent frame k = frames 4k-3..4k"),
     Member("latent_std.npy", "float16", lambda d: (d["V"], LATENT_CHANNELS, d["Tl"], d["H"] // 8, d["W"] // 8),
-           required=False, doc="CogVAE posterior std"),
+           required=False, doc="CogVAE posterior std", axes=_LATENT_AXES, units="latent (unscaled)",
+           frame="as latent_mean", padding="present exactly when meta latent is 'mean+std'"),
     Member("boxes.npy", "float32", lambda d: (d["T"], d["N"], 7),
-           doc="reference boxes x y z w l h yaw at CAM_FRONT's exposure, in LiDAR(t)"),
+           doc="reference boxes x y z w l h yaw at CAM_FRONT's exposure, in LiDAR(t)",
+           axes=("T frame", "N object", "7 param"), units=_BOX_UNITS, frame="LiDAR(t)", padding=_ABSENT),
     Member("view_boxes.npy", "float32", lambda d: (d["T"], d["V"], d["N"], 7),
-           doc="per-view boxes at view v's own exposure, in LiDAR(t)"),
-    Member("box_mask.npy", "bool", lambda d: (d["T"], d["N"]), doc="object present in frame"),
-    Member("box_view_mask.npy", "bool", lambda d: (d["T"], d["V"], d["N"]), doc="box visible in view"),
-    Member("box_class.npy", "int8", lambda d: (d["N"],), doc="class id 0-9"),
-    Member("box_track.npy", "int32", lambda d: (d["N"],), doc="instance index within the clip"),
-    Member("intrinsics.npy", "float32", lambda d: (d["V"], 3, 3), doc="K at stored resolution"),
+           doc="per-view boxes at view v's own exposure, in LiDAR(t)", axes=("T frame", "V view", "N object",
+           "7 param"), units=_BOX_UNITS, frame="LiDAR(t), at meta view_timestamps_us[t][v]", padding=_ABSENT),
+    Member("box_mask.npy", "bool", lambda d: (d["T"], d["N"]), doc="object present in frame",
+           axes=("T frame", "N object"), padding="False: absent at frame t"),
+    Member("box_view_mask.npy", "bool", lambda d: (d["T"], d["V"], d["N"]), doc="box visible in view (a corner in "
+           "front of the camera and inside the image)", axes=("T frame", "V view", "N object"), padding="False"),
+    Member("box_class.npy", "int8", lambda d: (d["N"],), doc="class id 0-9", axes=("N object",),
+           units="class id (the card's class table)"),
+    Member("box_track.npy", "int32", lambda d: (d["N"],), doc="instance index within the clip", axes=("N object",)),
+    Member("intrinsics.npy", "float32", lambda d: (d["V"], 3, 3), doc="K at stored resolution",
+           axes=("V view",) + _MAT, units="pixels of the stored H x W image", frame="camera (x right, y down, z fwd)"),
     Member("source_intrinsics.npy", "float32", lambda d: (d["V"], 3, 3),
-           doc="K of the original image (meta source_size)"),
+           doc="K of the original image (meta source_size)", axes=("V view",) + _MAT,
+           units="pixels of the source image", frame="camera (x right, y down, z fwd)"),
     Member("cam2lidar.npy", "float32", lambda d: (d["T"], d["V"], 4, 4),
-           doc="camera v at its exposure -> global (its own ego pose) -> LiDAR(t)"),
+           doc="camera v at its exposure -> global (its own ego pose) -> LiDAR(t)",
+           axes=("T frame", "V view", "4 row", "4 col"), units="m", frame="camera(t, v) -> LiDAR(t)"),
     Member("fill_mask.npy", "bool", lambda d: (d["T"], d["V"]),
-           doc="view-frame repaired with the nearest image of the same camera (meta filled)"),
-    Member("traj.npy", "float32", lambda d: (d["T"], 4, 4), doc="LiDAR(t) -> LiDAR(0)"),
+           doc="view-frame repaired with the nearest image of the same camera (meta filled)",
+           axes=("T frame", "V view")),
+    Member("traj.npy", "float32", lambda d: (d["T"], 4, 4), doc="LiDAR(t) -> LiDAR(0)",
+           axes=("T frame", "4 row", "4 col"), units="m", frame="LiDAR(t) -> LiDAR(0)"),
     Member("bev.npy", "uint8", lambda d: (d["T"], len(MAP_CLASSES), d["G"], bev_packed_cols(d["G"])),
-           doc="bit-packed BEV masks, G x G cells (meta bev)"),
+           doc="bit-packed BEV masks, G x G cells (meta bev)", axes=("T frame", "8 map_class", "G bev_row",
+           "G/8 bev_col_packed"), units="bits (np.packbits, big-endian, along the last axis)", frame="LiDAR(t)"),
     Member("caption.txt", None, None, doc="UTF-8 text condition"),
 )
 MEMBER_NAMES = tuple(m.name for m in MEMBERS)

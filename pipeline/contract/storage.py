@@ -279,7 +279,8 @@ def iter_chunks(uri: str, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="python -m pipeline.contract.storage",
+    from pipeline.contract.cli import HelpFormatter
+    p = argparse.ArgumentParser(prog="python -m pipeline.contract.storage", formatter_class=HelpFormatter,
                                 description="Small storage helper: `cat URI` streams a local file or object "
                                             "(s3://, gs://) to stdout, e.g. as a webdataset pipe: URL.")
     sub = p.add_subparsers(dest="cmd", required=True)

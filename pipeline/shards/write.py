@@ -106,53 +106,9 @@ def shard_is_complete(out: str, plan: ShardPlan, record: ShardRecord | None, cfg
 
 
 def dataset_card(out: str, records: list[ShardRecord], quarantined: int, info: dict[str, Any]) -> str:
-    """README.md next to the shards: where the data came from, how it was made, what is in it."""
-    per_bucket: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for r in records:
-        b = per_bucket[(r.split, r.bucket)]
-        b[0] += 1
-        b[1] += r.samples
-        b[2] += r.bytes
-    rows = "\n".join(f"| {s} | {b} | {n[0]} | {n[1]} | {n[2] / 1e6:.2f} |" for (s, b), n in sorted(per_bucket.items()))
-    tiny = " — TINY RANDOM WEIGHTS: the latents are meaningless" if info.get("tiny_vae") else ""
-    members = "\n".join(f"| `{m.name}` | {m.dtype or '-'} | {m.doc} |" for m in schema.MEMBERS)
-    text = f"""# {info.get('title', 'MagicDrive-V2 training shards')}
-
-Webdataset shards of multi-view driving clips with CogVideoX-VAE latents, written by
-`pipeline/build.py` (pipeline {schema.PIPELINE_VERSION}, sample schema {schema.SCHEMA_VERSION}).
-
-## Source
-- dataset: {info.get('dataset')} (`{info.get('version')}` at `{info.get('dataroot')}`)
-- scenes: {info.get('scenes')}
-- stage config: {info.get('stage')}
-- VAE: {json.dumps(info.get('vae'), sort_keys=True)}{tiny}
-- captions: {info.get('captions')}
-- config hash: `{info.get('config_hash')}`
-
-## Contents
-| split | bucket | shards | samples | MB |
-| --- | --- | --- | --- | --- |
-{rows}
-
-Quarantined items (see `{schema.QUARANTINE_FILE}`): {quarantined}.
-Each split has a `manifest.parquet` (path, bucket, samples, bytes, sha256, schema version,
-config hash, keys); a reader trusts only shards listed there.
-
-## Sample members (one clip = one sample, key `{schema.KEY_TEMPLATE}`)
-| member | dtype | meaning |
-| --- | --- | --- |
-{members}
-
-Decode with `pipeline.contract.schema.decode_sample`; latents are unscaled: z = scaling_factor · (mean + std · ε).
-
-## More
-- statistics (clip lengths, classes, boxes per frame, BEV coverage, captions): `mdv2-stats <this folder>`
-  writes `stats.md`, `stats.png` and `stats.json` here;
-- a picture of one sample: `mdv2-inspect <shard.tar> --dataroot <nuScenes root> --png preview.png`;
-- streaming into training: `python -m train.train --data-root <this folder> ...` (docs/train.md).
-"""
-    storage.atomic_write(storage.join(out, schema.DATASET_CARD_FILE), text.encode())
-    return text
+    """README.md (Hugging Face card) and info.json next to the shards: pipeline/shards/card.py."""
+    from pipeline.shards.card import write_card
+    return write_card(out, records, quarantined, info)
 
 
 @dataclass

@@ -121,6 +121,11 @@ def _class_of(category: str) -> str | None:
 
 
 
+# the caption of `--captions dataset`: what render.py draws, by the rules of captions/prompts/v1.txt (no objects)
+SCENE_DESCRIPTION = ("A synthetic scene on a clear, sunny day: a paved road through flat, open grassland under a "
+                     "blue sky.")
+
+
 class _SceneWriter:
     """Writes one scene's files and appends its records to the shared tables."""
 
@@ -159,6 +164,18 @@ class _SceneWriter:
         times, self.key_lidar = rig(self.rng, self.n_frames, self.t0 + 10_000, self.kf)
         return times
 
+    def plan(self) -> dict[str, np.ndarray]:
+        """Trigger times per channel and the dropped images (self.dropped), drawn once (before write())."""
+        if getattr(self, "_planned", None) is None:
+            self._planned = self._times()
+            rate = 0.0 if self.cfg.regular else self.cfg.drop_rate
+            self.dropped = dropped_images(self.rng, self.n_frames, self.kf, rate)
+        return self._planned
+
+    def images_to_draw(self) -> int:
+        self.plan()
+        return sum(int((~d).sum()) for d in self.dropped.values())
+
     def scene_seconds(self, ts: np.ndarray) -> np.ndarray:
         return (np.asarray(ts, np.int64) - self.t0) / 1e6
 
@@ -169,8 +186,7 @@ class _SceneWriter:
         log_tok, scene_tok = token(seed, "log", i), token(seed, "scene", i)
         t["log"].append({"token": log_tok, "logfile": self.logfile, "vehicle": "n015", "location": cfg.map_name,
                          "date_captured": "2018-07-24"})
-        times = self._times()
-        self.dropped = dropped_images(self.rng, self.n_frames, self.kf, 0.0 if cfg.regular else cfg.drop_rate)
+        times = self.plan()
         # ---- samples (keyframes at the lidar timestamps)
         samples = [{"token": token(seed, "sample", i, j), "timestamp": int(ts), "scene_token": scene_tok,
                     "prev": "", "next": ""} for j, ts in enumerate(self.key_lidar)]
@@ -178,8 +194,7 @@ class _SceneWriter:
         t["sample"] += samples
         t["scene"].append({"token": scene_tok, "log_token": log_tok, "nbr_samples": len(samples),
                            "first_sample_token": samples[0]["token"], "last_sample_token": samples[-1]["token"],
-                           "name": self.name, "description": f"synthetic curved road, {len(self.tracks)} objects, "
-                                                              f"seed {seed}"})
+                           "name": self.name, "description": SCENE_DESCRIPTION})
         key_ts = np.asarray([s["timestamp"] for s in samples])
         # ---- calibrated sensors
         cs_tok = {}
@@ -351,16 +366,16 @@ def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple
                  "log", "map"):
         tables[name] = []
     mapb = MapBuilder(seed, map_name)
-    total = scenes * int(round(seconds * schema.FPS)) * len(schema.VIEWS)
-    bar = tqdm(total=total, desc="synth images", unit="img", disable=not progress, file=sys.stderr)
-    writers, truth, n_img = [], [], 0
-    for i in range(scenes):
-        sw = _SceneWriter(cfg, i, tables, mapb, bar)
+    # each scene has its own generator: planning all first changes no byte, and the bar counts what is drawn
+    writers = [_SceneWriter(cfg, i, tables, mapb, None) for i in range(scenes)]
+    bar = tqdm(total=sum(sw.images_to_draw() for sw in writers), desc="synth images", unit="img",
+               disable=not progress, file=sys.stderr)
+    truth, n_img = [], 0
+    for sw in writers:
+        sw.bar = bar
         n, tr = sw.write()
         n_img += n
         truth.append(tr)
-        writers.append(sw)
-    bar.total = n_img   # dropped images are never drawn
     bar.close()
     map_tok = token(seed, "map", map_name)
     tables["map"].append({"token": map_tok, "log_tokens": [r["token"] for r in tables["log"]],

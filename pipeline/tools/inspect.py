@@ -139,14 +139,19 @@ def lidar_to_bev_pixel(xy: np.ndarray, scale: float = 1.0, cell_m: float = schem
     return np.stack([col, row], -1) * scale
 
 
-def draw_bev(sample: schema.Sample, t: int, size: int = BEV_PANEL) -> np.ndarray:
-    """(size, size, 3) uint8 RGB: map layers of frame t with the boxes' footprints and headings."""
-    cells, cell_m = int(sample.meta["bev"]["cells"]), float(sample.meta["bev"]["cell_m"])
-    masks = schema.unpack_bev(sample.bev[t], cells)                      # (8, G, G) bool
+def map_layers(packed: np.ndarray, cells: int) -> np.ndarray:
+    """One frame's packed BEV (8, G, G/8) -> (G, G, 3) uint8 RGB of its map layers (MAP_PAINT), ahead up."""
+    masks = schema.unpack_bev(packed, cells)                             # (8, G, G) bool
     img = np.full((cells, cells, 3), 30, np.uint8)
     for name, rgb in MAP_PAINT:
         img[masks[schema.MAP_CLASSES.index(name)]] = rgb
-    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST)
+    return img
+
+
+def draw_bev(sample: schema.Sample, t: int, size: int = BEV_PANEL) -> np.ndarray:
+    """(size, size, 3) uint8 RGB: map layers of frame t with the boxes' footprints and headings."""
+    cells, cell_m = int(sample.meta["bev"]["cells"]), float(sample.meta["bev"]["cell_m"])
+    img = cv2.resize(map_layers(sample.bev[t], cells), (size, size), interpolation=cv2.INTER_NEAREST)
     scale = size / cells
     for n in np.flatnonzero(sample.box_mask[t]):
         rgb = CLASS_RGB[int(sample.box_class[n]) % len(CLASS_RGB)]
@@ -212,43 +217,51 @@ def view_images(sample: schema.Sample, frames: list[int], dataroot: str | None, 
 
 def render_preview(sample: schema.Sample, dataroot: str | None = None, vae: str | None = None,
                    scale: int | None = None) -> np.ndarray:
-    """The whole picture as (rows, cols, 3) uint8 RGB."""
+    """The whole picture as (rows, cols, 3) uint8 RGB: a header (wrapped, never cut), a legend of the box
+    classes and map layers, then per frame the views (labelled above each tile) and the BEV map."""
+    from pipeline.tools import panels
     frames = preview_frames(sample.num_frames)
     images, source = view_images(sample, frames, dataroot, vae)
     h, w = int(sample.meta["height"]), int(sample.meta["width"])
-    scale = scale or max(1, int(np.ceil(240 / w)))  # tiny buckets are enlarged so boxes stay readable
+    scale = scale or panels.readable_scale(w)  # small buckets are enlarged so boxes and labels stay readable
+    big = _scaled(sample, scale)
     per_row = 3
     rows = []
     for t in frames:
         tiles = []
         for v, name in enumerate(sample.views):
-            img = cv2.resize(images[(t, v)], (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-            big = _scaled(sample, scale)
-            draw_boxes_on_view(img, big, t, v, thickness=1)
-            cv2.putText(img, name, (3, 12), cv2.FONT_HERSHEY_PLAIN, 0.8, (255, 255, 255), 1, cv2.LINE_AA)
-            tiles.append(np.pad(img, ((1, 1), (1, 1), (0, 0))))
-        lines = [np.concatenate(tiles[i:i + per_row] + [np.zeros_like(tiles[0])] * (per_row - len(tiles[i:i + per_row])), 1)
+            img = panels.enlarge(images[(t, v)], scale)
+            draw_boxes_on_view(img, big, t, v, thickness=max(1, scale // 2))
+            fill = " (repaired drop)" if sample.fill_mask[t, v] else ""
+            tiles.append(panels.labelled(img, f"{name}{fill}"))
+        blank = np.zeros_like(tiles[0])
+        lines = [np.concatenate(tiles[i:i + per_row] + [blank] * (per_row - len(tiles[i:i + per_row])), 1)
                  for i in range(0, len(tiles), per_row)]
         grid = np.concatenate(lines, 0)
-        bev = draw_bev(sample, t, size=grid.shape[0])
-        label = np.zeros((grid.shape[0], 70, 3), np.uint8)
-        cv2.putText(label, f"t={t}", (4, 20), cv2.FONT_HERSHEY_PLAIN, 1.0, (255, 255, 255), 1, cv2.LINE_AA)
+        bev = panels.labelled(draw_bev(sample, t, size=grid.shape[0] - panels.LINE_PX - panels.PAD_PX - 2),
+                              "BEV, ahead up")
+        bev = np.pad(bev, ((0, grid.shape[0] - bev.shape[0]), (0, 0), (0, 0)))
+        label = panels.text_band(f"t={t}", 70)
+        label = np.pad(label, ((0, grid.shape[0] - label.shape[0]), (0, 0), (0, 0)))
         rows.append(np.concatenate([label, grid, bev], 1))
-    header = np.zeros((22, rows[0].shape[1], 3), np.uint8)
-    cv2.putText(header, f"{sample.key}   views: {source}   classes: {dict(sorted(_class_counts(sample).items()))}"[:160],
-                (4, 15), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.concatenate([header] + rows, 0)
+    width = rows[0].shape[1]
+    counts = _class_counts(sample)
+    header = panels.text_band([f"{sample.key}  |  views: {source}  |  {sample.num_frames} frames, frame t = "
+                               f"{schema.REFERENCE_VIEW}'s exposure", f"caption: {sample.caption}"], width)
+    legend = np.concatenate([
+        panels.legend_band([(f"{c} ({counts[c]})", CLASS_RGB[i]) for i, c in enumerate(schema.OBJECT_CLASSES)
+                            if c in counts] or [("no objects", (30, 30, 30))], width, "boxes:"),
+        panels.legend_band([(n, rgb) for n, rgb in MAP_PAINT] + [("ego", (255, 255, 255))], width, "map:")], 0)
+    return np.concatenate([header, legend] + rows, 0)
 
 
 def _scaled(sample: schema.Sample, scale: int) -> schema.Sample:
     """The sample with intrinsics for an image enlarged `scale` times (pixel centres kept)."""
     if scale == 1:
         return sample
-    k = sample.intrinsics.astype(np.float64).copy()
-    k[:, :2, :] *= scale
-    k[:, :2, 2] += (scale - 1) / 2  # pixel (u, v) of the small image covers big pixels centred at s*u+(s-1)/2
     import dataclasses
-    return dataclasses.replace(sample, intrinsics=k.astype(np.float32))
+    from pipeline.tools.panels import scale_intrinsics
+    return dataclasses.replace(sample, intrinsics=scale_intrinsics(sample.intrinsics, scale).astype(np.float32))
 
 
 def save_png(img: np.ndarray, path: str) -> None:
@@ -269,13 +282,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataroot", help="nuScenes root the shard was built from: draw the source frames")
     p.add_argument("--vae", help="local CogVAE folder: draw the latents decoded (used when --dataroot is not given)")
     p.add_argument("--png", help="write the preview picture here (local path or URI)")
-    p.add_argument("--scale", type=int, help="enlarge views this many times (default: to about 240 px wide)")
+    p.add_argument("--scale", type=int, help="enlarge views this many times (default: to about 320 px wide)")
+    p.add_argument("--rerun", metavar="OUT.rrd", help="write a Rerun recording of the sample (or --scene) here: "
+                   "cameras, 3-D boxes, BEV map and ego path on a 12 Hz timeline (pipeline/tools/rerunlog.py; "
+                   "needs the viewer extra, rerun-sdk); open it with `rerun OUT.rrd`")
+    p.add_argument("--scene", help="with --rerun: every sample of this scene in the shard's bucket folder, chained "
+                   "on one timeline (instead of one sample)")
     a = p.parse_args(argv)
+    if a.scene and not a.rerun:
+        raise cli.BadInput("--scene needs --rerun OUT.rrd (the PNG preview shows one sample)")
     if a.dataroot and not storage.exists(a.dataroot):
         raise cli.InputNotFound(f"--dataroot {a.dataroot} not found; pass the nuScenes root the shard was built from")
     if a.vae:
         from pipeline.shards.encode import vae_meta
         vae_meta(a.vae)  # a folder without config.json fails here, before any drawing
+    if a.rerun:
+        from pipeline.tools.rerunlog import inspect_recording
+        keys, notes = inspect_recording(a.rerun, a.shard, a.key, a.scene, a.dataroot, a.vae)
+        print("\n".join([f"rerun recording of {len(keys)} clip(s) written to {a.rerun}: {', '.join(keys)}"] + notes))
+        if not a.png:
+            return 0
     sample = load_sample(a.shard, a.key)
     print(describe(sample))
     if a.png:

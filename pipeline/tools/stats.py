@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.contract import cli, manifest, schema, storage
 from pipeline.contract.shardio import iter_shard
+from pipeline.shards.card import refresh_card
 from pipeline.tools.viewstats import ViewStats
 
 STATS_MD, STATS_PNG, STATS_JSON = "stats.md", "stats.png", "stats.json"  # relative to the output root
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     st = collect(cfg)
     print(markdown(st))
     paths = write_report(cfg, st)
+    if cfg.report_dir is None:  # the card beside the shards points at stats.md and quotes its numbers
+        j = st.to_json()
+        refresh_card(cfg.out, stats={k: j[k] for k in ("samples_read", "class_objects", "objects_per_frame",
+                                                       "caption_words", "caption_source")})
     print(f"written: {paths['md']}, {paths['png']}, {paths['json']}")
     return 1 if st.mismatches else 0
 

@@ -15,6 +15,8 @@ import json
 import sys
 from collections import defaultdict
 
+from pipeline.contract.cli import HelpFormatter
+
 
 def _stage(event: dict) -> str | None:
     """'task::frames_task' -> 'frames_task', 'task::EncodeActor.run' -> 'EncodeActor.run'; None for the
@@ -54,7 +56,7 @@ def read_timeline(path: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.tools.timeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("timeline", help="a JSON file written by mdv2-build --timeline")
     a = ap.parse_args(argv)
     try:
