@@ -1,0 +1,590 @@
+"""Parity fixtures from the authors' MagicDriveDiT code: a tiny random `MagicDriveSTDiT3`, its inputs and outputs.
+
+Run it with the scratch venv of docs/model.md ("Rebuilding the parity fixtures"), never with this project's venv:
+
+    /work/scratch/mdd-venv/bin/python model/interop/make_fixture.py --mdd /work/ref/MagicDriveDiT \\
+        --out tests/data/magicdrivedit
+
+It imports their modules from the checkout given (nothing of theirs is copied, nothing of this project is
+imported: the fixtures must stay valid while model/ changes). What only their checkpoint I/O, ColossalAI,
+the mmengine registry, the NPU and torchvision need is replaced by stub modules in `sys.modules`; their
+attention then runs its plain-torch branches (USE_XFORMERS=False, flash attention off, no CUDA).
+The model is built from THEIR stage-3 config's `model` dict (read with `ast`, never executed) at a tiny
+width. Every constant tensor of their init (zero projections, unit norms) gets small random values so
+every path contributes; all weights are rounded to fp16 before the forward, so the fp16 copy is exact.
+Outputs: weights.safetensors, cases.safetensors, fixture.json, config.json, stage3_keys.json
+(tests/data/magicdrivedit/FORMAT.md says how to read each).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib.machinery
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGE3 = "configs/magicdrive/train/stage3_higher-b-v3.1-12Hz_stdit3_CogVAE_boxTDS_wCT_xCE_wSST_bs4_lr1e-5_sp4simu8.py"
+TINY = dict(hidden_size=64, depth=3, control_depth=2, num_heads=4)  # their XL/2: 1152, 28, 13, 16
+FULL = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=(1, 2, 2))  # what their XL/2 builder fixes
+# what their train/inference scripts add to the config's model dict (CogVAE 16 channels, T5-XXL 4096 x 300)
+BUILD_ARGS = dict(in_channels=16, caption_channels=4096, model_max_length=300)
+VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT")
+VIEW_YAW_DEG = (55.0, 0.0, -55.0, -110.0, 180.0, 110.0)  # rough nuScenes rig, their view order
+FP16_ARGS = ("x", "y", "box_latent")  # continuous and large: rounded to fp16 before the forward, stored fp16
+SEED = 21
+
+
+# ---- stubs -------------------------------------------------------------------------------------------------
+def _module(name: str, package_path: Path | None = None, **attrs) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package_path is not None)
+    if package_path is not None:  # a package shell: submodules load from their files, its __init__ never runs
+        mod.__path__ = [str(package_path)]
+        mod.__spec__.submodule_search_locations = [str(package_path)]
+    sys.modules[name] = mod
+    return mod
+
+
+class _Unavailable:
+    """Stands for a class of a stubbed package: importing it works, using it is a bug of this script."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} comes from a stub module; the fixture must not need it")
+
+
+class _Registry:  # mmengine.registry.Registry, as far as their registry.py and decorators use it
+    def __init__(self, *args, **kwargs):
+        self.modules = {}
+
+    def register_module(self, name=None, force=False, module=None):
+        def add(obj):
+            self.modules[name or obj.__name__] = obj
+            return obj
+        return add if module is None else add(module)
+
+
+def _ast_constant(path: Path, name: str):
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{name} not found in {path}")
+
+
+def install_stubs(mdd: Path) -> None:
+    os.environ.update(USE_XFORMERS="False", DEVICE_TYPE="gpu", USE_WRONG="False")  # read at import time
+    import transformers  # noqa: F401  (before the torchvision stub: it probes for torchvision itself)
+    from transformers import PreTrainedModel  # noqa: F401
+
+    # blocks.py imports torch_npu when CUDA is absent (flash_attn otherwise); only their fused kernels use them
+    _module("torch_npu")
+    _module("flash_attn", flash_attn_func=_Unavailable)
+    # timm imports torchvision (transforms, datasets, FrozenBatchNorm2d) for parts their model never touches;
+    # the PyPI torchvision wheel does not load beside this torch. No InterpolationMode: timm falls back to PIL.
+    _module("torchvision", package_path=Path("/nonexistent/torchvision"))
+    for sub in ("ops", "ops.misc", "transforms", "transforms.functional", "datasets", "models",
+                "models.feature_extraction", "utils", "io"):
+        _module(f"torchvision.{sub}")
+    sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (_Unavailable,), {})
+    for name in ("CIFAR100", "CIFAR10", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder", "Places365",
+                 "INaturalist", "QMNIST", "ImageNet"):
+        setattr(sys.modules["torchvision.datasets"], name, type(name, (_Unavailable,), {}))
+    sys.modules["torchvision.transforms.functional"].__getattr__ = _no_attr
+    sys.modules["torchvision.transforms"].__getattr__ = _placeholder
+    sys.modules["torchvision.models.feature_extraction"].create_feature_extractor = _Unavailable
+    # ColossalAI (their utils/misc.py logger helpers), the mmengine registry, their checkpoint I/O
+    _module("colossalai", package_path=Path("/nonexistent/colossalai"))
+    _module("colossalai.cluster", package_path=Path("/nonexistent/colossalai/cluster"))
+    _module("colossalai.cluster.dist_coordinator", DistCoordinator=type("DistCoordinator", (_Unavailable,), {}))
+    _module("mmengine", package_path=Path("/nonexistent/mmengine"))
+    _module("mmengine.registry", Registry=_Registry)
+    sys.path.insert(0, str(mdd))
+    _module("magicdrivedit.utils.ckpt_utils", load_checkpoint=_Unavailable)
+    # package shells: their __init__ files import the T5 encoder, diffusers' VAE and the mmcv datasets
+    src = mdd / "magicdrivedit"
+    _module("magicdrivedit.models", package_path=src / "models")
+    _module("magicdrivedit.models.vae", package_path=src / "models" / "vae")
+    _module("magicdrivedit.datasets", IMG_FPS=_ast_constant(src / "datasets" / "utils.py", "IMG_FPS"))
+
+
+def _no_attr(name):
+    raise AttributeError(name)
+
+
+def _placeholder(name):  # any class name of a stub module; never dunders (inspect walks sys.modules)
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return type(name, (_Unavailable,), {})
+
+
+# ---- their config, read with ast -------------------------------------------------------------------------
+def read_config(path: Path) -> dict:
+    """Top-level names of a MagicDriveDiT config file, evaluated without executing it (literals, dict(...),
+    names defined above, and/or/not, comparisons, subscripts); names it cannot evaluate are left out."""
+    env: dict = {}
+
+    def ev(n):
+        if isinstance(n, ast.Constant):
+            return n.value
+        if isinstance(n, ast.Name):
+            return env[n.id]
+        if isinstance(n, (ast.List, ast.Tuple)):
+            return (list if isinstance(n, ast.List) else tuple)(ev(e) for e in n.elts)
+        if isinstance(n, ast.Dict):
+            return {ev(k): ev(v) for k, v in zip(n.keys, n.values)}
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "dict" and not n.args:
+            out = {}
+            for kw in n.keywords:
+                out.update(ev(kw.value) if kw.arg is None else {kw.arg: ev(kw.value)})
+            return out
+        if isinstance(n, ast.BoolOp):
+            vals = [ev(v) for v in n.values]
+            return all(vals) and vals[-1] if isinstance(n.op, ast.And) else next((v for v in vals if v), vals[-1])
+        if isinstance(n, ast.UnaryOp):
+            v = ev(n.operand)
+            return {ast.USub: lambda: -v, ast.Not: lambda: not v, ast.UAdd: lambda: v}[type(n.op)]()
+        if isinstance(n, ast.Compare) and len(n.ops) == 1:
+            a, b = ev(n.left), ev(n.comparators[0])
+            return {ast.Gt: a > b, ast.Lt: a < b, ast.GtE: a >= b, ast.LtE: a <= b, ast.Eq: a == b,
+                    ast.NotEq: a != b}[type(n.ops[0])]
+        if isinstance(n, ast.IfExp):
+            return ev(n.body) if ev(n.test) else ev(n.orelse)
+        if isinstance(n, ast.Subscript):
+            return ev(n.value)[ev(n.slice)]
+        raise ValueError(ast.dump(n)[:80])
+
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                env[node.targets[0].id] = ev(node.value)
+            except (ValueError, KeyError, TypeError):
+                pass
+    return env
+
+
+def model_kwargs(model_dict: dict, tiny: bool) -> dict:
+    """MagicDriveSTDiT3Config kwargs: the config's model dict + what their scripts and XL/2 builder add.
+    Tiny: narrower and shallower, embedder widths scaled; classes and all other options as theirs.
+    Both: no fused LayerNorm (apex; their LayerNorms have no affine parameters either way)."""
+    kw = {k: copy.deepcopy(v) for k, v in model_dict.items() if k not in ("type", "from_pretrained",
+                                                                          "force_huggingface")}
+    kw.update(FULL, **BUILD_ARGS, enable_layernorm_kernel=False)
+    for p in ("bbox_embedder_param", "frame_emb_param", "cam_encoder_param"):
+        if "enable_layernorm_kernel" in kw[p]:
+            kw[p]["enable_layernorm_kernel"] = False
+    if not tiny:
+        return kw
+    h = TINY["hidden_size"]
+    kw.update(TINY, enable_flash_attn=False, enable_xformers=False, enable_sequence_parallelism=False)
+    box = kw["bbox_embedder_param"]
+    box["class_token_dim"] = h  # class tokens are T5 names through y_embedder: hidden wide
+    box["proj_dims"] = [h if d == FULL["hidden_size"] else max(8, round(d * h / FULL["hidden_size"]))
+                        for d in box["proj_dims"]]
+    for p in (box, kw["frame_emb_param"]):
+        p.update(enable_flash_attn=False, enable_xformers=False)
+    kw["map_embedder_param"]["block_out_channels"] = [max(4, c // 8) for c in
+                                                      kw["map_embedder_param"]["block_out_channels"]]
+    return kw
+
+
+def build(kwargs: dict):
+    from magicdrivedit.models.magicdrive.magicdrive_stdit3 import MagicDriveSTDiT3, MagicDriveSTDiT3Config
+    return MagicDriveSTDiT3(MagicDriveSTDiT3Config(**copy.deepcopy(kwargs)))
+
+
+def build_meta(kwargs: dict):
+    """The full model without memory: parameters on the meta device; only their drop-path schedule
+    (`torch.linspace(...).item()`) needs real numbers, so linspace alone runs on the CPU."""
+    linspace = torch.linspace
+    torch.linspace = lambda *a, **k: linspace(*a, **{**k, "device": "cpu"})
+    try:
+        with torch.device("meta"):
+            return build(kwargs)
+    finally:
+        torch.linspace = linspace
+
+
+def is_rope_freqs(key: str) -> bool:  # rotary_embedding_torch's fixed theta-10000 frequencies: not weights
+    return key.endswith("rope.freqs")
+
+
+def randomize(model, gen: torch.Generator) -> None:
+    """Constant tensors of their init (zero projections and biases, null features, unit RMSNorm weights)
+    get small random values around that constant; the rest keeps their random init. All rounded to fp16."""
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            if not t.is_floating_point() or is_rope_freqs(key):
+                continue
+            if bool((t == t.flatten()[0]).all()):
+                std = 0.5 / math.sqrt(t[0].numel()) if t.ndim >= 2 else 0.1
+                t.copy_(t.flatten()[0] + std * torch.randn(t.shape, generator=gen))
+            t.copy_(t.half().float())
+
+
+# ---- inputs as their dataloader gives them -----------------------------------------------------------------
+def _rz(yaw: float) -> np.ndarray:
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def camera_params(T: int, rng: np.random.Generator) -> np.ndarray:
+    """(V, T, 3, 7): [K of the original 1600x900 image | camera->LiDAR(t) 3x4]; slightly different per frame
+    (their data: the camera fires at its own time), so a reader of the wrong frame is caught."""
+    cam_axes = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # x right, y down, z ahead
+    out = np.zeros((len(VIEWS), T, 3, 7))
+    for v, yaw in enumerate(np.radians(VIEW_YAW_DEG)):
+        f = 809.2 if VIEWS[v] == "CAM_BACK" else 1266.4
+        K = np.array([[f, 0.0, 800 + rng.uniform(-20, 20)], [0.0, f, 450 + rng.uniform(-40, 40)], [0, 0, 1.0]])
+        for t in range(T):
+            R = _rz(yaw + 0.002 * t * rng.standard_normal()) @ cam_axes
+            trans = _rz(yaw) @ np.array([1.0, 0.0, 0.0]) + np.array([0.6, 0.0, 1.6]) + 0.01 * t
+            out[v, t] = np.concatenate([K, R, trans[:, None]], axis=1)
+    return out
+
+
+def ego_motion(T: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, 4, 4) LiDAR(0) -> LiDAR(t) point transforms (their next2top, v2): identity at t = 0."""
+    speed, yaw_rate = rng.uniform(0.5, 1.2), rng.uniform(-0.03, 0.03)  # metres and radians per 12 Hz frame
+    out, pos = np.zeros((T, 4, 4)), np.zeros(3)
+    for t in range(T):
+        yaw = yaw_rate * t
+        if t:
+            pos = pos + speed * _rz(yaw) @ np.array([1.0, 0.0, 0.0])
+        out[t, :3, :3], out[t, :3, 3], out[t, 3, 3] = _rz(yaw).T, -_rz(yaw).T @ pos, 1.0
+    return out
+
+
+def box_corners(center, dims, yaw) -> np.ndarray:
+    """(8, 3) in mmdet3d LiDARInstance3DBoxes.corners order: x0y0z0, x0y0z1, x0y1z1, x0y1z0, x1y0z0, ...;
+    origin (0.5, 0.5, 0): the centre is the bottom centre."""
+    bits = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 0], [1, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]])
+    return (_rz(yaw) @ ((bits - [0.5, 0.5, 0.0]) * dims).T).T + center
+
+
+def boxes(T: int, n: int, n_max: int, rel_pos, cams, rng, dim: int) -> dict:
+    """One sample's boxes as their collate gives them, views already folded (V, T, n_max, ...):
+    the same corners and classes for every view; masks per view: 1 visible (positive depth), 0 absent
+    or unseen (and batch padding, class -1), -1 for a dropped non-keyframe (all views)."""
+    V = len(VIEWS)
+    corners, classes, masks = np.zeros((T, n_max, 8, 3)), -np.ones((T, n_max)), np.zeros((V, T, n_max))
+    for i in range(n):
+        c0, yaw0 = np.array([rng.uniform(-40, 40), rng.uniform(-40, 40), rng.uniform(-2, 0)]), rng.uniform(-3, 3)
+        dims, vel, cls = rng.uniform([0.5, 0.5, 1.0], [10, 3, 3.5]), rng.uniform(-1, 1, 3) * [1, 1, 0], rng.integers(10)
+        first, last = sorted(rng.integers(0, T, 2)) if i % 3 == 2 else (0, T - 1)  # some come and go
+        for t in range(first, last + 1):
+            world = box_corners(c0 + t * vel, dims, yaw0)
+            corners[t, i] = world @ rel_pos[t, :3, :3].T + rel_pos[t, :3, 3]
+            classes[t, i] = cls
+            for v in range(V):
+                R, tr = cams[v, t, :, 3:6], cams[v, t, :, 6]
+                depth = ((corners[t, i] - tr) @ R)[:, 2]  # camera z of each corner
+                masks[v, t, i] = float((depth > 0).any())
+    for t in [t for t in range(1, T) if t % 6][::4]:  # their bbox_drop_ratio on non-keyframes
+        masks[:, t] = np.where(masks[:, t] == 1, -1.0, masks[:, t])
+    latent = rng.standard_normal((n_max, dim))  # their add_box_latent: one per box, shared over T and views
+    return {"bboxes": np.broadcast_to(corners, (V,) + corners.shape), "classes": np.broadcast_to(classes, (V, T, n_max)),
+            "masks": masks, "box_latent": np.broadcast_to(latent[None, None], (V, T, n_max, dim))}
+
+
+def make_inputs(spec: dict, model, seed: int) -> dict:
+    """Keyword arguments of their forward for one case, as their train/inference scripts build them."""
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    B, T, (H, W) = spec["B"], spec["T"], spec["size"]
+    Tl, G = (T - 1) // 4 + 1, 200 if H < 424 else 400  # CogVAE latent frames; their map grid per bucket
+    V, n_max, dim = len(VIEWS), max(spec["boxes"]), model.bbox_embedder.box_latent_shape[1]
+    f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+    half = lambda t: t.half().float()  # noqa: E731
+    samples = []
+    for b in range(B):
+        rel, cams = ego_motion(T, rng), camera_params(T, rng)
+        samples.append((boxes(T, spec["boxes"][b], n_max, rel, cams, rng, dim), cams, rel))
+    bbox = {k: f32(np.concatenate([s[0][k] for s in samples])) for k in samples[0][0]}  # (B V, T, N, ...)
+    bbox["box_latent"] = half(bbox["box_latent"])
+    lengths = spec["captions"]
+    stored = max(lengths) + 4  # their text goes to max(len) + 1 tokens; 3 more catch a wrong cut
+    y = torch.zeros(B, 1, BUILD_ARGS["model_max_length"], BUILD_ARGS["caption_channels"])
+    y[:, :, :stored] = half(0.2 * torch.randn(B, 1, stored, y.shape[-1], generator=gen))
+    mask = (torch.arange(y.shape[2])[None] < torch.tensor(lengths)[:, None]).long()  # T5 attention mask
+    args = {
+        "x": half(torch.randn(B, 16 * V, Tl, H // 8, W // 8, generator=gen)),  # channels (C NC): view fastest
+        "timestep": torch.tensor(spec["t"][:B], dtype=torch.float32),
+        "y": y, "mask": mask,
+        "maps": (torch.rand(B, T, 8, G, G, generator=gen) < 0.3).float(),
+        "bbox": bbox,
+        "cams": f32(np.concatenate([s[1] for s in samples]))[:, :, None],  # (B V, T, 1, 3, 7)
+        "rel_pos": f32(np.stack([s[2] for s in samples])).repeat_interleave(V, 0)[:, :, None],  # (B V, T, 1, 4, 4)
+        "fps": torch.full((B,), 120.0 if T == 1 else 12.0),
+        "height": torch.full((B,), float(H)), "width": torch.full((B,), float(W)),
+        "num_frames": torch.full((B,), float(T)),
+        "drop_cond_mask": torch.ones(B), "drop_frame_mask": torch.ones(B, T),
+        "mv_order_map": MV_ORDER_MAP, "t_order_map": None,
+    }
+    for b in spec.get("drop_all", ()):  # their training drop: every condition of sample b
+        args["drop_cond_mask"][b], args["drop_frame_mask"][b], args["mask"][b] = 0, 0, 1
+    for b, frames in spec.get("drop_frames", {}).items():
+        args["drop_frame_mask"][b, frames] = 0
+    if "x_mask" in spec:
+        args["x_mask"] = torch.tensor(spec["x_mask"], dtype=torch.bool)
+    return args, stored
+
+
+def cfg_pair(args: dict, model) -> dict:
+    """Their inference layout for classifier-free guidance: batch [cond, null] by add_null_condition
+    (null boxes, learned null camera and trajectory, map kept), y_null = the learned caption embedding,
+    and the text mask of the conditional half only (their model repeats it)."""
+    from magicdrivedit.utils.inference_utils import add_null_condition
+    cond = {k: v for k, v in args.items() if k not in ("y", "mask", "timestep", "x")}
+    pair = add_null_condition(copy.deepcopy(cond), model.camera_embedder.uncond_cam, model.frame_embedder.uncond_cam)
+    y_null = model.y_embedder.y_embedding[None].repeat(args["y"].shape[0], 1, 1)[:, None]
+    return {"x": torch.cat([args["x"]] * 2), "timestep": torch.cat([args["timestep"]] * 2),
+            "y": torch.cat([args["y"], y_null.detach().clone()]), "mask": args["mask"], **pair}
+
+
+MV_ORDER_MAP = None  # their config's mv_order_map, set in main()
+
+CASES = {  # B samples, T pixel frames, pixel size; box counts and caption lengths (tokens) per sample
+    "video": dict(B=1, T=17, size=(64, 112), boxes=[6], captions=[7], t=[873.0]),
+    "image": dict(B=1, T=1, size=(224, 400), boxes=[5], captions=[9], t=[512.25]),  # map grid = latent grid
+    "odd_height": dict(B=1, T=1, size=(424, 64), boxes=[4], captions=[5], t=[333.5]),  # latent 53 x 8, 400 map
+    "drop": dict(B=2, T=9, size=(64, 112), boxes=[5, 3], captions=[4, 8], t=[700.0, 150.5],
+                 drop_all=[0], drop_frames={1: [3, 6]}),
+    "cfg_pair": dict(B=1, T=5, size=(64, 112), boxes=[4], captions=[6], t=[640.0], pair=True),
+    "x_mask": dict(B=2, T=9, size=(64, 112), boxes=[3, 5], captions=[5, 7], t=[920.0, 411.0],
+                   x_mask=[[False, True, True], [True, True, False]]),
+}
+SAMPLE = dict(B=1, T=5, size=(64, 112), boxes=[4], captions=[8], t=[1000.0], steps=3, cfg_scale=2.0)
+
+
+# ---- storage (FORMAT.md) -----------------------------------------------------------------------------------
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def encode_args(prefix: str, args: dict, stored: int, tensors: dict) -> dict:
+    """Store one call's kwargs under prefix/<arg> (bbox members as bbox/<member>); returns the sidecar's
+    "args" (tensors: key, shape and dtype in the call, stored dtype, encoding) and "values" (the rest)."""
+    flat = {f"bbox/{k}": v for k, v in args.get("bbox", {}).items()}
+    flat.update({k: v for k, v in args.items() if torch.is_tensor(v)})
+    entries = {}
+    for name, t in flat.items():
+        e = {"key": f"{prefix}/{name}", "shape": list(t.shape), "dtype": _dtype(t), "encoding": "none"}
+        if name == "y":  # tokens >= `tokens` are zero in the call (or never reach the model: see FORMAT.md)
+            s, e["encoding"], e["tokens"] = t[:, :, :stored].half(), "y_prefix", stored
+        elif name == "maps":  # binary maps, bit-packed along the last axis
+            s, e["encoding"] = torch.from_numpy(np.packbits(t.numpy().astype(np.uint8), axis=-1)), "packbits"
+        elif name.split("/")[-1] in FP16_ARGS:
+            s, e["encoding"] = t.half(), "fp16"
+        else:
+            s = t
+        e["stored_dtype"] = _dtype(s)
+        tensors[e["key"]] = s.contiguous()
+        entries[name] = e
+    values = {k: v for k, v in args.items() if k != "bbox" and not torch.is_tensor(v)}
+    return {"args": entries, "values": json.loads(json.dumps(values))}
+
+
+def decode_args(tensors: dict, entry: dict) -> dict:
+    """The call's kwargs back from a case's sidecar entry and the stored tensors (inverse of encode_args)."""
+    args: dict = {"bbox": {}} if any(n.startswith("bbox/") for n in entry["args"]) else {}
+    for name, e in entry["args"].items():
+        s = tensors[e["key"]]
+        if e["encoding"] == "y_prefix":
+            t = torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"]))
+            t[:, :, : e["tokens"]] = s.to(t.dtype)
+        elif e["encoding"] == "packbits":
+            t = torch.from_numpy(np.unpackbits(s.numpy(), axis=-1, count=e["shape"][-1]).astype(np.float32))
+        else:
+            t = s.to(getattr(torch, e["dtype"]))
+        assert list(t.shape) == e["shape"], (name, t.shape, e["shape"])
+        if name.startswith("bbox/"):
+            args["bbox"][name[5:]] = t
+        else:
+            args[name] = t
+    for k, v in entry["values"].items():
+        args[k] = {int(a): b for a, b in v.items()} if k == "mv_order_map" and v is not None else v
+    return args
+
+
+def load(folder: Path) -> tuple[dict, dict, dict]:
+    """(sidecar, weights, tensors) of a fixture folder: what a parity test starts from."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    meta = json.loads((folder / "fixture.json").read_text())
+    return meta, load_file(str(folder / "weights.safetensors")), load_file(str(folder / "cases.safetensors"))
+
+
+def forward(model, args: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**copy.deepcopy(args))
+
+
+# ---- cases, sampling, sensitivity, the full key list ----------------------------------------------------
+def run_case(name: str, spec: dict, model, seed: int, tensors: dict) -> dict:
+    args, stored = make_inputs(spec, model, seed)
+    if spec.get("pair"):
+        args = cfg_pair(args, model)
+    out = forward(model, args)
+    entry = {"spec": spec, "seed": seed, **encode_args(f"case/{name}/input", args, stored, tensors)}
+    again = forward(model, decode_args(tensors, entry))  # the stored inputs alone reproduce the output
+    assert torch.equal(again, out), f"{name}: decoded inputs give another output"
+    assert torch.isfinite(out).all() and out.abs().max() > 0, name
+    tensors[f"case/{name}/output"] = out.contiguous()
+    entry["output"] = {"key": f"case/{name}/output", "shape": list(out.shape), "dtype": _dtype(out),
+                       "max_abs": float(out.abs().max()), "std": float(out.std())}
+    print(f"case {name}: output {tuple(out.shape)} std {out.std():.4f}", flush=True)
+    return entry
+
+
+class _Captions:
+    """Their text encoder as RFLOW.sample uses it: encode -> the T5 output (y, mask), null(n) -> the
+    learned null caption repeated (their T5Encoder.null)."""
+
+    def __init__(self, y, mask, model):
+        self.y, self.mask, self.model = y, mask, model
+
+    def encode(self, prompts):
+        return {"y": self.y.clone(), "mask": self.mask.clone()}
+
+    def null(self, n):
+        return self.model.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
+
+
+def run_sample(model, scheduler_cfg: dict, seed: int, tensors: dict) -> dict:
+    """A short CFG sampling loop of theirs: RFLOW with their stage-3 scheduler settings, the null branch of
+    scripts/inference_magicdrive.py (add_null_condition, map kept) and its all-ones mask strategy."""
+    from magicdrivedit.schedulers.rf import RFLOW
+    from magicdrivedit.schedulers.rf.rectified_flow import timestep_transform
+    from magicdrivedit.utils.inference_utils import add_null_condition, apply_mask_strategy
+    args, stored = make_inputs(SAMPLE, model, seed)
+    B, z = SAMPLE["B"], args.pop("x")
+    args.pop("timestep")
+    y, mask = args.pop("y"), args.pop("mask")
+    settings = {k: v for k, v in scheduler_cfg.items() if k != "type"}
+    settings.update(num_sampling_steps=SAMPLE["steps"], cfg_scale=SAMPLE["cfg_scale"])
+    scheduler = RFLOW(**settings)
+    extra = add_null_condition(copy.deepcopy(args), model.camera_embedder.uncond_cam, model.frame_embedder.uncond_cam)
+    with torch.no_grad():
+        out = scheduler.sample(model, _Captions(y, mask, model), z=z.clone(), prompts=[""] * B, device="cpu",
+                               additional_args=extra, mask=apply_mask_strategy(z, [""] * B, [""] * B, 0),
+                               progress=False)
+    steps = SAMPLE["steps"]
+    ts = torch.stack([timestep_transform(torch.full((B,), (1 - i / steps) * 1000.0), copy.deepcopy(extra),
+                                         num_timesteps=1000, cog_style=settings["cog_style_trans"])
+                      for i in range(steps)])
+    entry = {"spec": SAMPLE, "seed": seed, "scheduler": settings,
+             **encode_args("sample/input", {"y": y, "mask": mask, **args}, stored, tensors)}
+    tensors["sample/noise"], tensors["sample/output"], tensors["sample/timesteps"] = z.half(), out, ts
+    entry.update(noise={"key": "sample/noise", "shape": list(z.shape), "dtype": "float32", "stored_dtype": "float16"},
+                 output={"key": "sample/output", "shape": list(out.shape), "dtype": "float32"},
+                 timesteps={"key": "sample/timesteps", "shape": list(ts.shape), "values": ts[:, 0].tolist()})
+    print(f"sample: {steps} steps, timesteps {ts[:, 0].tolist()}, output std {out.std():.4f}", flush=True)
+    return entry
+
+
+def pattern(key: str) -> str:
+    return re.sub(r"(blocks_[st])\.\d+\.", r"\1.*.", key)
+
+
+def sensitivity(model, args: dict) -> dict:
+    """max |out - out'| / max |out| when every tensor of one key pattern is zeroed: every path contributes."""
+    ref = forward(model, args)
+    groups: dict = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point() and not is_rope_freqs(key):
+            groups.setdefault(pattern(key), []).append(t)
+    out = {}
+    for pat, ts in sorted(groups.items()):
+        saved = [t.detach().clone() for t in ts]
+        with torch.no_grad():
+            for t in ts:
+                t.zero_()
+            out[pat] = float((forward(model, args) - ref).abs().max() / ref.abs().max())
+            for t, s in zip(ts, saved):
+                t.copy_(s)
+    return out
+
+
+def key_list(kwargs: dict) -> dict:
+    model = build_meta(kwargs)
+    params = dict(model.named_parameters())
+    keys = {k: {"shape": list(t.shape), "dtype": _dtype(t), "kind": "parameter" if k in params else "buffer"}
+            for k, t in model.state_dict().items()}
+    return {"config": kwargs, "parameters": sum(p.numel() for p in params.values()), "keys": keys}
+
+
+def versions() -> dict:
+    pk = ("torch", "numpy", "einops", "timm", "rotary-embedding-torch", "transformers", "safetensors", "tqdm", "pillow")
+    return {"python": sys.version.split()[0], **{p: metadata.version(p) for p in pk}}
+
+
+def git_commit(path: Path) -> str | None:
+    r = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--mdd", type=Path, required=True, help="a checkout of the authors' MagicDriveDiT")
+    ap.add_argument("--out", type=Path, default=Path("tests/data/magicdrivedit"), help="fixture folder")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ",".join(CASES))
+    ap.add_argument("--no-sample", action="store_true", help="skip the CFG sampling loop")
+    a = ap.parse_args(argv)
+    cases = [c for c in a.cases.split(",") if c]
+    if not (a.mdd / STAGE3).is_file() or any(c not in CASES for c in cases):
+        ap.error(f"need {a.mdd / STAGE3} and cases among {','.join(CASES)}")
+    install_stubs(a.mdd)
+    cfg = read_config(a.mdd / STAGE3)
+    global MV_ORDER_MAP
+    MV_ORDER_MAP = cfg["mv_order_map"]
+    tiny = model_kwargs(cfg["model"], tiny=True)
+    torch.manual_seed(SEED)  # their init draws from the global generator
+    model = build(tiny).eval()
+    randomize(model, torch.Generator().manual_seed(SEED))
+    tensors: dict = {}
+    meta = {"format": 1, "generator": "model/interop/make_fixture.py", "seed": SEED, "views": list(VIEWS),
+            "magicdrivedit": {"commit": git_commit(a.mdd), "config": STAGE3}, "packages": versions(),
+            "model": {"kwargs": tiny, "config_model_dict": cfg["model"], "tiny": TINY},
+            "forward_args": ["x", "timestep", "y", "maps", "bbox", "cams", "rel_pos", "fps", "height", "width",
+                             "drop_cond_mask", "drop_frame_mask", "mv_order_map", "t_order_map", "mask", "x_mask"],
+            "cases": {}}
+    for i, name in enumerate(cases):
+        meta["cases"][name] = run_case(name, CASES[name], model, SEED * 100 + i, tensors)
+    if "drop" in cases:
+        args = decode_args(tensors, meta["cases"]["drop"])
+        meta["sensitivity"] = {"case": "drop", "rel_change": sensitivity(model, args)}
+        weak = {k: v for k, v in meta["sensitivity"]["rel_change"].items() if v < 1e-4}
+        print(f"sensitivity: {len(meta['sensitivity']['rel_change'])} key patterns, weak: {weak}", flush=True)
+    if not a.no_sample:
+        meta["sample"] = run_sample(model, cfg["val"]["scheduler"], SEED * 100 + 99, tensors)
+    from safetensors.torch import save_file
+    a.out.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    weights = {k: (t if is_rope_freqs(k) or not t.is_floating_point() else t.half()).contiguous() for k, t in sd.items()}
+    params = {k for k, _ in model.named_parameters()}
+    meta["weights"] = {"file": "weights.safetensors", "count": len(weights), "buffers": sorted(set(sd) - params),
+                       "fp32": sorted(k for k in weights if weights[k].dtype == torch.float32)}
+    save_file(weights, str(a.out / "weights.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(a.out / "cases.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(str(a.out / "config.json"))  # what their save_pretrained writes (non-defaults)
+    (a.out / "fixture.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    full = key_list(model_kwargs(cfg["model"], tiny=False))
+    (a.out / "stage3_keys.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {a.out}: {len(weights)} weights, {len(tensors)} case tensors, "
+          f"stage-3 key list {len(full['keys'])} keys / {full['parameters']:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
