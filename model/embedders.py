@@ -67,14 +67,14 @@ class Fourier(nn.Module):
 
     def __init__(self, num_freqs: int):
         super().__init__()
-        self.register_buffer("bands", 2.0 ** torch.linspace(0.0, num_freqs - 1, num_freqs), persistent=False)
+        self.bands = [2.0 ** k for k in range(num_freqs)]   # exact powers of two, as theirs
 
     def out_dim(self, d: int) -> int:
         return d * (1 + 2 * len(self.bands))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [x]
-        for f in self.bands.tolist():
+        for f in self.bands:
             parts += [torch.sin(x * f), torch.cos(x * f)]
         return torch.cat(parts, -1)
 

@@ -131,7 +131,7 @@ class MVDiT(nn.Module):
         + 1 (the first padding token's T5 state), at most L. Never masked; a dropped sample
         (keep False) takes the null caption's first L' tokens."""
         y = self.y_embedder(y[:, 0].to(self.dtype), keep)                                # (B, L, D)
-        if mask is not None:
+        if mask is not None and not mask.is_meta:   # (the meta device has no values: FLOP counts use all L)
             if mask.shape[0] != y.shape[0]:
                 mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
             y = y[:, : int(min(int(mask.sum(1).max()) + 1, y.shape[1]))]

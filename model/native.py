@@ -76,8 +76,7 @@ def rel_pos(traj: torch.Tensor) -> torch.Tensor:
     inv[..., :3, :3] = r.transpose(-1, -2)
     inv[..., :3, 3:] = -r.transpose(-1, -2) @ t
     inv[..., 3, 3] = 1.0
-    inv[inv.abs() < 1e-6] = 0.0
-    return inv.float()
+    return torch.where(inv.abs() < 1e-6, torch.zeros_like(inv), inv).float()
 
 
 def default_fps(num_frames: int, batch: int, device=None) -> torch.Tensor:
@@ -109,8 +108,8 @@ def native_inputs(model, cond: Conditions, x_shape, drop_cond: torch.Tensor | No
     kw = dict(y=cond.text[:, None], mask=cond.text_mask, maps=cond.bev.float(), bbox=bbox,
               cams=fold_views(cams.float())[:, :, None], rel_pos=fold_views(poses)[:, :, None],
               fps=cond.fps if cond.fps is not None else default_fps(T, B, dev),
-              height=torch.full((B,), float(H * schema.VAE_SPATIAL_COMPRESSION), device=dev),
-              width=torch.full((B,), float(W * schema.VAE_SPATIAL_COMPRESSION), device=dev),
+              height=torch.full((B,), float(H * schema.VAE_SPATIAL_COMPRESSION)),   # read as numbers: CPU
+              width=torch.full((B,), float(W * schema.VAE_SPATIAL_COMPRESSION)),
               drop_cond_mask=keep.float(), drop_frame_mask=keep_frames.float(),
               mv_order_map={v: [(v - 1) % V, (v + 1) % V] for v in range(V)})
     if cfg.map_branch == "bev_attention":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.conditions import CONDITION_NAMES, Conditions
+from model.conditions import Conditions
 from pipeline.contract import cli, schema
 from pipeline.contract.shardio import iter_shard
 from train import checkpoint as ckpt
@@ -105,17 +105,18 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
     text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
     cond = batch.conditions(*text.embed(batch.captions), dev)
     _, v, c, tl, h, w = batch.latent_shape
-    cond2 = cat_conditions(cond, cond)
     steps = steps or cfg.flow.sample_steps
     scale = cfg.flow.cfg_scale if cfg_scale is None else cfg_scale
 
+    # the authors' sampler: per-box latents drawn once, CFG with their null branch inside the model
+    cond = model.draw_box_latent(cond, torch.Generator().manual_seed(seed + 1))
+
     def velocity(x, t, drop):
-        return model(x, t, cond2 if x.shape[0] == 2 else cond, drop)
+        return model.guided_velocity(x, t, cond, scale)
 
     noise = torch.randn((1, v, c, tl, h, w), generator=torch.Generator().manual_seed(seed)).to(dev)
     latents = flow.euler_sample(velocity, noise, steps=steps, shift=flow.shift_factor(cfg.flow, h * 8, w * 8, tl),
-                                cfg_scale=scale, null_drop={n: True for n in CONDITION_NAMES},
-                                progress=lambda r: tqdm(r, desc="sample"))
+                                cfg_scale=1.0, progress=lambda r: tqdm(r, desc="sample"))
     frames = decode_latents(vae, latents[0], float(meta["vae"]["scaling_factor"]), dev)  # (V, T, H, W, 3)
     out_dir = Path(out)
     names = list(meta["views"])
