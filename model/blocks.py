@@ -123,5 +123,5 @@ class MultiViewBlock(nn.Module):
         q = hv[:, tgt].reshape(B * T * P, S, D)
         kv = hv[:, nbr].reshape(B * T * P, S, D)
         res = self.cross_view_attn(q, kv).view(B * T, P, S, D)
-        out = torch.zeros_like(hv).index_add_(1, tgt, res)                                # sum per target
+        out = torch.zeros_like(res[:, :1]).expand(-1, views, -1, -1).clone().index_add_(1, tgt, res)  # sum per target
         return out.view(B, T, views, S, D).transpose(1, 2).reshape(N, L, D)

@@ -82,7 +82,7 @@ def block_coefficient(cfg, views: int = NUM_VIEWS) -> tuple[float, float]:
 def bev_frame_bytes(cfg) -> float:
     """Saved activations of the BEV stem per pixel frame (200 x 200 map, 3 stride-2 convs, bf16
     conv outputs kept for SiLU and the next conv; x2 for the fp32/bf16 copies the count shows)."""
-    c1, c2, c3 = (tuple(cfg.bev_stem) + (0, 0, 0))[:3]
+    c1, c2, c3 = (tuple(cfg.map_stem) + (0, 0, 0))[:3]
     hw = (100 * 100, 50 * 50, 25 * 25)
     return 2.0 * (8 * 200 * 200 * 2 + 4 * (c1 * hw[0] + c2 * hw[1] + c3 * hw[2]) + 4 * cfg.hidden * hw[2])
 
@@ -93,7 +93,7 @@ def estimate(cfg, params: int, batch: int, height: int, width: int, frames: int,
     tl, S = token_grid(height, width, frames, cfg.patch)
     s_local = math.ceil(S / sp)
     tokens = batch * views * tl * s_local                       # this rank's tokens
-    D, K, depth = cfg.hidden, cfg.controlnet_depth, cfg.depth
+    D, K, depth = cfg.hidden, cfg.control_depth, cfg.depth
     spatial, temporal = block_coefficient(cfg, views)
     pair = spatial + temporal
     blocks = 2 * (depth + K)

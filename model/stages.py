@@ -12,7 +12,7 @@ A module the new config adds keeps the model's initialisation, made an identity 
 matters: a new temporal block gets zero output projections (attention, cross-attention, MLP;
 the zero adaLN table alone would not do: the shared timestep projection is trained by then),
 a new ControlNet temporal block is a copy of its base block with a zero after_proj, and a new
-per-box latent (bbox_embedder.mean_var) starts at mean 0, log-variance -10. So the model's
+per-box latent (bbox_embedder.mean_var) starts at mean 0, log-variance -30 (theirs: N(0, 1)). So the model's
 output at step 0 equals the checkpoint's, except where the new config computes differently
 on purpose (the authors' stage 2 also averages box and ego-pose tokens per CogVAE group instead
 of over the whole clip: videos see that change, images do not).
@@ -31,7 +31,7 @@ from torch import nn
 from model.blocks import MultiViewBlock
 from model.config import ModelConfig
 
-NEW_LOGVAR = -10.0   # a new per-box latent starts with sigma = e^-5: its draw barely moves the class token
+NEW_LOGVAR = -30.0   # a new per-box latent starts with sigma = e^-15: its draw leaves the class token as it was
 
 
 class StageInitError(ValueError):

@@ -45,13 +45,14 @@ def caption_hash(text: str) -> str:
 
 
 def write_tiny_t5(folder: str | os.PathLike, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, d_kv: int | None = None) -> Path:
     """A tiny random T5 encoder + ByT5 tokenizer saved with save_pretrained (safetensors)."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = ByT5Tokenizer()
-    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_kv or d_model // num_heads,
+                   d_ff=2 * d_model if d_kv is None else 2 * d_kv * num_heads,
                    num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
                    relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
                    eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)

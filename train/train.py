@@ -75,7 +75,7 @@ def step_flops(model_cfg, n_params: int, latents_shape) -> float:
     b, v, _, tl, h, w = latents_shape
     p, d = model_cfg.patch, model_cfg.hidden
     s = math.ceil(h / p) * math.ceil(w / p)
-    pairs = model_cfg.depth + model_cfg.controlnet_depth
+    pairs = model_cfg.depth + model_cfg.control_depth
     attn = 12 * d * pairs * (b * v * tl * s * s + b * v * s * tl * tl)
     return 6.0 * n_params * b * v * tl * s + attn
 
