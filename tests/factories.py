@@ -14,8 +14,9 @@ from pipeline.contract.shardio import write_shard
 def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int = 9, height: int = 64,
                 width: int = 128, num_boxes: int = 5, views: tuple[str, ...] = schema.VIEWS, seed: int = 0,
                 with_std: bool = True, caption: str = "A sunny day on a city street.", split: str = "train",
-                latent_scale: float = 1.0) -> dict:
-    """A random but internally consistent sample dict, ready for schema.encode_sample."""
+                latent_scale: float = 1.0, filled: tuple[tuple[int, int], ...] = ()) -> dict:
+    """A random but internally consistent sample dict, ready for schema.encode_sample. ``filled``: (t, v)
+    view-frames marked as repaired drops (fill_mask and meta filled)."""
     rng = np.random.default_rng(seed)
     v, t, n = len(views), num_frames, num_boxes
     tl = schema.latent_frames(t)
@@ -36,8 +37,13 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
     traj = np.tile(np.eye(4, dtype=np.float32), (t, 1, 1))
     traj[:, 1, 3] = np.arange(t, dtype=np.float32) * 0.5  # drives forward (LiDAR +y)
     k = np.array([[width * 0.8, 0, width / 2], [0, width * 0.8, height / 2], [0, 0, 1]], np.float32)
-    bev = np.zeros((t, len(schema.MAP_CLASSES), schema.BEV_CELLS, schema.BEV_CELLS), bool)
-    bev[:, 0, :, 80:120] = True  # a road straight ahead
+    k_src = np.array([[1266.4, 0, 816.3], [0, 1266.4, 491.5], [0, 0, 1]], np.float32)   # 1600x900 originals
+    g, cell_m = schema.bev_grid(height)
+    bev = np.zeros((t, len(schema.MAP_CLASSES), g, g), bool)
+    bev[:, 0, :, int(g * 0.4):int(g * 0.6)] = True  # a road straight ahead
+    fill = np.zeros((t, v), bool)
+    for ti, vi in filled:
+        fill[ti, vi] = True
     meta = {
         "schema_version": schema.SCHEMA_VERSION, "pipeline_version": schema.PIPELINE_VERSION,
         "dataset": "synthetic", "split": split, "scene_token": f"tok-{scene_name}", "scene_name": scene_name,
@@ -47,6 +53,8 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
                                for i in range(start, start + t)],
         "keyframes": [i % 6 == 0 for i in range(start, start + t)],
         "frames": [[f"sweeps/{vw}/{scene_name}_{i:04d}.jpg" for vw in views] for i in range(start, start + t)],
+        "filled": np.argwhere(fill).tolist(), "bev": {"cells": g, "cell_m": cell_m},
+        "source_size": [[1600, 900] for _ in views],
         "vae": {"name": "tiny-random", "scaling_factor": 1.15258426, "temporal_compression": 4,
                 "spatial_compression": 8},
         "latent": "mean+std" if with_std else "mean",
@@ -61,7 +69,8 @@ def make_sample(scene_name: str = "synth-0001", start: int = 0, num_frames: int 
         "box_view_mask": np.broadcast_to(box_mask[:, None, :], (t, v, n)).copy(),
         "box_class": (np.arange(n) % len(schema.OBJECT_CLASSES)).astype(np.int8),
         "box_track": np.arange(n, dtype=np.int32),
-        "intrinsics": np.tile(k, (v, 1, 1)), "cam2lidar": np.tile(np.eye(4, dtype=np.float32), (t, v, 1, 1)),
+        "intrinsics": np.tile(k, (v, 1, 1)), "source_intrinsics": np.tile(k_src, (v, 1, 1)),
+        "cam2lidar": np.tile(np.eye(4, dtype=np.float32), (t, v, 1, 1)), "fill_mask": fill,
         "traj": traj, "bev": schema.pack_bev(bev), "caption": caption,
     }
 

@@ -98,7 +98,8 @@ def test_reference_build_is_complete_and_matches_the_scene_stores(ref, synth_dat
         k = sa.intrinsics.astype(np.float64) * np.array([[64 / w0], [64 / w0], [1]])
         k[:, 1, 2] -= round(h0 * 64 / w0) - 32
         assert np.allclose(s.intrinsics, k, atol=1e-4)
-        assert np.array_equal(s.bev, sa.bev[rng]) and np.array_equal(s.cam2lidar, sa.cam2lidar[rng])
+        assert np.array_equal(s.bev, sa.bev[schema.bev_grid(s.meta["height"])[0]][rng])
+        assert np.array_equal(s.cam2lidar, sa.cam2lidar[rng]) and not s.fill_mask.any()
         # view masks: some corner of the view's own box in front of the camera and inside the 64x32 image
         from pipeline.contract.geometry import box_corners
         c = box_corners(s.view_boxes.astype(np.float64))                             # (T, V, N, 8, 3)

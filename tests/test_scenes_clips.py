@@ -22,7 +22,9 @@ def _scene(name="scene-a", frames=100, key_every=6, bad=(), size=(400, 225)):
         map_name="boston-seaport", views=VIEWS, image_size=size,
         timestamps_us=np.arange(f, dtype=np.int64) * 83_333, keyframe=(np.arange(f) % key_every) == 0,
         frame_paths=np.array([[f"samples/{c}/{name}_{i:04d}.jpg" for c in VIEWS] for i in range(f)]),
-        frame_ok=ok, lidar2global=np.tile(np.eye(4), (f, 1, 1)), intrinsics=np.tile(np.eye(3), (v, 1, 1)),
+        frame_ok=ok, fill_from=np.where(ok, np.arange(f)[:, None], -1), gap=np.zeros(f, bool),
+        source_sizes=np.tile(np.array(size), (v, 1)),
+        lidar2global=np.tile(np.eye(4), (f, 1, 1)), intrinsics=np.tile(np.eye(3), (v, 1, 1)),
         cam2lidar=np.tile(np.eye(4), (f, v, 1, 1)),
         view_timestamps_us=np.arange(f, dtype=np.int64)[:, None] * 83_333 + np.arange(v) * 5_000, box_class=np.zeros(0, np.int8), box_track=np.zeros(0, np.int32),
         instance_tokens=np.zeros(0, str), num_scene_frames=f)

@@ -46,7 +46,9 @@ def test_every_scene_has_a_complete_store(built):
         assert sc.views == list(schema.VIEWS) and sc.image_size == info.image_size
         assert f == 72 and sc.frame_ok.all() and sc.split == split_for_unlisted(sc.scene_name)
         assert sc.boxes.shape == (f, n, 7) and sc.boxes.dtype == np.float32
-        assert sc.bev.shape == (f, 8, 200, 25) and sc.bev.dtype == np.uint8
+        assert sorted(sc.bev) == [200, 400]                            # every grid of schema.BEV_GRIDS
+        assert sc.bev[200].shape == (f, 8, 200, 25) and sc.bev[200].dtype == np.uint8
+        assert sc.bev[400].shape == (f, 8, 400, 50) and sc.bev[400].dtype == np.uint8
         assert sc.frame_paths.shape == (f, v) and sc.intrinsics.shape == (v, 3, 3)
         assert np.all(np.diff(sc.timestamps_us) > 0) and sc.keyframe[0] and sc.keyframe[-1]
         assert sc.box_mask.any() and (sc.box_class >= 0).all() and (sc.box_class < 10).all()
@@ -142,7 +144,8 @@ def test_store_is_skipped_when_unchanged_and_range_reads(built, tmp_path):
     whole = open_scene_store(uri)
     part = open_scene_store(uri, frames=slice(20, 37))
     assert part.frame_start == 20 and part.num_frames == 17 and part.num_scene_frames == whole.num_frames
-    np.testing.assert_array_equal(part.bev, whole.bev[20:37])
+    for cells in (200, 400):
+        np.testing.assert_array_equal(part.bev[cells], whole.bev[cells][20:37])
     np.testing.assert_array_equal(part.boxes, whole.boxes[20:37])
     np.testing.assert_array_equal(part.view_boxes, whole.view_boxes[20:37])
     np.testing.assert_array_equal(part.cam2lidar, whole.cam2lidar[20:37])
@@ -153,7 +156,7 @@ def test_stores_of_the_old_time_model_are_recomputed(built, tmp_path, monkeypatc
     from pipeline.scenes import scenestore
     info, out, res = built
     name = res.summaries[0]["scene"]
-    monkeypatch.setattr(scenestore, "STORE_VERSION", "1")      # a store written by the schema-1 pipeline
+    monkeypatch.setattr(scenestore, "STORE_VERSION", "2")      # a store written by the schema-2 pipeline
     build_scene_store_status(str(info.root), info.version, name, str(tmp_path))
     monkeypatch.undo()
     uri, computed = build_scene_store_status(str(info.root), info.version, name, str(tmp_path))
@@ -168,7 +171,7 @@ def test_fast_bev_matches_devkit_on_the_synthetic_map(built):
         sc = open_scene_store(s["uri"])
         nusc_map = load_map(str(info.root), sc.map_name)
         fast.append(bev_fast(nusc_map, sc.lidar2global[pick]))
-        np.testing.assert_array_equal(schema.pack_bev(fast[-1]), sc.bev[pick])   # the store holds the fast path
+        np.testing.assert_array_equal(schema.pack_bev(fast[-1]), sc.bev[200][pick])   # the store holds the fast path
         ref.append(bev_reference(nusc_map, sc.lidar2global[pick]))
     iou = per_class_iou(np.concatenate(fast), np.concatenate(ref))
     # large polygons: >= 0.98; thin ones (walkways, crossings ~3 m, stop lines ~0.5 m wide) are capped

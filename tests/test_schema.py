@@ -32,6 +32,22 @@ def test_roundtrip_preserves_every_member():
     assert s.bev_masks().shape == (9, 8, 200, 200)
 
 
+@pytest.mark.parametrize("height,width,cells,cell_m", [(64, 128, 200, 0.5), (224, 400, 200, 0.5),
+                                                       (424, 800, 400, 0.25), (848, 1600, 400, 0.25)])
+def test_bev_grid_follows_the_bucket_height(height, width, cells, cell_m):
+    """The authors' rule: 200 x 0.5 m below 424 rows, 400 x 0.25 m from 424 up; both 100 m wide, and a
+    sample of that bucket round-trips its filled view-frames and source camera."""
+    assert schema.bev_grid(height) == (cells, cell_m) and cells * cell_m == schema.BEV_EXTENT_M
+    if height > 424:
+        return  # the 848x1600 latents are 8 MB per view: the grid rule is what differs
+    d = make_sample(height=height, width=width, num_frames=5, num_boxes=2, filled=((1, 4), (2, 0)))
+    assert d["bev"].shape == (5, 8, cells, cells // 8)
+    _, s = _roundtrip(d)
+    assert s.meta["bev"] == {"cells": cells, "cell_m": cell_m} and s.bev_masks().shape == (5, 8, cells, cells)
+    assert s.meta["filled"] == [[1, 4], [2, 0]] and np.argwhere(s.fill_mask).tolist() == [[1, 4], [2, 0]]
+    assert s.source_intrinsics.shape == (6, 3, 3) and s.meta["source_size"] == [[1600, 900]] * 6
+
+
 @settings(max_examples=25, deadline=None)
 @given(t=st.sampled_from([1, 9, 17, 33]), v=st.integers(1, 6), n=st.integers(0, 7),
        hw=st.sampled_from([(64, 128), (80, 144), (16, 24)]), std=st.booleans(), seed=st.integers(0, 10_000),
@@ -83,8 +99,9 @@ REJECTIONS = [
     # (description, sample, member, phrase in message)
     ("T not 4k+1", _meta(num_frames=8), "meta.json", "4k+1"),
     ("T zero", _meta(num_frames=0), "meta.json", "4k+1"),
-    ("schema major mismatch", _meta(schema_version="3.0"), "meta.json", "major version 3"),
+    ("schema major mismatch", _meta(schema_version="4.0"), "meta.json", "major version 4"),
     ("schema 1.x shard", _meta(schema_version="1.0"), "meta.json", "rebuild the shards"),
+    ("schema 2.x shard", _meta(schema_version="2.0"), "meta.json", "rebuild the shards"),
     ("view timestamps not T x V", _meta(view_timestamps_us=[[0]] * 9), "meta.json", "view_timestamps_us must be"),
     ("garbage schema version", _meta(schema_version="latest"), "meta.json", "MAJOR.MINOR"),
     ("missing meta field", {**make_sample(), "meta": {k: v for k, v in make_sample()["meta"].items() if k != "split"}},
@@ -109,6 +126,23 @@ REJECTIONS = [
     ("bev unpacked", _with("bev", np.zeros((9, 8, 200, 200), np.uint8)), "bev.npy", "shape"),
     ("intrinsics wrong V", _with("intrinsics", np.zeros((3, 3, 3), np.float32)), "intrinsics.npy", "shape"),
     ("caption not str", _with("caption", b"bytes"), "caption.txt", "str"),
+    # schema 3.0: fill mask, BEV grid per bucket, source camera
+    ("fill mask missing", _with("fill_mask", None), "fill_mask.npy", "missing"),
+    ("fill mask wrong dtype", _with("fill_mask", np.zeros((9, 6), np.uint8)), "fill_mask.npy", "dtype"),
+    ("fill mask vs meta", _with("fill_mask", np.eye(9, 6, dtype=bool)), "fill_mask.npy", "same view-frames"),
+    ("meta filled vs mask", _meta(filled=[[2, 1]]), "fill_mask.npy", "same view-frames"),
+    ("filled unsorted", _meta(filled=[[3, 0], [2, 1]]), "meta.json", "sorted distinct"),
+    ("filled out of range", _meta(filled=[[9, 0]]), "meta.json", "t < T=9"),
+    ("filled not pairs", _meta(filled=[[1]]), "meta.json", "[t, v] pairs"),
+    ("bev grid of another bucket", _meta(bev={"cells": 400, "cell_m": 0.25}), "meta.json", "schema.bev_grid"),
+    ("bev grid missing", {**make_sample(), "meta": {k: v for k, v in make_sample()["meta"].items() if k != "bev"}},
+     "meta.json", "missing field 'bev'"),
+    ("bev of the 400 grid at 64 rows", _with("bev", np.zeros((9, 8, 400, 50), np.uint8)), "bev.npy", "shape"),
+    ("source size wrong V", _meta(source_size=[[1600, 900]] * 5), "meta.json", "source_size"),
+    ("source size not positive", _meta(source_size=[[1600, 0]] * 6), "meta.json", "source_size"),
+    ("source intrinsics missing", _with("source_intrinsics", None), "source_intrinsics.npy", "missing"),
+    ("source intrinsics NaN", _with("source_intrinsics", np.full((6, 3, 3), np.nan, np.float32)),
+     "source_intrinsics.npy", "non-finite"),
 ]
 
 
@@ -185,15 +219,18 @@ def test_keys_and_paths():
         schema.sample_key("scene.1", 0, 1, 64, 64)
 
 
-def test_bev_orientation_and_packing():
-    x, y = schema.bev_cell_centres()
-    assert x[0, 0] == pytest.approx(-49.75) and y[0, 0] == pytest.approx(49.75)   # top-left: left, ahead
-    assert x[0, -1] == pytest.approx(49.75) and y[-1, 0] == pytest.approx(-49.75)  # right / behind
+@pytest.mark.parametrize("cells,half", [(200, 49.75), (400, 49.875)])
+def test_bev_orientation_and_packing(cells, half):
+    x, y = schema.bev_cell_centres(cells)
+    assert x[0, 0] == pytest.approx(-half) and y[0, 0] == pytest.approx(half)   # top-left: left, ahead
+    assert x[0, -1] == pytest.approx(half) and y[-1, 0] == pytest.approx(-half)  # right / behind
+    assert x[0, 1] - x[0, 0] == pytest.approx(schema.BEV_EXTENT_M / cells)
     ahead = (y > 0) & (np.abs(x) < 5)
     packed = schema.pack_bev(ahead)
-    assert packed.shape == (200, 25) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(schema.unpack_bev(packed), ahead)
-    assert schema.unpack_bev(packed)[:100].sum() == ahead.sum()  # "ahead" lives in the top rows
+    assert packed.shape == (cells, cells // 8) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(schema.unpack_bev(packed), ahead)            # the size is inferred
+    np.testing.assert_array_equal(schema.unpack_bev(packed, cells), ahead)
+    assert schema.unpack_bev(packed)[:cells // 2].sum() == ahead.sum()  # "ahead" lives in the top rows
 
 
 def test_class_tables_consistent():

@@ -74,8 +74,10 @@ def test_scene_store_identical_both_ways(synth_dataset, index, tmp_path):
         sa, sb = open_scene_store(a), open_scene_store(b)
         for field in ("timestamps_us", "keyframe", "frame_paths", "frame_ok", "lidar2global", "intrinsics",
                       "cam2lidar", "box_class", "box_track", "instance_tokens", "boxes", "box_mask", "visibility",
-                      "num_lidar_pts", "bev"):
+                      "num_lidar_pts", "fill_from", "gap", "source_sizes"):
             np.testing.assert_array_equal(getattr(sa, field), getattr(sb, field), err_msg=f"{name}.{field}")
+        for cells in sa.bev:
+            np.testing.assert_array_equal(sa.bev[cells], sb.bev[cells], err_msg=f"{name}.bev {cells}")
         assert sa.problems == sb.problems and sa.split == sb.split and sa.map_name == sb.map_name
         import zarr
         assert zarr.open_group(a, mode="r").attrs["inputs_hash"] == zarr.open_group(b, mode="r").attrs["inputs_hash"]

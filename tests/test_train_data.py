@@ -54,6 +54,9 @@ def test_every_batch_is_one_bucket_with_its_batch_size(shards):
         cond = batch.conditions(torch.zeros(B, 4, 8), torch.ones(B, 4, dtype=torch.bool))
         assert cond.bev.shape == (B, t, 8, 200, 200) and cond.bev.dtype == torch.float32
         assert batch.boxes.shape[:2] == (B, t) and batch.box_view_mask.shape[:3] == (B, t, 3)
+        assert batch.fill_mask.shape == (B, t, 3) and batch.fill_mask.dtype == torch.bool
+        assert batch.source_intrinsics.shape == (B, 3, 3, 3) and batch.source_intrinsics.dtype == torch.float32
+        assert float(batch.source_intrinsics[0, 0, 0, 0]) == pytest.approx(1266.4)   # the 1600x900 K
         seen.add(batch.bucket)
     assert seen == set(sizes)
 
@@ -178,9 +181,10 @@ def test_truncated_shard_is_skipped_and_counted(shards, tmp_path, caplog):
     assert len(good) == 7  # 8 samples, one lost in the cut
 
 
-@pytest.mark.parametrize("version", ["1.0", "3.0"])
+@pytest.mark.parametrize("version", ["1.0", "2.0", "4.0"])
 def test_other_schema_major_is_refused(tmp_path, version):
-    """1.x shards (static extrinsics, one box per frame for all views) and future majors: rebuild."""
+    """1.x shards (static extrinsics, one box per frame for all views), 2.x (no fill mask, one BEV grid) and future
+    majors: rebuild."""
     root = tmp_path / "other"
     s = make_sample(height=32, width=64, num_frames=1, views=VIEWS, num_boxes=2)
     members = schema.encode_sample(s)
@@ -202,14 +206,16 @@ def test_other_schema_major_is_refused(tmp_path, version):
         find_shards(cfg, "train", [])
 
 
-def test_torch_bev_unpack_equals_schema_unpack():
-    """The batch keeps BEV maps packed; the torch unpack must give exactly schema.unpack_bev's cells and orientation."""
+@pytest.mark.parametrize("cells", [200, 400])
+def test_torch_bev_unpack_equals_schema_unpack(cells):
+    """The batch keeps BEV maps packed; the torch unpack must give exactly schema.unpack_bev's cells and orientation,
+    at either grid (the size is inferred from the packed rows)."""
     from train.data import unpack_bev
     rng = np.random.default_rng(0)
-    masks = rng.random((2, 3, 8, 200, 200)) < 0.3
+    masks = rng.random((2, 3, 8, cells, cells)) < 0.3
     masks[0, 0, 0, 0, 0] = masks[0, 0, 0, -1, -1] = True     # corners: the first and last cell of the row
     masks[0, 0, 0, 0, 1:8] = False
-    packed = schema.pack_bev(masks)                           # (..., 200, 25) uint8
+    packed = schema.pack_bev(masks)                           # (..., G, G/8) uint8
     got = unpack_bev(torch.from_numpy(packed))
     assert got.dtype == torch.bool and got.shape == masks.shape
     assert np.array_equal(got.numpy(), schema.unpack_bev(packed)) and np.array_equal(got.numpy(), masks)

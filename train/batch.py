@@ -30,7 +30,8 @@ class Batch:
     latent_mean: torch.Tensor    # (B, V, 16, T', H/8, W/8) float16, unscaled posterior mean
     latent_std: torch.Tensor | None  # same, posterior std (None when the shards store the mean only)
     scaling_factor: torch.Tensor # (B,) the VAE scaling factor s of each sample
-    intrinsics: torch.Tensor     # (B, V, 3, 3)
+    intrinsics: torch.Tensor     # (B, V, 3, 3) at the stored resolution
+    source_intrinsics: torch.Tensor  # (B, V, 3, 3) float32, K of the original images (e.g. 1600x900)
     cam2lidar: torch.Tensor      # (B, T, V, 4, 4) camera v at its exposure -> LiDAR(t)
     boxes: torch.Tensor          # (B, T, N, 7) reference boxes (CAM_FRONT time); the model reads view_boxes
     view_boxes: torch.Tensor     # (B, T, V, N, 7) each view's boxes at its own exposure, in LiDAR(t)
@@ -38,7 +39,8 @@ class Batch:
     box_mask: torch.Tensor       # (B, T, N) bool
     box_view_mask: torch.Tensor  # (B, T, V, N) bool
     traj: torch.Tensor           # (B, T, 4, 4)
-    bev: torch.Tensor            # (B, T, 8, 200, 25) uint8, bit-packed as stored (schema.pack_bev)
+    bev: torch.Tensor            # (B, T, 8, G, G/8) uint8, bit-packed as stored (schema.pack_bev), G of the bucket
+    fill_mask: torch.Tensor      # (B, T, V) bool, view-frames whose image is a repaired drop (schema 3.0)
     stats: dict = field(default_factory=dict)
 
     def pin_memory(self) -> "Batch":
@@ -75,11 +77,11 @@ _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits' default
 
 
 def unpack_bev(packed: torch.Tensor) -> torch.Tensor:
-    """(..., 200, 25) uint8 -> (..., 200, 200) bool, on packed's device: schema.unpack_bev in torch.
+    """(..., G, G/8) uint8 -> (..., G, G) bool, on packed's device: schema.unpack_bev in torch (G = the rows).
 
     The batches keep the maps packed: 8x fewer bytes through DataLoader worker queues and to the GPU."""
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1   # (..., 200, 25, 8)
-    return bits.flatten(-2)[..., :schema.BEV_CELLS].bool()
+    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1   # (..., G, G/8, 8)
+    return bits.flatten(-2)[..., :packed.shape[-2]].bool()
 
 
 class _BatchArena:
@@ -149,7 +151,8 @@ def collate(samples: list[dict], step: int, bucket: str,
         samples = [clip_length.crop_frames(s, t) for s in samples]
     n = max(s["box_class"].shape[0] for s in samples)
     # name: (axis zero-padded to the batch's N boxes, dtype in the batch when not the stored one)
-    fields = {"latent_mean": (None, None), "intrinsics": (None, None), "cam2lidar": (None, None),
+    fields = {"latent_mean": (None, None), "intrinsics": (None, None), "source_intrinsics": (None, None),
+              "cam2lidar": (None, None), "fill_mask": (None, None),
               "boxes": (1, None), "view_boxes": (2, None), "box_class": (0, np.int64), "box_mask": (1, None),
               "box_view_mask": (2, None), "traj": (None, None), "bev": (None, None), "scaling_factor": (None, None)}
     arrays = {name: [np.asarray(s[name], np.float64 if name == "scaling_factor" else None) for s in samples]
@@ -161,6 +164,7 @@ def collate(samples: list[dict], step: int, bucket: str,
     out = {k: stacked(arrays[k], axis, arena.take()) for k, (axis, _) in fields.items()}
     return Batch(step=step, bucket=bucket, keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples],
                  latent_mean=out["latent_mean"], latent_std=out.get("latent_std"),
-                 scaling_factor=out["scaling_factor"], intrinsics=out["intrinsics"], cam2lidar=out["cam2lidar"],
+                 scaling_factor=out["scaling_factor"], intrinsics=out["intrinsics"],
+                 source_intrinsics=out["source_intrinsics"], cam2lidar=out["cam2lidar"], fill_mask=out["fill_mask"],
                  boxes=out["boxes"], view_boxes=out["view_boxes"], box_class=out["box_class"],
                  box_mask=out["box_mask"], box_view_mask=out["box_view_mask"], traj=out["traj"], bev=out["bev"])

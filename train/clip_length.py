@@ -32,7 +32,7 @@ from pipeline.contract import schema
 log = logging.getLogger("train.clip_length")
 
 VAE_FRAME_BATCH = 8  # AutoencoderKLCogVideoX.num_sample_frames_batch_size (diffusers' _encode)
-PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar")  # axis 0 = T
+PER_FRAME = ("boxes", "view_boxes", "box_mask", "box_view_mask", "traj", "bev", "cam2lidar", "fill_mask")  # axis 0 = T
 PER_LATENT = ("latent_mean", "latent_std")                                                   # axis 2 = T'
 
 

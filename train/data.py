@@ -159,7 +159,8 @@ def decode(raw: dict) -> dict:
     s = schema.decode_sample({k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}, key)
     return dict(key=s.key, caption=s.caption, latent_mean=s.latent_mean, latent_std=s.latent_std,
                 scaling_factor=float(s.meta["vae"]["scaling_factor"]),
-                intrinsics=s.intrinsics, cam2lidar=s.cam2lidar, boxes=s.boxes, view_boxes=s.view_boxes,
+                intrinsics=s.intrinsics, source_intrinsics=s.source_intrinsics, cam2lidar=s.cam2lidar,
+                fill_mask=s.fill_mask, boxes=s.boxes, view_boxes=s.view_boxes,
                 box_class=s.box_class, box_mask=s.box_mask, box_view_mask=s.box_view_mask, traj=s.traj,
                 bev=s.bev, views=tuple(s.views), shape=(s.meta["height"], s.meta["width"], s.num_frames))
 

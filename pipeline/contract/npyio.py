@@ -6,6 +6,7 @@ anything these do not take).
 from __future__ import annotations
 
 import ast
+import io
 import math
 import threading
 
@@ -73,3 +74,10 @@ def read_npy_fast(data: bytes | memoryview) -> np.ndarray | None:
         return None  # truncated or padded: np.load gives the precise error
     arr = np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
     return arr if isinstance(data, memoryview) else arr.copy(order="K")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """One array as .npy bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()

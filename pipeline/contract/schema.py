@@ -1,32 +1,34 @@
 """The sample contract: one clip = one webdataset sample (DESIGN.md §3).
 
-Every stage and every test imports this module, so it depends on numpy and the
-standard library only (no torch, no ray). It is the one place for the view order,
-the class tables, the member table, the key format, the path templates and the
-BEV orientation convention.
+Every stage and every test imports this module, so it depends on numpy and the standard library only
+(no torch, no ray). It is the one place for the view order, the class tables, the member table, the key
+format, the path templates and the BEV conventions (grid rule and helpers in pipeline/contract/bevgrid.py).
 
-Time model (schema 2.0): frame t is the reference camera's (CAM_FRONT) exposure, and LiDAR(t)
-is the LiDAR pose at that instant (LIDAR_TOP calibration on CAM_FRONT's ego pose). Each camera
-fires at its own time (nuScenes: about -8 to +35 ms around CAM_FRONT), so every geometric
-quantity is evaluated at the time it describes: ``boxes`` at CAM_FRONT's exposure,
-``view_boxes[t, v]`` at view v's exposure, ``cam2lidar[t, v]`` through view v's own ego pose.
-Their exposure times are ``meta["view_timestamps_us"]`` (T x V).
+Time model (schema 2.0): frame t is the reference camera's (CAM_FRONT) exposure, and LiDAR(t) is the
+LiDAR pose at that instant (LIDAR_TOP calibration on CAM_FRONT's ego pose). Each camera fires at its own
+time (nuScenes: about -8 to +35 ms around CAM_FRONT), so every geometric quantity is evaluated at the
+time it describes: ``boxes`` at CAM_FRONT's exposure, ``view_boxes[t, v]`` at view v's exposure,
+``cam2lidar[t, v]`` through view v's own ego pose. Their exposure times are ``meta["view_timestamps_us"]``.
 
 Coordinate conventions (paper Section 3):
-- Geometry of a frame is in that frame's LiDAR coordinates. For nuScenes the
-  LIDAR_TOP frame has x to the right of the car, y forward, z up.
-- ``traj[t]`` maps LiDAR(t) -> LiDAR(0) (homogeneous 4x4).
-- A box is ``x, y, z, w, l, h, yaw``: centre, size (w across, l along the heading,
-  h up; nuScenes ``wlh`` order) and yaw = rotation about +z of the box's heading
-  (its local +x axis) measured from the LiDAR +x axis, in radians, wrapped to
-  [-pi, pi).
+- Geometry of a frame is in that frame's LiDAR coordinates. For nuScenes the LIDAR_TOP frame has x to
+  the right of the car, y forward, z up. ``traj[t]`` maps LiDAR(t) -> LiDAR(0) (homogeneous 4x4).
+- A box is ``x, y, z, w, l, h, yaw``: centre, size (w across, l along the heading, h up; nuScenes
+  ``wlh`` order) and yaw = rotation about +z of the box's heading (its local +x axis) measured from the
+  LiDAR +x axis, in radians, wrapped to [-pi, pi).
 
-BEV orientation: ``bev[t, c, i, j]`` is a 200 x 200 grid of 0.5 m cells centred on
-the LiDAR origin of frame t. Row ``i`` covers ``y = 50 - 0.5 * (i + 0.5)`` metres
-(row 0 is farthest ahead), column ``j`` covers ``x = -50 + 0.5 * (j + 0.5)``
-(column 0 is farthest left). Shown as an image, "ahead" is up and "right" is right.
-Bits are packed along the column axis with ``np.packbits`` (big-endian bit order),
-so a stored frame is (8, 200, 25) uint8.
+BEV grid (schema 3.0): ``bev[t, c, i, j]`` is a G x G grid centred on the LiDAR origin of frame t,
+covering 100 m x 100 m; G and the cell size r depend on the bucket's height (``bev_grid``, the authors'
+rule: 200 cells of 0.5 m below height 424, 400 of 0.25 m from 424 up) and are in ``meta["bev"]``. Row
+``i`` covers ``y = 50 - r * (i + 0.5)`` metres (row 0 is farthest ahead), column ``j`` covers
+``x = -50 + r * (j + 0.5)`` (column 0 is farthest left): shown as an image, "ahead" is up and "right" is
+right. Bits are packed along the column axis with ``np.packbits`` (big-endian bit order), so a stored
+frame is (8, G, G / 8) uint8.
+
+Dropped frames (schema 3.0): ``fill_mask[t, v]`` marks a view-frame whose image was not recorded and was
+repaired with the nearest image of the same camera (previous or next trigger round); every member of that
+(t, v) describes the image actually used, at its own exposure. ``source_intrinsics`` and
+``meta["source_size"]`` keep each camera's original K and image size (``intrinsics``: the stored K).
 """
 from __future__ import annotations
 
@@ -37,25 +39,21 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pipeline.contract.npyio import all_finite, read_npy_fast  # noqa: F401  (all_finite is part of the API)
+from pipeline.contract.npyio import all_finite, npy_bytes, read_npy_fast  # noqa: F401  (all_finite, npy_bytes: API)
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "3.0"
 PIPELINE_VERSION = "0.1.0"
 
 # ---- views and classes -------------------------------------------------------------
 
-VIEWS: tuple[str, ...] = (
-    "CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT",
-    "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",
-)
+VIEWS: tuple[str, ...] = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT",
+                          "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT")
 REFERENCE_VIEW = "CAM_FRONT"  # its timestamps define the 12 Hz timeline
 LIDAR_CHANNEL = "LIDAR_TOP"
 FPS = 12
 
-OBJECT_CLASSES: tuple[str, ...] = (
-    "car", "truck", "construction_vehicle", "bus", "trailer",
-    "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone",
-)
+OBJECT_CLASSES: tuple[str, ...] = ("car", "truck", "construction_vehicle", "bus", "trailer",
+                                   "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone")
 CLASS_ID = {name: i for i, name in enumerate(OBJECT_CLASSES)}
 
 # nuScenes category -> detection class, as in the nuScenes detection benchmark
@@ -77,38 +75,18 @@ NUSCENES_CATEGORY_TO_CLASS: dict[str, str] = {
     "vehicle.truck": "truck",
 }
 
-MAP_CLASSES: tuple[str, ...] = (
-    "drivable_area", "ped_crossing", "walkway", "stop_line",
-    "carpark_area", "road_divider", "lane_divider", "road_block",
-)
+MAP_CLASSES: tuple[str, ...] = ("drivable_area", "ped_crossing", "walkway", "stop_line",
+                                "carpark_area", "road_divider", "lane_divider", "road_block")
 MAP_POLYGON_CLASSES = ("drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area", "road_block")
 MAP_LINE_CLASSES = ("road_divider", "lane_divider")
 NUSCENES_MAPS = ("boston-seaport", "singapore-onenorth", "singapore-hollandvillage", "singapore-queenstown")
 
-# ---- BEV grid ---------------------------------------------------------------------
+# ---- BEV grid (pipeline/contract/bevgrid.py: the per-bucket rule, cell centres, packing) ----------
 
-BEV_CELLS = 200
-BEV_RESOLUTION_M = 0.5
-BEV_EXTENT_M = BEV_CELLS * BEV_RESOLUTION_M  # 100 m square around the ego
-BEV_PACKED_COLS = (BEV_CELLS + 7) // 8
-
-
-def bev_cell_centres() -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) LiDAR coordinates of every cell centre, each (200, 200), per the convention above."""
-    c = (np.arange(BEV_CELLS) + 0.5) * BEV_RESOLUTION_M
-    x = -BEV_EXTENT_M / 2 + c  # by column
-    y = BEV_EXTENT_M / 2 - c   # by row
-    return np.broadcast_to(x[None, :], (BEV_CELLS, BEV_CELLS)), np.broadcast_to(y[:, None], (BEV_CELLS, BEV_CELLS))
-
-
-def pack_bev(masks: np.ndarray) -> np.ndarray:
-    """(..., 200, 200) bool -> (..., 200, 25) uint8."""
-    return np.packbits(np.asarray(masks, dtype=bool), axis=-1)
-
-
-def unpack_bev(packed: np.ndarray) -> np.ndarray:
-    """(..., 200, 25) uint8 -> (..., 200, 200) bool."""
-    return np.unpackbits(packed, axis=-1, count=BEV_CELLS).astype(bool)
+from pipeline.contract.bevgrid import (BEV_CELLS, BEV_EXTENT_M, BEV_GRIDS, BEV_LARGE_CELLS,  # noqa: E402,F401
+                                       BEV_LARGE_MIN_HEIGHT, BEV_LARGE_RESOLUTION_M, BEV_PACKED_COLS,
+                                       BEV_RESOLUTION_M, bev_cell_centres, bev_grid, bev_packed_cols, pack_bev,
+                                       unpack_bev)
 
 
 # ---- VAE / frame-count rules ------------------------------------------------------
@@ -211,11 +189,15 @@ MEMBERS: tuple[Member, ...] = (
     Member("box_class.npy", "int8", lambda d: (d["N"],), doc="class id 0-9"),
     Member("box_track.npy", "int32", lambda d: (d["N"],), doc="instance index within the clip"),
     Member("intrinsics.npy", "float32", lambda d: (d["V"], 3, 3), doc="K at stored resolution"),
+    Member("source_intrinsics.npy", "float32", lambda d: (d["V"], 3, 3),
+           doc="K of the original image (meta source_size)"),
     Member("cam2lidar.npy", "float32", lambda d: (d["T"], d["V"], 4, 4),
            doc="camera v at its exposure -> global (its own ego pose) -> LiDAR(t)"),
+    Member("fill_mask.npy", "bool", lambda d: (d["T"], d["V"]),
+           doc="view-frame repaired with the nearest image of the same camera (meta filled)"),
     Member("traj.npy", "float32", lambda d: (d["T"], 4, 4), doc="LiDAR(t) -> LiDAR(0)"),
-    Member("bev.npy", "uint8", lambda d: (d["T"], len(MAP_CLASSES), BEV_CELLS, BEV_PACKED_COLS),
-           doc="bit-packed BEV masks"),
+    Member("bev.npy", "uint8", lambda d: (d["T"], len(MAP_CLASSES), d["G"], bev_packed_cols(d["G"])),
+           doc="bit-packed BEV masks, G x G cells (meta bev)"),
     Member("caption.txt", None, None, doc="UTF-8 text condition"),
 )
 MEMBER_NAMES = tuple(m.name for m in MEMBERS)
@@ -225,7 +207,7 @@ META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "schema_version": str, "pipeline_version": str, "dataset": str, "split": str,
     "scene_token": str, "scene_name": str, "start_frame": int, "num_frames": int, "fps": (int, float),
     "height": int, "width": int, "views": list, "timestamps_us": list, "view_timestamps_us": list, "keyframes": list,
-    "frames": list, "vae": dict, "latent": str, "caption": dict,
+    "frames": list, "vae": dict, "latent": str, "caption": dict, "filled": list, "bev": dict, "source_size": list,
 }
 VAE_META_FIELDS = ("name", "scaling_factor", "temporal_compression", "spatial_compression")
 CAPTION_META_FIELDS = ("source", "prompt_version", "model")
@@ -244,10 +226,12 @@ class Sample:
     box_view_mask: np.ndarray          # (T, V, N) bool
     box_class: np.ndarray              # (N,) int8
     box_track: np.ndarray              # (N,) int32
-    intrinsics: np.ndarray             # (V, 3, 3) float32
+    intrinsics: np.ndarray             # (V, 3, 3) float32, at the stored resolution
+    source_intrinsics: np.ndarray      # (V, 3, 3) float32, of the original images (meta source_size)
     cam2lidar: np.ndarray              # (T, V, 4, 4) float32
+    fill_mask: np.ndarray              # (T, V) bool, repaired drops (meta filled)
     traj: np.ndarray                   # (T, 4, 4) float32
-    bev: np.ndarray                    # (T, 8, 200, 25) uint8, packed
+    bev: np.ndarray                    # (T, 8, G, G/8) uint8, packed (meta bev)
     caption: str
     latent_std: np.ndarray | None = None  # same shape as latent_mean, optional
 
@@ -260,8 +244,8 @@ class Sample:
         return list(self.meta["views"])
 
     def bev_masks(self) -> np.ndarray:
-        """(T, 8, 200, 200) bool."""
-        return unpack_bev(self.bev)
+        """(T, 8, G, G) bool."""
+        return unpack_bev(self.bev, int(self.meta["bev"]["cells"]))
 
     def to_dict(self) -> dict[str, Any]:
         d = {"meta": self.meta, "caption": self.caption}
@@ -273,12 +257,6 @@ class Sample:
 
 
 # ---- (de)serialisation ------------------------------------------------------------
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
 
 def npy_load(data: bytes, member: str = "?", key: str | None = None) -> np.ndarray:
     fast = read_npy_fast(data)
@@ -342,7 +320,27 @@ def validate_meta(meta: Mapping[str, Any], key: str | None = None) -> dict[str, 
         missing = [f for f in fields if f not in meta[sub]]
         if missing:
             raise SchemaError("meta.json", f"{sub} is missing {missing}", key)
-    return {"V": v, "T": t, "Tl": latent_frames(t), "H": h, "W": w}
+    _validate_meta_3(meta, t, v, h, key)
+    return {"V": v, "T": t, "Tl": latent_frames(t), "H": h, "W": w, "G": meta["bev"]["cells"]}
+
+
+def _ints(x: Any, n: int) -> bool:
+    return isinstance(x, list) and len(x) == n and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def _validate_meta_3(meta: Mapping[str, Any], t: int, v: int, h: int, key: str | None) -> None:
+    """Schema 3.0's meta fields: the bucket's BEV grid, the filled view-frames, the source image sizes."""
+    cells, cell_m = bev_grid(h)
+    got = meta["bev"]
+    if got.get("cells") != cells or not isinstance(got.get("cell_m"), (int, float)) or got["cell_m"] != cell_m:
+        raise SchemaError("meta.json", f"bev {got} must be {{'cells': {cells}, 'cell_m': {cell_m}}} at height {h} "
+                                       f"(schema.bev_grid)", key)
+    filled = meta["filled"]
+    if not all(_ints(p, 2) and 0 <= p[0] < t and 0 <= p[1] < v for p in filled) or \
+            filled != sorted(filled) or len({tuple(p) for p in filled}) != len(filled):
+        raise SchemaError("meta.json", f"filled must be sorted distinct [t, v] pairs, t < T={t}, v < V={v}", key)
+    if len(meta["source_size"]) != v or not all(_ints(s, 2) and min(s) > 0 for s in meta["source_size"]):
+        raise SchemaError("meta.json", f"source_size must be V={v} [W, H] pairs of positive integers", key)
 
 
 def _check_array(member: Member, arr: np.ndarray, dims: dict, key: str | None) -> None:
@@ -375,7 +373,12 @@ def _validate_arrays(arrays: Mapping[str, np.ndarray], dims: dict, key: str | No
         raise SchemaError("box_class.npy", f"class ids must be in 0..{len(OBJECT_CLASSES) - 1}", key)
 
 
-def _validate_caption(meta: Mapping[str, Any], arrays: Mapping[str, Any], key: str | None) -> None:
+def _validate_cross(meta: Mapping[str, Any], arrays: Mapping[str, Any], key: str | None) -> None:
+    """What meta.json and the arrays must agree on: the filled view-frames, the latent kind."""
+    fill = arrays.get("fill_mask")
+    if fill is not None and np.argwhere(np.asarray(fill)).tolist() != meta["filled"]:
+        raise SchemaError("fill_mask.npy", f"True at {np.argwhere(fill).tolist()[:6]} but meta filled is "
+                                           f"{meta['filled'][:6]}: they must name the same view-frames", key)
     has_std = arrays.get("latent_std") is not None
     if (meta["latent"] == "mean+std") != has_std:
         raise SchemaError("latent_std.npy", f"meta says latent={meta['latent']!r} but latent_std is "
@@ -392,7 +395,7 @@ def encode_sample(sample: Mapping[str, Any] | Sample) -> dict[str, bytes]:
     dims = validate_meta(meta, key)
     arrays = {k: d.get(k) for k in ARRAY_FIELDS}
     _validate_arrays(arrays, dims, key)
-    _validate_caption(meta, arrays, key)
+    _validate_cross(meta, arrays, key)
     caption = d.get("caption")
     if not isinstance(caption, str):
         raise SchemaError("caption.txt", "caption must be a str", key)
@@ -430,7 +433,7 @@ def decode_sample(members: Mapping[str, bytes], key: str | None = None) -> Sampl
         member = name + ".npy"
         arrays[name] = npy_load(raw[member], member, key) if member in raw else None
     _validate_arrays(arrays, dims, key)
-    _validate_caption(meta, arrays, key)
+    _validate_cross(meta, arrays, key)
     if "caption.txt" not in raw:
         raise SchemaError("caption.txt", "missing", key)
     try:

@@ -1,14 +1,17 @@
-"""8-class BEV road maps per frame (schema.MAP_CLASSES order, schema.py orientation).
+"""8-class BEV road maps per frame (schema.MAP_CLASSES order, schema.py orientation), at each grid of
+``schema.BEV_GRIDS`` (200 x 0.5 m, 400 x 0.25 m: the bucket's height picks one, ``schema.bev_grid``).
 
 Fast path (``bev_fast``): the map-expansion geometry of every layer is rasterised
 ONCE per scene on a fine global raster covering all the frames' windows (each layer
 one bit of a uint8 image, so one warp samples all eight), then every frame's
-rotated 200 x 200 window is read with a single ``cv2.warpAffine`` (nearest). The
+rotated G x G window is read with a single ``cv2.warpAffine`` (nearest). The
 raster follows the devkit's own drawing rules: per polygon the exterior is filled
 and its holes cleared, in record order; polygons the devkit finds invalid are
 skipped as it does; lines are drawn ``line_width_m`` wide and read ``line_offset_m``
 off, polygons grow by ``polygon_grow_m``, as the devkit's rasteriser makes them (see
-BevConfig; all three 0 = the exact geometry at cell centres).
+BevConfig; all three 0 = the exact geometry at cell centres). The devkit draws in pixels of the
+grid, so these three scale with the cell (``BevConfig.for_grid``); one raster serves every grid whose
+config rasterises alike.
 
 Reference path (``bev_reference``): ``NuScenesMap.get_map_mask`` per frame, with
 the patch centre shifted a quarter metre so that the devkit's pixel centres land on
@@ -20,7 +23,7 @@ plus the same cv2 drawing call, iterating ``.geoms``.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -44,6 +47,16 @@ class BevConfig:
     # pixel (0.25 m) towards -x and -y of the window; line layers are sampled with the same offset.
     line_offset_m: float = 0.25
     max_raster_px: int = 40_000_000  # larger regions are split into runs of frames
+
+    def for_grid(self, cells: int) -> "BevConfig":
+        """This config for a grid of ``cells`` cells over the schema's extent: the devkit-mimicking terms (set
+        for 0.5 m cells) scale with the cell, the raster pixel stays at most a fifth of a cell."""
+        s = schema.BEV_EXTENT_M / cells / schema.BEV_RESOLUTION_M
+        if s == 1.0:
+            return self
+        return replace(self, resolution_m=min(self.resolution_m, self.resolution_m * s),
+                       line_width_m=self.line_width_m * s, polygon_grow_m=self.polygon_grow_m * s,
+                       line_offset_m=self.line_offset_m * s)
 
 
 @dataclass
@@ -167,17 +180,20 @@ def _frame_runs(centres: np.ndarray, cfg: BevConfig) -> list[slice]:
     return runs
 
 
-def bev_fast_bits(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig()) -> np.ndarray:
-    """(F, 4, 4) LiDAR->global -> (F, 200, 200) uint8, bit c = MAP_CLASSES[c] (schema orientation)."""
+def bev_fast_bits(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig(),
+                  cells: int = schema.BEV_CELLS) -> np.ndarray:
+    """(F, 4, 4) LiDAR->global -> (F, G, G) uint8, bit c = MAP_CLASSES[c] (schema orientation), G = ``cells``;
+    ``cfg`` is the 0.5 m grid's config, scaled to the grid here (BevConfig.for_grid)."""
     f = lidar2global.shape[0]
-    n = schema.BEV_CELLS
+    n = cells
+    cfg = cfg.for_grid(cells)
     out = np.zeros((f, n, n), np.uint8)
     if f == 0:
         return out
     geo = map_geometry(nusc_map)
     yaw, centre = _window_yaw_centre(lidar2global)
     res = cfg.resolution_m
-    cell = schema.BEV_RESOLUTION_M
+    cell = schema.BEV_EXTENT_M / cells
     first = -schema.BEV_EXTENT_M / 2 + cell / 2   # x of column 0, and -(y of row 0)
     line_bits = np.uint8(sum(1 << schema.MAP_CLASSES.index(k) for k in schema.MAP_LINE_CLASSES))
     for run in _frame_runs(centre, cfg):
@@ -189,7 +205,7 @@ def bev_fast_bits(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig
         bits = _rasterise(geo, lo[0], lo[1], int(w), int(h), cfg)
         for i in range(run.start, run.stop):
             c, s = np.cos(yaw[i]), np.sin(yaw[i])
-            # dst (col j, row i) -> lidar x = first + 0.5 j, y = -first - 0.5 i -> global -> raster (u, v)
+            # dst (col j, row i) -> lidar x = first + cell j, y = -first - cell i -> global -> raster (u, v)
             m = np.array([[c * cell, s * cell, c * first + s * first + centre[i, 0] - lo[0]],
                           [s * cell, -c * cell, s * first - c * first + centre[i, 1] - lo[1]]]) / res
             win = cv2.warpAffine(bits, m, (n, n), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
@@ -204,21 +220,23 @@ def bev_fast_bits(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig
 
 
 def bits_to_packed(bits: np.ndarray) -> np.ndarray:
-    """(F, 200, 200) bitfield -> (F, 8, 200, 25) uint8, schema.pack_bev layout."""
-    out = np.empty(bits.shape[:1] + (len(schema.MAP_CLASSES), bits.shape[1], schema.BEV_PACKED_COLS), np.uint8)
+    """(F, G, G) bitfield -> (F, 8, G, G/8) uint8, schema.pack_bev layout."""
+    out = np.empty(bits.shape[:1] + (len(schema.MAP_CLASSES), bits.shape[1], schema.bev_packed_cols(bits.shape[2])),
+                   np.uint8)
     for c in range(len(schema.MAP_CLASSES)):
         out[:, c] = np.packbits(bits & (1 << c), axis=-1)   # packbits treats any non-zero byte as 1
     return out
 
 
 def bits_to_masks(bits: np.ndarray) -> np.ndarray:
-    """(F, 200, 200) bitfield -> (F, 8, 200, 200) bool."""
+    """(F, G, G) bitfield -> (F, 8, G, G) bool."""
     return np.stack([(bits & (1 << c)) != 0 for c in range(len(schema.MAP_CLASSES))], 1)
 
 
-def bev_fast(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig()) -> np.ndarray:
-    """(F, 4, 4) LiDAR->global -> (F, 8, 200, 200) bool masks."""
-    return bits_to_masks(bev_fast_bits(nusc_map, lidar2global, cfg))
+def bev_fast(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig(),
+             cells: int = schema.BEV_CELLS) -> np.ndarray:
+    """(F, 4, 4) LiDAR->global -> (F, 8, G, G) bool masks."""
+    return bits_to_masks(bev_fast_bits(nusc_map, lidar2global, cfg, cells))
 
 
 def _lines_mask(geoms, canvas: int) -> np.ndarray:
@@ -237,17 +255,17 @@ def _lines_mask(geoms, canvas: int) -> np.ndarray:
     return mask
 
 
-def bev_reference(nusc_map, lidar2global: np.ndarray) -> np.ndarray:
-    """Per-frame devkit ``get_map_mask`` -> (F, 8, 200, 200) bool, in the schema orientation."""
+def bev_reference(nusc_map, lidar2global: np.ndarray, cells: int = schema.BEV_CELLS) -> np.ndarray:
+    """Per-frame devkit ``get_map_mask`` at a canvas of ``cells`` pixels -> (F, 8, G, G) bool, schema orientation."""
     f = lidar2global.shape[0]
-    n = schema.BEV_CELLS
+    n = cells
     out = np.zeros((f, len(schema.MAP_CLASSES), n, n), bool)
     yaw, centre = _window_yaw_centre(lidar2global)
-    q = schema.BEV_RESOLUTION_M / 2
+    q = schema.BEV_EXTENT_M / cells / 2
     explorer = nusc_map.explorer
     for i in range(f):
         c, s = np.cos(yaw[i]), np.sin(yaw[i])
-        # the devkit's pixel k sits at -50 + 0.5 k; the schema's cell k at -50 + 0.5 (k + 0.5): shift by q
+        # the devkit's pixel k sits at -50 + r k; the schema's cell k at -50 + r (k + 0.5): shift by q = r / 2
         box = (centre[i, 0] + c * q - s * q, centre[i, 1] + s * q + c * q, schema.BEV_EXTENT_M, schema.BEV_EXTENT_M)
         angle = float(np.degrees(yaw[i]))
         try:
@@ -269,3 +287,9 @@ def per_class_iou(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     union = (a | b).sum(axis=(0, 2, 3))
     return {name: (float(inter[c] / union[c]) if union[c] else float("nan"))
             for c, name in enumerate(schema.MAP_CLASSES)}
+
+
+def bev_grids_packed(nusc_map, lidar2global: np.ndarray, cfg: BevConfig = BevConfig(),
+                     grids: tuple = schema.BEV_GRIDS) -> dict[int, np.ndarray]:
+    """{G: (F, 8, G, G/8) uint8} of every grid (cells, cell_m) in ``grids``: what a scene store keeps."""
+    return {int(cells): bits_to_packed(bev_fast_bits(nusc_map, lidar2global, cfg, int(cells))) for cells, _ in grids}

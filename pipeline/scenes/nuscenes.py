@@ -67,6 +67,9 @@ class Timeline:
     view_ego2global: np.ndarray          # (F, V, 4, 4) float64 each view frame's own ego pose
     cam2ego: np.ndarray                  # (V, 4, 4) float64 calibration
     rig_offsets_us: np.ndarray           # (V,) int64 each view's shutter offset vs CAM_FRONT in a round
+    source_sizes: np.ndarray             # (V, 2) int64 each camera's image (W, H)
+    fill_from: np.ndarray                # (F, V) int64 round whose image frame_paths names (-1: none)
+    gap: np.ndarray                      # (F,) bool a hole in the trigger rounds before this frame
     problems: list[FrameProblem] = field(default_factory=list)
     records: dict = field(default_factory=dict)  # source records used (for the input hash)
 
@@ -244,11 +247,13 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
             frame_ok[i, j] = tok is not None
             if rec:
                 view_ts[i, j], view_ego[i][j] = rec["timestamp"], rec["ego_pose_token"]
+    gap = np.zeros(f, bool)
     if f > 2:
         steps = np.diff(ref_ts)
         for i in np.nonzero(steps > RIG_MAX_STEP_US + GAP_SLACK_US)[0]:
             # clips must not span a hole in the reference stream: the frame after it is flagged
             frame_ok[i + 1, views.index(ref) if ref in views else 0] = False
+            gap[i + 1] = True
             problems.append(FrameProblem(int(i + 1), ref, "gap", f"{steps[i] / 1000:.0f} ms since the previous "
                                          f"{ref} frame (the rig's rounds are at most {RIG_MAX_STEP_US / 1000:.0f} ms "
                                          f"apart): a frame is missing"))
@@ -269,9 +274,11 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
     lidar2ego = _pose(lidar_cs)
     lidar2global = ego @ lidar2ego                                                       # (F, 4, 4)
     ego2lidar = invert_transform(lidar2ego)
-    intrinsics, cam2ego, cams = [], [], []
+    intrinsics, cam2ego, cams, sizes = [], [], [], []
     for v in views:
-        cs = nusc.get("calibrated_sensor", nusc.get("sample_data", first["data"][v])["calibrated_sensor_token"])
+        first_sd = nusc.get("sample_data", first["data"][v])
+        sizes.append((int(first_sd["width"]), int(first_sd["height"])))
+        cs = nusc.get("calibrated_sensor", first_sd["calibrated_sensor_token"])
         cams.append(cs)
         intrinsics.append(np.asarray(cs["camera_intrinsic"], dtype=np.float64).reshape(3, 3))
         cam2ego.append(_pose(cs))
@@ -285,6 +292,8 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
         frame_ok=frame_ok, lidar2global=lidar2global, intrinsics=np.stack(intrinsics),
         cam2lidar=ego2lidar[None] @ cam2ego, view_timestamps_us=view_ts.astype(np.int64),
         view_ego2global=view_ego2global, cam2ego=cam2ego, rig_offsets_us=offsets, problems=problems,
+        source_sizes=np.asarray(sizes, np.int64).reshape(-1, 2), gap=gap,
+        fill_from=np.where(frame_ok, np.arange(f)[:, None], -1),
         records={"scene": scene, "log": log, "ref_ego": [r["ego_pose_token"] for r in ref_sd],
                  "view_ego": ego_tok, "view_ts": view_ts.tolist(), "lidar_cs": lidar_cs, "cams": cams,
                  "paths": paths.tolist(), "ok": frame_ok.tolist()})

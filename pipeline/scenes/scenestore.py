@@ -10,8 +10,15 @@ settings, the pipeline version and STORE_VERSION) is unchanged is not recomputed
 Time model (pipeline/scenes/interpolate.py): ``boxes`` at CAM_FRONT's exposure, ``view_boxes`` at
 each view's own exposure (``view_timestamps_us``), both in LiDAR(t) = the LiDAR at CAM_FRONT's
 ego pose (``lidar2global``); ``cam2lidar[t, v]`` goes from camera v at its exposure through its
-own ego pose to LiDAR(t). Stores of STORE_VERSION "1" (boxes = annotations at keyframes, static
-extrinsics) hash differently and are recomputed.
+own ego pose to LiDAR(t). Stores of an older STORE_VERSION hash differently and are recomputed
+("1": boxes = annotations at keyframes, static extrinsics; "2": one 200-cell BEV grid, no fill arrays).
+
+Dropped frames (pipeline/scenes/nuscenes.py): ``frame_paths[t, v]`` is the image used for view v at
+round t, ``fill_from[t, v]`` the round it was recorded in (t itself unless repaired; -1: no image of that
+camera at all), and ``view_timestamps_us``, ``cam2lidar`` and ``view_boxes`` describe that image at its
+own exposure. ``gap[t]`` marks a hole in the trigger rounds before frame t (no camera recorded a round
+there): no clip spans it. BEV maps: one array per grid of ``schema.BEV_GRIDS`` (``bev_200``,
+``bev_400``), read into ``SceneArrays.bev`` as {cells: (F, 8, G, G/8)}.
 """
 from __future__ import annotations
 
@@ -25,15 +32,16 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.contract import schema, storage
-from pipeline.scenes.bevmap import BevConfig, bev_fast_bits, bits_to_packed
+from pipeline.scenes.bevmap import BevConfig, bev_grids_packed
 from pipeline.scenes.interpolate import interpolate_boxes, load_keyframe_annotations
 from pipeline.scenes.nuscenes import DEFAULT_TOLERANCE_S, build_timeline, load_map, load_nuscenes, scene_split
 
-STORE_VERSION = "2"   # 2: exposure-time boxes, per-view boxes, per-frame extrinsics
+STORE_VERSION = "3"   # 2: exposure-time boxes, per-view boxes, per-frame extrinsics; 3: BEV grids, fills
 FRAME_CHUNK = 24   # 2 s at 12 Hz: a 17-frame clip touches at most 2 chunks
-HEAVY = ("boxes", "box_mask", "view_boxes", "view_box_mask", "visibility", "num_lidar_pts", "bev")
-FRAME_FIELDS = ("timestamps_us", "view_timestamps_us", "keyframe", "frame_paths", "frame_ok", "lidar2global",
-                "cam2lidar") + HEAVY
+BEV_FIELDS = tuple(f"bev_{cells}" for cells, _ in schema.BEV_GRIDS)
+HEAVY = ("boxes", "box_mask", "view_boxes", "view_box_mask", "visibility", "num_lidar_pts") + BEV_FIELDS
+FRAME_FIELDS = ("timestamps_us", "view_timestamps_us", "keyframe", "frame_paths", "frame_ok", "fill_from", "gap",
+                "lidar2global", "cam2lidar") + HEAVY
 
 
 @dataclass
@@ -49,9 +57,12 @@ class SceneArrays:
     timestamps_us: np.ndarray          # (F,) int64, CAM_FRONT
     keyframe: np.ndarray               # (F,) bool
     frame_paths: np.ndarray            # (F, V) str, relative to the dataroot
-    frame_ok: np.ndarray               # (F, V) bool
+    frame_ok: np.ndarray               # (F, V) bool, the round's own image was recorded (False: repaired or lost)
+    fill_from: np.ndarray              # (F, V) int32 round whose image frame_paths names (-1: none)
+    gap: np.ndarray                    # (F,) bool, a hole in the trigger rounds before this frame
     lidar2global: np.ndarray           # (F, 4, 4) float64
     intrinsics: np.ndarray             # (V, 3, 3) float32, source resolution
+    source_sizes: np.ndarray           # (V, 2) int, each camera's (W, H)
     cam2lidar: np.ndarray              # (F, V, 4, 4) float32, camera v at its exposure -> LiDAR(t)
     view_timestamps_us: np.ndarray     # (F, V) int64, each view's exposure
     box_class: np.ndarray              # (N,) int8
@@ -63,7 +74,7 @@ class SceneArrays:
     view_box_mask: np.ndarray | None = None  # (F, V, N) bool
     visibility: np.ndarray | None = None     # (F, N) int8
     num_lidar_pts: np.ndarray | None = None  # (F, N) int32
-    bev: np.ndarray | None = None            # (F, 8, 200, 25) uint8 packed
+    bev: dict | None = None                  # {G: (F, 8, G, G/8) uint8 packed} per grid of schema.BEV_GRIDS
     frame_start: int = 0               # index of the first loaded frame in the scene
     num_scene_frames: int = 0          # F of the whole scene
     problems: list[dict] = field(default_factory=list)  # timeline problems: frame, view, reason, detail
@@ -161,16 +172,17 @@ def build_scene_store_status(dataroot: str, version: str, scene_name: str, out: 
     nusc_map = nusc_map if nusc_map is not None and nusc_map.map_name == tl.map_name \
         else load_map(nusc.dataroot, tl.map_name)
     ib = interpolate_boxes(ann, tl.timestamps_us, tl.lidar2global, tl.view_timestamps_us)
-    bev_packed = bits_to_packed(bev_fast_bits(nusc_map, tl.lidar2global, bev))   # (F, 8, 200, 25)
+    bev_packed = bev_grids_packed(nusc_map, tl.lidar2global, bev)                # {G: (F, 8, G, G/8)}
 
     g = zarr.open_group(uri, mode="w")
     frame_arrays = {
         "timestamps_us": tl.timestamps_us.astype(np.int64), "view_timestamps_us": tl.view_timestamps_us,
         "keyframe": tl.keyframe, "frame_paths": tl.frame_paths, "frame_ok": tl.frame_ok,
+        "fill_from": tl.fill_from.astype(np.int32), "gap": tl.gap,
         "lidar2global": tl.lidar2global, "cam2lidar": tl.frame_cam2lidar().astype(np.float32),
         "boxes": ib.boxes, "box_mask": ib.box_mask, "view_boxes": ib.view_boxes, "view_box_mask": ib.view_box_mask,
-        "visibility": ib.visibility,
-        "num_lidar_pts": ib.num_lidar_pts, "bev": bev_packed,
+        "visibility": ib.visibility, "num_lidar_pts": ib.num_lidar_pts,
+        **{f"bev_{cells}": arr for cells, arr in bev_packed.items()},
     }
     for name, arr in frame_arrays.items():
         _put(g, name, arr, frame_axis=True)
@@ -181,7 +193,7 @@ def build_scene_store_status(dataroot: str, version: str, scene_name: str, out: 
     g.attrs.update({
         "scene_name": tl.scene_name, "scene_token": tl.scene_token, "split": scene_split(version, tl.scene_name),
         "dataset": version, "description": tl.description, "map_name": tl.map_name, "views": tl.views,
-        "image_size": list(tl.image_size), "num_frames": tl.num_frames, "num_objects": n,
+        "image_size": list(tl.image_size), "source_sizes": tl.source_sizes.tolist(), "num_frames": tl.num_frames, "num_objects": n,
         "problems": [asdict(p) for p in tl.problems], "inputs_hash": digest,
         "schema_version": schema.SCHEMA_VERSION, "store_version": STORE_VERSION,
     })
@@ -209,13 +221,16 @@ def open_scene_store(uri: str, frames: slice | None = None, heavy: bool = True) 
         arr = g[name]
         return np.asarray(arr[sl] if frame_axis else arr[...])
 
-    heavy_arrays = {name: read(name, True) for name in HEAVY} if heavy else {}
+    heavy_arrays = {name: read(name, True) for name in HEAVY if name not in BEV_FIELDS} if heavy else {}
+    if heavy:
+        heavy_arrays["bev"] = {cells: read(f"bev_{cells}", True) for cells, _ in schema.BEV_GRIDS}
     return SceneArrays(
         scene_name=at["scene_name"], scene_token=at["scene_token"], split=at["split"], dataset=at["dataset"],
         description=at["description"], map_name=at["map_name"], views=list(at["views"]),
         image_size=tuple(at["image_size"]), timestamps_us=read("timestamps_us", True),
         keyframe=read("keyframe", True), frame_paths=read("frame_paths", True).astype(str),
-        frame_ok=read("frame_ok", True), lidar2global=read("lidar2global", True),
+        frame_ok=read("frame_ok", True), fill_from=read("fill_from", True), gap=read("gap", True),
+        lidar2global=read("lidar2global", True), source_sizes=np.asarray(at["source_sizes"], np.int64).reshape(-1, 2),
         intrinsics=read("intrinsics"), cam2lidar=read("cam2lidar", True),
         view_timestamps_us=read("view_timestamps_us", True), box_class=read("box_class"),
         box_track=read("box_track"), instance_tokens=read("instance_tokens").astype(str),

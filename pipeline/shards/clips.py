@@ -5,7 +5,9 @@ pipeline/scenes/scenestore.py): reference boxes (CAM_FRONT's exposure), per-view
 exposure) and per-frame extrinsics sliced to the clip's frames, the objects present in some
 view somewhere in the clip kept (in store order, so ``box_track`` — the scene-level instance
 index — is stable across frames and across clips), the trajectory re-based on the first
-frame, intrinsics moved to the stored resolution, and the view masks recomputed there.
+frame, intrinsics moved to the stored resolution (the source K kept as ``source_intrinsics``), the view
+masks recomputed there, the BEV maps at the bucket's grid (``schema.bev_grid``), and the fill mask:
+the view-frames whose image is a repaired drop (the store's ``fill_from`` names another round).
 """
 from __future__ import annotations
 
@@ -25,8 +27,15 @@ def _local(sa, start: int, num_frames: int) -> np.ndarray:
     return idx
 
 
+def fill_mask(sa, start: int, num_frames: int) -> np.ndarray:
+    """(T, V) bool: view v's image at frame t comes from another round (a repaired drop)."""
+    idx = _local(sa, start, num_frames)
+    return np.asarray(sa.fill_from)[idx] != np.arange(start, start + num_frames)[:, None]
+
+
 def clip_geometry(sa, start: int, num_frames: int, height: int, width: int) -> dict[str, np.ndarray]:
-    """The array members of a clip except the latents: boxes, masks, class/track, K, extrinsics, traj, BEV."""
+    """The array members of a clip except the latents: boxes, masks, class/track, K, extrinsics, traj, BEV,
+    fill mask."""
     idx = _local(sa, start, num_frames)
     present = np.asarray(sa.box_mask)[idx]                          # (T, N_scene) at CAM_FRONT's exposure
     view_present = np.asarray(sa.view_box_mask)[idx]                # (T, V, N_scene) at each view's exposure
@@ -46,8 +55,9 @@ def clip_geometry(sa, start: int, num_frames: int, height: int, width: int) -> d
         "boxes": boxes, "view_boxes": view_boxes, "box_mask": box_mask, "box_view_mask": view,
         "box_class": np.asarray(sa.box_class)[sel].astype(np.int8),
         "box_track": np.asarray(sa.box_track)[sel].astype(np.int32),
-        "intrinsics": intrinsics.astype(np.float32), "cam2lidar": cam2lidar.astype(np.float32),
-        "traj": traj.astype(np.float32), "bev": np.asarray(sa.bev)[idx].astype(np.uint8),
+        "intrinsics": intrinsics.astype(np.float32), "source_intrinsics": np.asarray(sa.intrinsics, np.float32),
+        "cam2lidar": cam2lidar.astype(np.float32), "fill_mask": fill_mask(sa, start, num_frames),
+        "traj": traj.astype(np.float32), "bev": np.asarray(sa.bev[schema.bev_grid(height)[0]])[idx].astype(np.uint8),
     }
 
 
@@ -63,6 +73,9 @@ def clip_meta(sa, start: int, num_frames: int, height: int, width: int, vae: dic
         "view_timestamps_us": [[int(t) for t in row] for row in np.asarray(sa.view_timestamps_us)[idx]],
         "keyframes": [bool(k) for k in np.asarray(sa.keyframe)[idx]],
         "frames": [[str(p) for p in row] for row in np.asarray(sa.frame_paths)[idx]],
+        "filled": np.argwhere(fill_mask(sa, start, num_frames)).tolist(),
+        "bev": dict(zip(("cells", "cell_m"), schema.bev_grid(height))),
+        "source_size": [[int(w), int(h)] for w, h in np.asarray(sa.source_sizes)],
         "vae": dict(vae), "latent": latent,
         "caption": {k: caption_meta.get(k) for k in schema.CAPTION_META_FIELDS},
     }

@@ -186,7 +186,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         t, v, h, w, s = c["num_frames"], len(f["views"]), c["height"], c["width"], c["start"]
         sp = f["spans"]
         n = int(np.count_nonzero((sp[:, 0] < s + t) & (sp[:, 1] >= s)))
-        dims = {"V": v, "T": t, "Tl": schema.latent_frames(t), "N": n, "H": h, "W": w}
+        dims = {"V": v, "T": t, "Tl": schema.latent_frames(t), "N": n, "H": h, "W": w, "G": schema.bev_grid(h)[0]}
         b = buckets.setdefault(c["bucket"], BucketPlan())
         b.clips += 1
         b.samples += 1

@@ -40,7 +40,7 @@ MAP_PAINT: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("road_divider", (225, 185, 50)), ("lane_divider", (200, 200, 200)),
 )
 NEAR_M = 0.1        # clip outline edges at this depth so nothing behind a camera is drawn
-BEV_PANEL = 400     # BEV drawn at 2 px per cell
+BEV_PANEL = 400     # BEV panel side in pixels (2 px per cell of the 200 grid, 1 of the 400 grid)
 
 
 def load_sample(uri: str, key: str | None = None) -> schema.Sample:
@@ -131,29 +131,31 @@ def draw_boxes_on_view(img: np.ndarray, sample: schema.Sample, t: int, v: int, t
     return img
 
 
-def lidar_to_bev_pixel(xy: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """(..., 2) LiDAR x, y [m] -> (..., 2) BEV image (col, row) in cell units times `scale` (schema orientation)."""
-    col = (np.asarray(xy)[..., 0] + schema.BEV_EXTENT_M / 2) / schema.BEV_RESOLUTION_M
-    row = (schema.BEV_EXTENT_M / 2 - np.asarray(xy)[..., 1]) / schema.BEV_RESOLUTION_M
+def lidar_to_bev_pixel(xy: np.ndarray, scale: float = 1.0, cell_m: float = schema.BEV_RESOLUTION_M) -> np.ndarray:
+    """(..., 2) LiDAR x, y [m] -> (..., 2) BEV image (col, row) in cell units of ``cell_m`` times `scale`
+    (schema orientation)."""
+    col = (np.asarray(xy)[..., 0] + schema.BEV_EXTENT_M / 2) / cell_m
+    row = (schema.BEV_EXTENT_M / 2 - np.asarray(xy)[..., 1]) / cell_m
     return np.stack([col, row], -1) * scale
 
 
 def draw_bev(sample: schema.Sample, t: int, size: int = BEV_PANEL) -> np.ndarray:
     """(size, size, 3) uint8 RGB: map layers of frame t with the boxes' footprints and headings."""
-    masks = schema.unpack_bev(sample.bev[t])                             # (8, 200, 200) bool
-    img = np.full((schema.BEV_CELLS, schema.BEV_CELLS, 3), 30, np.uint8)
+    cells, cell_m = int(sample.meta["bev"]["cells"]), float(sample.meta["bev"]["cell_m"])
+    masks = schema.unpack_bev(sample.bev[t], cells)                      # (8, G, G) bool
+    img = np.full((cells, cells, 3), 30, np.uint8)
     for name, rgb in MAP_PAINT:
         img[masks[schema.MAP_CLASSES.index(name)]] = rgb
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST)
-    scale = size / schema.BEV_CELLS
+    scale = size / cells
     for n in np.flatnonzero(sample.box_mask[t]):
         rgb = CLASS_RGB[int(sample.box_class[n]) % len(CLASS_RGB)]
-        foot = lidar_to_bev_pixel(geometry.box_corners(sample.boxes[t, n])[:4, :2], scale)  # bottom face (4, 2)
+        foot = lidar_to_bev_pixel(geometry.box_corners(sample.boxes[t, n])[:4, :2], scale, cell_m)  # bottom (4, 2)
         cv2.polylines(img, [np.round(foot).astype(np.int32)], True, rgb, 1, cv2.LINE_AA)
         front = foot[:2].mean(0)  # corners 0 and 1 are the +x (heading) side
         centre = foot.mean(0)
         cv2.line(img, tuple(np.round(centre).astype(int)), tuple(np.round(front).astype(int)), rgb, 1, cv2.LINE_AA)
-    ego = lidar_to_bev_pixel(np.array([[-0.9, -2.0], [0.9, 2.0]]), scale).round().astype(int)
+    ego = lidar_to_bev_pixel(np.array([[-0.9, -2.0], [0.9, 2.0]]), scale, cell_m).round().astype(int)
     cv2.rectangle(img, tuple(ego[0]), tuple(ego[1]), (255, 255, 255), -1)
     return img
 
