@@ -70,7 +70,7 @@ class Batch:
                           boxes=self.boxes, view_boxes=self.view_boxes, box_class=self.box_class,
                           box_mask=self.box_mask, box_view_mask=self.box_view_mask, traj=self.traj,
                           bev=unpack_bev(self.bev.to(device)).float(),
-                          source_intrinsics=getattr(self, "source_intrinsics", None)).to(device)
+                          source_intrinsics=self.source_intrinsics).to(device)
 
 
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits' default bit order: first cell = high bit
