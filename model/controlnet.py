@@ -63,8 +63,8 @@ class _Down(nn.Module):
         B, C, T, H, W = x.shape
         x = cog_temp_down(x.permute(0, 2, 3, 4, 1).reshape(B, T, H * W, C))
         x = x.reshape(B, -1, H, W, C).permute(0, 4, 1, 2, 3)
-        x = F.pad(x, (0, 1, 0, 1))
-        T2 = x.shape[2]
+        x = F.pad(x, (0, 1, 0, 1)).contiguous()   # (B, C, T, H, W) contiguous, as theirs: the CPU conv's
+        T2 = x.shape[2]                           # rounding depends on its input's layout (channels-last)
         y = self.conv(x.transpose(1, 2).flatten(0, 1))
         return y.unflatten(0, (B, T2)).transpose(1, 2)
 

@@ -4,15 +4,44 @@ rotary embedding, the three attentions, patch and timestep embedders, the captio
 the 2-D sincos positions and the adaLN-single output head.
 
 Attention runs through F.scaled_dot_product_attention (the same softmax(q k^T / sqrt(d)) v as
-their plain-torch path, to float rounding); `sequence_parallel` is the model/parallel.py hook.
+their plain-torch path, to float rounding); inside `with reference_attention():` it runs their
+plain-torch arithmetic itself (q * scale @ k^T, softmax in fp32, @ v), and the network's output
+is then theirs to the bit (tests/test_interop_magicdrivedit.py). `sequence_parallel` is the
+model/parallel.py hook.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_REFERENCE = [False]
+
+
+@contextlib.contextmanager
+def reference_attention(enabled: bool = True):
+    """Attention by the authors' plain-torch path instead of SDPA while inside (slower, materialises
+    the attention matrix): for exact comparisons with their outputs, not for training."""
+    old, _REFERENCE[0] = _REFERENCE[0], enabled
+    try:
+        yield
+    finally:
+        _REFERENCE[0] = old
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """q (N, h, L, d), k and v (N, h, Lk, d) -> (N, h, L, d)."""
+    if not _REFERENCE[0]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    a = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    a = a.float()
+    if causal:
+        a = a.masked_fill(~torch.ones(a.shape[-2:], dtype=torch.bool, device=a.device).tril(), float("-inf"))
+    return a.softmax(-1).to(q.dtype) @ v
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,7 +94,8 @@ class RotaryEmbedding(nn.Module):
         ang = (pos[:, None] * self.freqs[None]).repeat_interleave(2, -1)              # (L, d)
         pairs = t.unflatten(-1, (-1, 2))
         rot = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)           # rotate_half, interleaved
-        return t * ang.cos() + rot * ang.sin()
+        # contiguous like theirs (a concatenation): the attention matmuls' rounding follows the layout
+        return (t * ang.cos() + rot * ang.sin()).contiguous()
 
 
 class Attention(nn.Module):
@@ -109,7 +139,7 @@ class Attention(nn.Module):
         if self.sequence_parallel is not None:   # tokens split over ranks: all-to-all over heads
             out = self.sequence_parallel.attention(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)        # (N, h, L, d)
+            out = attention(q, k, v, self.causal)                                        # (N, h, L, d)
         return self.proj(out.transpose(1, 2).reshape(n, lq, self.dim).to(x.dtype))
 
 
@@ -129,7 +159,7 @@ class CrossAttention(nn.Module):
         n, lq, dim = x.shape
         q = self.q_linear(x).view(n, lq, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_linear(cond).view(n, cond.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(n, lq, dim))
 
 

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers import attention
+
 
 class _Exchange(torch.autograd.Function):
     """all_to_all along dim 0 (P chunks): chunk j goes to rank j, chunk j of the result came
@@ -126,7 +128,7 @@ class SequenceParallel:
         if q.shape[2] != self.local_len or k.shape[2] % self.local_len:
             raise RuntimeError(f"sequence parallel: query/key lengths {q.shape[2]}/{k.shape[2]} are not the "
                                f"local token count {self.local_len} (or a multiple of it for keys)")
-        out = F.scaled_dot_product_attention(self._to_heads(q), self._to_heads(k), self._to_heads(v))
+        out = attention(self._to_heads(q), self._to_heads(k), self._to_heads(v))
         return self._from_heads(out)
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from model.interop import magicdrivedit as mdd
 from model.interop.authors_config import read_model_kwargs, to_model_config
 from model.interop.make_fixture import decode_args, load
+from model.layers import reference_attention
 from model.registry import PRESETS, build_from_config
 from train import checkpoint as ckpt
 
@@ -54,19 +55,28 @@ def _cases(fixture):
 
 
 def test_every_fixture_case_matches_their_forward(fixture, converted):
+    """Every case within TOL through SDPA (the default); with their plain-torch attention arithmetic
+    (layers.reference_attention) the same network computes their output to float rounding (measured:
+    bit for bit on the machine that made the fixture)."""
     model, _ = converted
     cases = _cases(fixture)
-    assert cases
+    assert {name for name, _, _ in cases} >= {"video", "image", "odd_height", "drop", "cfg_pair", "x_mask"}
     for name, args, ref in cases:
         with torch.no_grad():
             out = mdd.forward(model, **copy.deepcopy(args))
+            with reference_attention():
+                exact = mdd.forward(model, **copy.deepcopy(args))
         assert out.shape == ref.shape and out.dtype == torch.float32, name
         assert _rel_err(out, ref) <= TOL, (name, _rel_err(out, ref))
+        assert _rel_err(exact, ref) <= TOL / 100, (name, _rel_err(exact, ref))
 
 
 def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted):
     """Their RFLOW loop (3 steps, CFG 2.0, their null branch) from the same noise, run with this
-    project's guidance: model/native.null_inputs + cat_inputs, the model's forward_native."""
+    project's guidance: model/native.null_inputs + cat_inputs, the model's forward_native. With
+    their attention arithmetic: the fixture network is chaotic (its own fp32 result differs from
+    fp64 by 2e-3 of max |z| after 3 steps), so only the same arithmetic can meet TOL; SDPA lands
+    at ~5e-4 here."""
     meta, _, tensors = fixture
     assert "sample" in meta and "sample/output" in tensors, "the fixture lacks the sampling loop (make_fixture.py)"
     model, _ = converted
@@ -74,10 +84,11 @@ def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted):
     entry = meta["sample"]
     cond = decode_args(tensors, entry)
     ts = tensors["sample/timesteps"].float()                                       # (steps, B)
+    assert ts.shape[0] == entry["scheduler"]["num_sampling_steps"] == 3
     z = tensors["sample/noise"].float()
     null = native.null_inputs(model, cond)
     both = native.cat_inputs(cond, null)
-    with torch.no_grad():
+    with torch.no_grad(), reference_attention():
         for i in range(ts.shape[0]):
             t = ts[i]
             pred = model.forward_native(torch.cat([z, z]), torch.cat([t, t]), **copy.deepcopy(both))
