@@ -125,7 +125,8 @@ def test_drops_and_the_null_branch(model):
 
 
 @pytest.mark.parametrize("option", [{"camera_per_frame": True}, {"causal_cond": True},
-                                    {"map_branch": "bev_attention"}])
+                                    {"map_branch": "bev_attention"}, {"boxes_per_view": True},
+                                    {"box_corners": "true"}])
 def test_former_design_options_train(option):
     """This project's former choices as options: they build, run and get gradients."""
     torch.manual_seed(0)
