@@ -237,10 +237,11 @@ class MVDiT(nn.Module):
             if i < cfg.control_depth and self.control_blocks_t is not None:
                 c, skip = self._run(self.control_blocks_t[i], c, *args)
                 x = x + skip
-        x = parallel.gather(sp, x.view(B * NC, T, Sl, -1), dim=2)                           # (B NC, T', S, D)
-        x = self.final_layer(x, t.repeat_interleave(NC, 0), None if t0 is None else t0.repeat_interleave(NC, 0),
-                             x_mask)
-        x = x.view(B * NC, T, H, W, p, p, C).permute(0, 6, 1, 2, 4, 3, 5).reshape(B * NC, C, T, H * p, W * p)
+        # the head is per token: on this rank's tokens, so each parameter's gradient comes once per token
+        x = self.final_layer(x.view(B * NC, T, Sl, -1), t.repeat_interleave(NC, 0),
+                             None if t0 is None else t0.repeat_interleave(NC, 0), x_mask)   # (B NC, T', S_l, p p C)
+        x = parallel.gather(sp, x, dim=2)                                                   # (B NC, T', S, p p C)
+        x = x.reshape(B * NC, T, H, W, p, p, C).permute(0, 6, 1, 2, 4, 3, 5).reshape(B * NC, C, T, H * p, W * p)
         x = x[:, :, :Tx, :Hx, :Wx].float()
         return x.unflatten(0, (B, NC)).transpose(1, 2).flatten(1, 2)                      # (B, C NC, T', H', W')
 

@@ -202,7 +202,7 @@ def test_sample_and_fine_tune_from_the_converted_release(converted, tmp_path):
     from tests.factories import write_shards
     from train.sample import main as sample_main
     from train.train import main as train_main
-    _, release = converted
+    _, out = converted
     views = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT")
     for split in ("train", "val"):
         write_shards(tmp_path / "shards", {(32, 64, 1): 2, (32, 64, 9): 2}, split=split, per_shard=2, views=views,
@@ -212,12 +212,17 @@ def test_sample_and_fine_tune_from_the_converted_release(converted, tmp_path):
     TextEmbeddingCache(tmp_path / "cache").build(read_captions(str(tmp_path / "shards")),
                                                  T5TextEncoder(tmp_path / "t5", max_length=32), progress=False)
     write_tiny_vae(tmp_path / "vae")
+    release = tmp_path / "release"   # converted again, recording the stage these shards' buckets are in
+    cfg = ckpt.load_config(out)["converted_from"]
+    assert mdd.main(["convert", "--ckpt", cfg["ckpt"], "--config", cfg["config"], "--out", str(release),
+                     "--stage", str(tmp_path / "stage.yaml")]) == 0
     common = ["--data-root", str(tmp_path / "shards"), "--text-cache", str(tmp_path / "cache")]
     assert sample_main(["--ckpt", str(release), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "s"),
                         "--bucket", "32x64_t9", "--steps", "2", *common]) == 0
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["steps"] == 2
     assert train_main(["--init-from", str(release), "--model", "paper", "--out", str(tmp_path / "ft"), "--steps", "2",
                        "--stage", str(tmp_path / "stage.yaml"), "--set", "data.text_max_length=32",
+                       "--set", "data.shuffle_buffer=2",
                        "--set", f"model_overrides={json.dumps(ckpt.load_config(release)['model'])}",
                        "--set", "val_every=0", "--no-progress", *common]) == 0
     log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]

@@ -124,9 +124,11 @@ def check_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
         raise BadInput(f"{where}: {len(bad)} shapes differ from the config's network: {'; '.join(bad[:4])}")
 
 
-def convert(ckpt: str | Path, config: str | Path, out: str | Path) -> dict:
+def convert(ckpt: str | Path, config: str | Path, out: str | Path, stage: str = "stage3") -> dict:
+    """-> a checkpoint folder; its train config names `stage` (configs/stages/<name>.yaml or a path), the
+    buckets `mdv2-sample --ckpt` reads conditions from (their stage 3: every nuScenes bucket)."""
     from model.registry import build_from_config
-    from train.config import TrainConfig
+    from train.config import DataConfig, TrainConfig
     mcfg = to_model_config(read_model_kwargs(config))
     with torch.device("meta"):
         target = build_from_config(mcfg).state_dict()
@@ -137,7 +139,7 @@ def convert(ckpt: str | Path, config: str | Path, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"))
     save_file(weights, str(out / "ema.safetensors"))
-    train = TrainConfig(out=str(out), model="paper").to_dict()
+    train = TrainConfig(out=str(out), model="paper", data=DataConfig(stage=stage)).to_dict()
     source = {"ckpt": str(ckpt), "config": str(config), "tensors": len(weights)}
     (out / "config.json").write_text(json.dumps({"train": train, "model": mcfg.to_dict(), "converted_from": source},
                                                 indent=2, sort_keys=True))
@@ -161,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", required=True, help="their config .py (read with ast), a model folder's config.json, "
                                                    "or a JSON of the config's model dict")
     c.add_argument("--out", required=True, help="folder for model.safetensors, ema.safetensors, config.json")
+    c.add_argument("--stage", default="stage3", help="stage config recorded for mdv2-sample (the buckets it reads "
+                                                     "conditions from): configs/stages/<name>.yaml or a path")
     k = sub.add_parser("keys", help="print {key: shape} of the network their config builds (JSON)")
     k.add_argument("--config", required=True)
     a = ap.parse_args(argv)
     if a.cmd == "keys":
         print(json.dumps(model_keys(to_model_config(read_model_kwargs(a.config))), indent=1))
         return 0
-    print(json.dumps(convert(a.ckpt, a.config, a.out)))
+    print(json.dumps(convert(a.ckpt, a.config, a.out, a.stage)))
     return 0
 
 
