@@ -261,3 +261,14 @@ def test_cfg_pair_and_drop_layouts(fx):
     swapped[key] = tensors[key].roll(len(meta["views"]), 0)
     with pytest.raises(AssertionError):
         check_cfg_pair(meta, weights, swapped)
+
+
+def test_box_states_exercised(fx):
+    """The cases hold all three of their box mask states (1 seen, 0 none, -1 dropped) and class -1 padding."""
+    meta, _, tensors = fx
+    seen_masks, padded = set(), False
+    for e in meta["cases"].values():
+        box = decode_args(tensors, e)["bbox"]
+        seen_masks |= set(box["masks"].unique().tolist())
+        padded |= bool(((box["classes"] == -1) & (box["masks"] == 0)).any())
+    assert seen_masks == {-1.0, 0.0, 1.0} and padded
