@@ -217,7 +217,7 @@ class Trainer:
         import torch
         from model.conditions import random_conditions
         from train import flow
-        from train.train import condition_drops, ema_update
+        from train.train import ema_update
         cfg, mcfg = self.cfg, self.model.config
         g = torch.Generator().manual_seed(0)
         cond = random_conditions(batch, CLIP["views"], frames, boxes=boxes, text_len=text_len,
@@ -227,12 +227,12 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=g).to(DEVICE)
         shift = flow.shift_factor(cfg.flow, height, width, x0.shape[3])
         t = flow.sample_timesteps(batch, cfg.flow, shift, g).to(DEVICE)
-        drop = {k: v.to(DEVICE) for k, v in condition_drops(batch, cfg.drop, g).items()}
+        drop_cond, drop_frames = (d.to(DEVICE) for d in flow.condition_drops(batch, frames, cfg.drop["text"], 0.4, g))
         xt = flow.interpolate(x0, noise, t)
 
         def step():
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=_cuda()):
-                pred = self.model(xt, t, cond, drop)
+                pred = self.model(xt, t, cond, drop_cond, drop_frames)
             loss = flow.flow_loss(pred, x0, noise)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         figures, parts = {}, []
         for name in args.preset or ["tiny", "small"]:
             full = step_flops(name, {}, args)
-            plain = step_flops(name, {"cross_view": "none", "controlnet_depth": 0}, args)
+            plain = step_flops(name, {"cross_view": "none", "control_depth": 0}, args)
             figures.update({f"{name}_tflop": full / 1e12, f"{name}_stdit_tflop": plain / 1e12,
                             f"{name}_flop_ratio_vs_stdit": full / plain})
             parts.append(f"{name}: {full / 1e12:.2f} TFLOP fwd+bwd ({full / plain:.2f}x plain STDiT)")
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         x = torch.randn(1, args.views, 16, Tl, args.height // 8, args.width // 8, generator=g).to(dev)
         t = torch.rand(1, generator=g).to(dev)
         secs = {}
-        for variant, over in (("mvdit", {}), ("stdit", {"cross_view": "none", "controlnet_depth": 0})):
+        for variant, over in (("mvdit", {}), ("stdit", {"cross_view": "none", "control_depth": 0})):
             torch.manual_seed(0)
             model = build_model(name, **over).to(dev)
             model.enable_gradient_checkpointing(args.checkpointing)

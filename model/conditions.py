@@ -1,37 +1,39 @@
-"""The condition bundle MVDiT consumes (one batch), and the names the CFG drop API uses.
+"""The condition bundle MVDiT consumes (one batch).
 
 Shapes follow the sample contract (pipeline/contract/schema.py) with a batch axis in front.
 T is the pixel-frame count (any 4k+1); the latent has T' = (T - 1) // 4 + 1 frames.
-Geometry follows schema 2.0's time model: each view's boxes and extrinsics are at that view's
-own exposure in frame t, expressed in LiDAR(t) (the reference frame of `traj` and `bev`).
-The reference boxes (`boxes.npy`, CAM_FRONT time) stay in the loader's Batch; the model reads
-`view_boxes` only, so they are not part of this bundle.
+Geometry follows schema 2.0's time model: reference boxes at CAM_FRONT's exposure, each view's
+boxes and extrinsics at that view's own exposure, all in LiDAR(t) (the frame of `traj` and `bev`).
+model/native.py turns a bundle into the authors' model inputs (reference boxes repeated per
+view by default, or each view's own boxes with ModelConfig.boxes_per_view).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
 
 from pipeline.contract import schema
 
-# Each name can be replaced by its null condition per sample (classifier-free guidance).
-# "camera" covers intrinsics + cam2lidar; "map" is the BEV ControlNet input (null = zeros).
-CONDITION_NAMES: tuple[str, ...] = ("text", "camera", "boxes", "traj", "map")
-
 
 @dataclass
 class Conditions:
-    text: torch.Tensor           # (B, L, D_text) float, T5 encoder states
+    text: torch.Tensor           # (B, L, D_text) float, T5 states (the first padding state after each caption kept)
     text_mask: torch.Tensor      # (B, L) bool, True = real token
     intrinsics: torch.Tensor     # (B, V, 3, 3) at the stored image resolution
     cam2lidar: torch.Tensor      # (B, T, V, 4, 4) camera v at its exposure -> LiDAR(t)
-    view_boxes: torch.Tensor     # (B, T, V, N, 7) x y z w l h yaw at view v's exposure, in LiDAR(t)
+    boxes: torch.Tensor          # (B, T, N, 7) reference boxes x y z w l h yaw at CAM_FRONT's exposure, LiDAR(t)
+    view_boxes: torch.Tensor     # (B, T, V, N, 7) the same objects at view v's exposure, in LiDAR(t)
     box_class: torch.Tensor      # (B, N) long, class id 0-9
     box_mask: torch.Tensor       # (B, T, N) bool, False = padding / absent in that frame
     box_view_mask: torch.Tensor  # (B, T, V, N) bool, box visible in view
     traj: torch.Tensor           # (B, T, 4, 4) LiDAR(t) -> LiDAR(0)
-    bev: torch.Tensor            # (B, T, 8, 200, 200) float in {0, 1}
+    bev: torch.Tensor            # (B, T, 8, G, G) float in {0, 1}
+    source_intrinsics: torch.Tensor | None = None  # (B, V, 3, 3) K of the original image (e.g. 1600x900);
+                                                   # None: the stored K stands in (older shards)
+    fps: torch.Tensor | None = None                # (B,) None: 12, or 120 for one frame (the authors')
+    box_latent: torch.Tensor | None = None         # (B, N, D) per-box N(0, 1) draw (MVDiT.draw_box_latent)
 
     @property
     def batch_size(self) -> int:
@@ -45,12 +47,17 @@ class Conditions:
     def num_views(self) -> int:
         return int(self.intrinsics.shape[1])
 
+    def replace(self, **kw) -> "Conditions":
+        return dataclasses.replace(self, **kw)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditions":
         """Move every tensor; `dtype` applies to floating tensors only (masks/ids keep theirs)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if dtype is not None and v.is_floating_point():
+            if v is None:
+                out[f.name] = None
+            elif dtype is not None and v.is_floating_point():
                 out[f.name] = v.to(device=device, dtype=dtype)
             else:
                 out[f.name] = v.to(device=device)
@@ -63,18 +70,20 @@ class Conditions:
         T, N = self.num_frames, self.box_class.shape[1]
         L = self.text.shape[1]
         want = {
-            "text_mask": (B, L), "intrinsics": (B, V, 3, 3), "cam2lidar": (B, T, V, 4, 4),
+            "text_mask": (B, L), "intrinsics": (B, V, 3, 3), "cam2lidar": (B, T, V, 4, 4), "boxes": (B, T, N, 7),
             "view_boxes": (B, T, V, N, 7), "box_class": (B, N), "box_mask": (B, T, N),
-            "box_view_mask": (B, T, V, N), "traj": (B, T, 4, 4),
+            "box_view_mask": (B, T, V, N), "traj": (B, T, 4, 4), "source_intrinsics": (B, V, 3, 3), "fps": (B,),
         }
         if self.text.dim() != 3 or self.text.shape[0] != B:
             raise ValueError(f"Conditions.text: expected (B={B}, L, D), got {tuple(self.text.shape)}")
         for name, shape in want.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise ValueError(f"Conditions.{name}: expected shape {shape}, got {got}")
+            v = getattr(self, name)
+            if v is not None and tuple(v.shape) != shape:
+                raise ValueError(f"Conditions.{name}: expected shape {shape}, got {tuple(v.shape)}")
+        if self.box_latent is not None and tuple(self.box_latent.shape[:2]) != (B, N):
+            raise ValueError(f"Conditions.box_latent: expected (B={B}, N={N}, D), got {tuple(self.box_latent.shape)}")
         if self.bev.dim() != 5 or tuple(self.bev.shape[:2]) != (B, T):
-            raise ValueError(f"Conditions.bev: expected (B={B}, T={T}, 8, H, W), got {tuple(self.bev.shape)}")
+            raise ValueError(f"Conditions.bev: expected (B={B}, T={T}, 8, G, G), got {tuple(self.bev.shape)}")
         if not schema.valid_num_frames(T):
             raise ValueError(f"Conditions: T={T} pixel frames; the model takes any 4k+1 (schema.valid_num_frames)")
 
@@ -110,11 +119,12 @@ def random_conditions(batch: int, views: int, frames: int, boxes: int = 4, text_
     t = t.view(1, T, 1, 1)
     traj = torch.eye(4).expand(B, T, 4, 4).clone()
     traj[..., 1, 3] = t.view(1, T) * 0.5
+    view_boxes = torch.cat([centre, size, yaw], -1).contiguous()
     return Conditions(
         text=torch.randn(B, text_len, text_dim, generator=g),
         text_mask=torch.arange(text_len).expand(B, text_len) < text_len - 2,
-        intrinsics=K, cam2lidar=c2l,
-        view_boxes=torch.cat([centre, size, yaw], -1).contiguous(),
+        intrinsics=K, cam2lidar=c2l, boxes=view_boxes[:, :, 1].clone() if V > 1 else view_boxes[:, :, 0].clone(),
+        view_boxes=view_boxes,
         box_class=torch.randint(0, 10, (B, N), generator=g),
         box_mask=box_mask.contiguous(),
         box_view_mask=torch.rand(B, T, V, N, generator=g) > 0.5,

@@ -1,227 +1,187 @@
-"""Condition encoders of MVDiT (paper Sections 4.2-4.3, Figure 4).
+"""Condition encoders of MVDiT, twins of the authors' (magicdrivedit/models/magicdrive/embedder.py):
 
-- timestep: sinusoidal features of 1000 * t -> MLP (t is the rectified-flow time in [0, 1]);
-- text: MLP projection of T5 encoder states;
-- camera: MLP on Fourier features of (K normalised by the image size, R, t) per view and pixel
-  frame (schema 2.0: cam2lidar[t, v] is camera v at its own exposure -> LiDAR(t), so it moves
-  with the ego), then a learned merge of each CogVAE group -> one token per view and latent frame;
-- boxes: each view's own boxes (view_boxes[t, v], at v's exposure): per-frame MLP on Fourier
-  features of the 8 corners + class embedding, then the spatial-temporal encoder, one track
-  per (view, object): a causal temporal transformer with RoPE over the whole clip, then a
-  learned merge of each CogVAE group (first frame alone, then groups of 4) into one latent
-  frame, so T -> T' = (T - 1) // 4 + 1 without reduce-and-repeat (the paper's "4x down", Fig. 4b);
-- trajectory: the same spatial-temporal encoder with an MLP on the ego poses.
-
-CogVAE grouping of pixel frames (frame 0 alone, then 4k-3..4k -> latent k) is `latent_groups`.
+- camera (CamEmbedder): [K | R | t] (3 x 7) of a camera, each of the 7 columns through Fourier
+  features (x, sin 2^k x, cos 2^k x; k < 4; no pi), concatenated -> linear -> zero-init after_proj;
+  a dropped camera is replaced by the learned `uncond_cam` (3 x 7) before embedding;
+- ego pose (CamEmbedderTemp, `frame_embedder`): the 3 x 4 [R | t] of LiDAR(0) -> LiDAR(t) per
+  pixel frame, embedded the same way (dropped frames -> `uncond_cam` 3 x 4), then one temporal
+  transformer layer over the T frames (RoPE, q/k RMS-norm, its own constant scale_shift_table),
+  zero-init final_proj, and T -> T' by two CogVideoX temporal downsamplings (cog_temp_down);
+- boxes (ContinuousBBoxWithTextTempEmbedding, `bbox_embedder`): the 8 corners through Fourier
+  features -> bbox_proj, SiLU, concatenated with the class token (frozen T5 + y_proj embedding of
+  the class name, plus a per-class N(mu, sigma) draw of a per-box latent) -> second_linear; padded
+  boxes take the learned null features, masked boxes the learned mask features; then the same
+  temporal layer per box track, final_proj and T -> T'.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.blocks import Attention, Mlp, rope_cos_sin
+from model.layers import Attention, Mlp, RotaryEmbedding, layer_norm, modulate
 
-# Corner order of pipeline.contract.geometry.box_corners: bottom face (z-) then top face (z+), each
-# (+l,+w), (+l,-w), (-l,-w), (-l,+w) in the box frame (x along the heading).
-_CORNER_SIGNS = torch.tensor([[sx, sy, sz] for sz in (-1, 1) for sx, sy in ((1, 1), (1, -1), (-1, -1), (-1, 1))],
-                             dtype=torch.float32)  # (8, 3)
-METRIC_SCALE = 50.0  # metres -> ~unit range (BEV half extent) before Fourier features
+# Corner order of the authors' boxes (mmdet3d LiDARInstance3DBoxes.corners with their SECOND-style
+# box: x_size = w, y_size = l, yaw_box = -yaw - pi/2): unit corners (a, b, c) in this order map to
+# centre + (a - 1/2) w left + (b - 1/2) l back + c h up, left/back relative to the heading.
+_CORNER_UNITS = ((0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0))
 
 
-def box_corners(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 7) x y z w l h yaw -> (..., 8, 3) corners; torch twin of pipeline.contract.geometry.box_corners."""
-    half = torch.stack([boxes[..., 4], boxes[..., 3], boxes[..., 5]], -1)[..., None, :] / 2   # (l, w, h)/2
-    local = _CORNER_SIGNS.to(boxes) * half                                                  # (..., 8, 3)
-    c, s = boxes[..., 6:7].cos(), boxes[..., 6:7].sin()
-    x = c * local[..., 0] - s * local[..., 1]
-    y = s * local[..., 0] + c * local[..., 1]
-    return torch.stack([x, y, local[..., 2]], -1) + boxes[..., None, :3]
+def box_corners_authors(boxes: torch.Tensor, lifted: bool = True) -> torch.Tensor:
+    """(..., 7) x y z w l h yaw (centre, schema convention) -> (..., 8, 3) in the authors' corner order.
+
+    lifted=True reproduces their data: their box tensor holds the nuScenes centre but is read as
+    the bottom centre (origin (0.5, 0.5, 0)), so every corner sits h/2 higher than the object;
+    the released weights were trained on those. lifted=False gives the real corners."""
+    u = torch.tensor(_CORNER_UNITS, dtype=boxes.dtype, device=boxes.device)             # (8, 3)
+    c, s = boxes[..., 6].cos(), boxes[..., 6].sin()
+    left = torch.stack([-s, c], -1)[..., None, :]                                         # (..., 1, 2)
+    back = torch.stack([-c, -s], -1)[..., None, :]
+    a = (u[:, 0] - 0.5)[:, None] * boxes[..., None, 3:4]                                  # (..., 8, 1) x w
+    b = (u[:, 1] - 0.5)[:, None] * boxes[..., None, 4:5]
+    z = (u[:, 2] - (0.0 if lifted else 0.5))[:, None] * boxes[..., None, 5:6]
+    xy = a * left + b * back
+    return torch.cat([xy, z], -1) + boxes[..., None, :3]
+
+
+def cog_temp_down(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, N, D) -> (B, ceil-ish T/2, N, D): CogVideoX's time downsampling; an odd T keeps frame
+    0 and averages the following pairs, an even T averages pairs."""
+    if x.shape[1] % 2:
+        if x.shape[1] == 1:
+            return x
+        first, rest = x[:, :1], x[:, 1:]
+        return torch.cat([first, rest.unflatten(1, (-1, 2)).mean(2)], 1)
+    return x.unflatten(1, (-1, 2)).mean(2)
+
+
+def time_down(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """T pixel frames -> latent frames: "cog" twice-halved (T = 4k + 1 -> k + 1), "mean" -> 1."""
+    if mode == "mean":
+        return x.mean(1, keepdim=True)
+    return cog_temp_down(cog_temp_down(x))
 
 
 class Fourier(nn.Module):
-    """x (..., C) -> (..., C * (1 + 2F)): x, sin(2^k pi x), cos(2^k pi x), k < F (NeRF style)."""
+    """x (..., d) -> (..., d (1 + 2F)): [x, sin(2^0 x), cos(2^0 x), sin(2^1 x), cos(2^1 x), ...]."""
 
     def __init__(self, num_freqs: int):
         super().__init__()
-        self.register_buffer("freqs", (2.0 ** torch.arange(num_freqs)) * math.pi, persistent=False)
+        self.bands = [2.0 ** k for k in range(num_freqs)]   # exact powers of two, as theirs
 
-    def out_dim(self, c: int) -> int:
-        return c * (1 + 2 * len(self.freqs))
+    def out_dim(self, d: int) -> int:
+        return d * (1 + 2 * len(self.bands))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ang = x[..., None] * self.freqs.to(x)                                    # (..., C, F)
-        return torch.cat([x[..., None], ang.sin(), ang.cos()], -1).flatten(-2)
+        parts = [x]
+        for f in self.bands:
+            parts += [torch.sin(x * f), torch.cos(x * f)]
+        return torch.cat(parts, -1)
 
 
-def latent_groups(x: torch.Tensor, group: int = 4) -> torch.Tensor:
-    """(B, T, ...) -> (B, T', group, ...): pixel frames of each latent frame (frame 0 alone, then
-    groups of `group`). Frame 0's group is left-padded with copies of frame 0, as CogVAE's causal
-    convolutions replicate-pad it, so a static signal gives the same group at every latent frame."""
-    B, T = x.shape[:2]
-    if (T - 1) % group:
-        raise ValueError(f"{T} frames: CogVAE grouping needs 1 + {group}k frames")
-    x = torch.cat([x[:, :1].expand(B, group - 1, *x.shape[2:]), x], 1)
-    return x.reshape(B, (T - 1) // group + 1, group, *x.shape[2:])
+def add_temporal_layer(m: nn.Module, dim: int, heads: int, causal: bool) -> None:
+    """The single temporal transformer layer the authors' box and ego-pose encoders share
+    (attributes set on the encoder itself: their keys are `<encoder>.attn.*`, `<encoder>.mlp.*`)."""
+    m.rope = RotaryEmbedding(dim // heads)
+    m.norm1 = layer_norm(dim)
+    m.attn = Attention(dim, heads, qkv_bias=True, qk_norm=True, rope=m.rope, causal=causal)
+    m.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
+    m.norm2 = layer_norm(dim)
+    m.mlp = Mlp(dim, 4 * dim)
+    m.final_proj = nn.Linear(dim, dim)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int = 256):
+def temporal_layer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (N, T, D) -> (N, T, D): attention over T and an MLP, modulated by the constant table."""
+    sh, sc, g, sh_m, sc_m, g_m = m.scale_shift_table[None].chunk(6, dim=1)
+    x = x + g * m.attn(modulate(m.norm1(x), sh, sc))
+    return x + g_m * m.mlp(modulate(m.norm2(x), sh_m, sc_m))
+
+
+class CamEmbedder(nn.Module):
+    """(N, 3 or 4, num) camera / pose matrices -> (N, D) tokens."""
+
+    def __init__(self, dim: int, num: int, num_freqs: int):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t (B,) in [0, 1] -> (B, D). Scaled by 1000 so the usual DiT frequency range applies."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        ang = (t.float() * 1000.0)[:, None] * freqs[None]
-        return self.mlp(torch.cat([ang.cos(), ang.sin()], -1).to(self.mlp[0].weight.dtype))
-
-
-class CameraEmbedder(nn.Module):
-    """Camera token per view and latent frame from intrinsics (normalised by the image size, so
-    one embedding serves every bucket) and the per-frame camera->LiDAR(t) rotation and
-    translation: one token per pixel frame, then the 4 tokens of each CogVAE group are
-    concatenated and merged by a linear map initialised to their average (so a static rig
-    starts with the same token in every latent frame, and within-group motion stays learnable)."""
-
-    def __init__(self, dim: int, num_freqs: int, group: int = 4):
-        super().__init__()
-        self.group = group
         self.fourier = Fourier(num_freqs)
-        self.mlp = Mlp(self.fourier.out_dim(4 + 9 + 3), dim, dim)
-        self.merge = nn.Linear(group * dim, dim)
+        self.emb2token = nn.Linear(self.fourier.out_dim(3) * num, dim)
+        self.uncond_cam = nn.Parameter(torch.randn(3, num))
+        self.after_proj = nn.Linear(dim, dim)
 
-    def init_average(self) -> None:
-        D = self.merge.out_features
-        with torch.no_grad():
-            self.merge.weight.copy_(torch.eye(D).repeat(1, self.group) / self.group)
-            self.merge.bias.zero_()
+    def tokens(self, param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        param = param[:, :3]                                                       # (N, 3, num)
+        param = torch.where(keep[:, None, None], param, self.uncond_cam[None].to(param.dtype))
+        emb = self.fourier(param.transpose(1, 2))                                  # (N, num, 27)
+        return self.emb2token(emb.flatten(1))
 
-    def forward(self, intrinsics: torch.Tensor, cam2lidar: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """intrinsics (B, V, 3, 3), cam2lidar (B, T, V, 4, 4), image size in pixels -> (B, V, T', D)."""
-        T = cam2lidar.shape[1]
-        k = torch.stack([intrinsics[..., 0, 0] / width, intrinsics[..., 1, 1] / height,
-                         intrinsics[..., 0, 2] / width, intrinsics[..., 1, 2] / height], -1)   # (B, V, 4)
-        k = k[:, None].expand(-1, T, -1, -1)                                                   # (B, T, V, 4)
-        feats = torch.cat([k, cam2lidar[..., :3, :3].flatten(-2), cam2lidar[..., :3, 3] / METRIC_SCALE], -1)
-        tok = latent_groups(self.mlp(self.fourier(feats)), self.group)                        # (B, T', G, V, D)
-        return self.merge(tok.permute(0, 3, 1, 2, 4).flatten(-2))                             # (B, V, T', D)
+    def forward(self, param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """param (N, 3, 7) [K | cam->LiDAR 3x4]; keep (N,) bool -> (N, D)."""
+        return self.after_proj(self.tokens(param, keep))
 
 
-class SpatialTemporalEncoder(nn.Module):
-    """Per-track tokens (B, T, N, D) -> (B, T', N, D) aligned with CogVAE's causal temporal
-    compression (paper Fig. 4b): a temporal transformer with RoPE (positions = pixel frame
-    index) relates each track's frames over the whole clip, then the 4 frame slots of each
-    CogVAE group are concatenated and projected (a learned downsampling that keeps per-frame
-    order, unlike a pool-and-repeat). Frame 0 owns latent 0 alone: its group is left-padded
-    with G-1 absent slots, as the causal VAE pads it. Absent frames (mask False) are zeroed
-    and excluded from attention.
+class FrameEmbedder(CamEmbedder):
+    """Ego poses (their CamEmbedderTemp): (N, T, 4, 4) LiDAR(0) -> LiDAR(t) -> (N, T', D)."""
 
-    Attention is causal (frame i sees frames <= i), like CogVAE itself, whose latent k depends
-    on pixel frames <= 4k only. So latent k's token depends on frames <= 4k: the tokens of a
-    clip's prefix are the prefix of the clip's tokens, whatever its length, which keeps the
-    trainer's common-prefix crop and the sampler's length change consistent with training."""
+    def __init__(self, dim: int, heads: int, num_freqs: int, time: str, causal: bool = False):
+        super().__init__(dim, 4, num_freqs)
+        del self.after_proj      # theirs: after_proj=False in the parent, final_proj after the temporal layer
+        self.time = time
+        add_temporal_layer(self, dim, heads, causal)
 
-    def __init__(self, dim: int, heads: int, layers: int, group: int = 4):
-        super().__init__()
-        self.group = group
-        self.heads = heads
-        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(2 * layers))
-        self.attns = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
-        self.mlps = nn.ModuleList(Mlp(dim, 4 * dim) for _ in range(layers))
-        self.merge = nn.Linear(group * dim, dim)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, N, D), mask (B, T, N) bool -> tokens (B, T', N, D), mask (B, T', N)."""
-        B, T, N, D = x.shape
-        G = self.group
-        if (T - 1) % G:
-            raise ValueError(f"{T} frames: the spatial-temporal encoder needs 1 + {G}k frames")
-        Tl = (T - 1) // G + 1
-        if N == 0:   # a clip without objects: nothing to encode (reshapes of empty tensors are ambiguous)
-            return self.merge(x.new_zeros(B, Tl, 0, G * D)), mask.new_zeros(B, Tl, 0)
-        L = Tl * G
-        x = torch.cat([x.new_zeros(B, G - 1, N, D), x * mask[..., None]], 1).transpose(1, 2)  # (B, N, L, D)
-        m = torch.cat([mask.new_zeros(B, G - 1, N), mask], 1).transpose(1, 2)               # (B, N, L)
-        pos = torch.arange(L, device=x.device, dtype=torch.float32) - (G - 1)                # pixel frame index
-        cos, sin = rope_cos_sin(pos, D // self.heads)
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=x.device)
-        attn_mask = ((m[..., None, :] & causal) | eye)[:, :, None]  # (B, N, 1, L, L); self always allowed
-        for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
-            x = x + attn(self.norms[2 * i](x), mask=attn_mask, rope=(cos, sin))
-            x = x + mlp(self.norms[2 * i + 1](x))
-            x = x * m[..., None]
-        out = self.merge(x.reshape(B, N, Tl, G * D)).transpose(1, 2)                        # (B, T', N, D)
-        return out, m.reshape(B, N, Tl, G).any(-1).transpose(1, 2)
+    def forward(self, rel_pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """rel_pos (N, T, 4 or 3, 4); keep (N, T) bool -> (N, T', D)."""
+        N, T = rel_pos.shape[:2]
+        tok = self.tokens(rel_pos.flatten(0, 1), keep.flatten()).view(N, T, -1)
+        tok = self.final_proj(temporal_layer(self, tok))
+        return time_down(tok[:, :, None], self.time)[:, :, 0]
 
 
 class BoxEmbedder(nn.Module):
-    def __init__(self, dim: int, heads: int, layers: int, num_classes: int, num_freqs: int):
+    """Boxes per (view-batch, frame, slot) -> tokens (N, T', M, D) (their ContinuousBBoxWithTextTempEmbedding)."""
+
+    def __init__(self, dim: int, num_classes: int, mid: int, heads: int, num_freqs: int, sample_id: bool,
+                 time: str, causal: bool = False):
         super().__init__()
         self.fourier = Fourier(num_freqs)
-        self.mlp = Mlp(self.fourier.out_dim(8 * 3), dim, dim)
-        self.cls = nn.Embedding(num_classes, dim)
-        self.st = SpatialTemporalEncoder(dim, heads, layers)
+        pos_dim = self.fourier.out_dim(3) * 8
+        self.bbox_proj = nn.Linear(pos_dim, dim)
+        self.second_linear = nn.Sequential(nn.Linear(2 * dim, mid), nn.SiLU(), nn.Linear(mid, mid), nn.SiLU(),
+                                           nn.Linear(mid, dim))
+        # frozen class tokens: T5 + y_proj embedding of each class name (model.text.class_tokens)
+        self.register_buffer("_class_tokens", torch.randn(num_classes, dim))
+        self.mean_var = nn.Parameter(torch.randn(num_classes, 2)) if sample_id else None
+        self.null_class_feature = nn.Parameter(torch.zeros(dim))
+        self.null_pos_feature = nn.Parameter(torch.zeros(pos_dim))
+        self.mask_class_feature = nn.Parameter(torch.zeros(dim))
+        self.mask_pos_feature = nn.Parameter(torch.zeros(pos_dim))
+        self.time = time
+        add_temporal_layer(self, dim, heads, causal)
 
-    def forward(self, view_boxes: torch.Tensor, box_class: torch.Tensor, box_mask: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """view_boxes (B, T, V, N, 7), box_class (B, N), box_mask (B, T, V, N): view v has a box for
-        object n in frame t (or (B, T, N): the same for every view)
-        -> (B, T', V, N, D), (B, T', V, N). Each (view, object) is its own track, so view v's
-        tokens depend on view v's boxes only."""
-        B, T, V, N, _ = view_boxes.shape
-        mask = (box_mask[:, :, None] if box_mask.dim() == 3 else box_mask).expand(B, T, V, N)
-        # padded slots may hold anything (even NaN): replace before any arithmetic touches them
-        boxes = torch.where(mask[..., None], view_boxes, torch.zeros_like(view_boxes))
-        corners = box_corners(boxes) / METRIC_SCALE                                 # (B, T, V, N, 8, 3)
-        tok = self.mlp(self.fourier(corners.flatten(-2))) + self.cls(box_class.clamp(min=0))[:, None, None]
-        out, m = self.st(tok.flatten(2, 3), mask.flatten(2, 3))                     # (B, T', V*N, D)
-        return out.unflatten(2, (V, N)), m.unflatten(2, (V, N))
+    @property
+    def latent_dim(self) -> int:
+        return self._class_tokens.shape[1]
 
-
-class TrajEmbedder(nn.Module):
-    """Ego poses LiDAR(t) -> LiDAR(0): one track (N = 1) through the spatial-temporal encoder."""
-
-    def __init__(self, dim: int, heads: int, layers: int, num_freqs: int):
-        super().__init__()
-        self.fourier = Fourier(num_freqs)
-        self.mlp = Mlp(self.fourier.out_dim(12), dim, dim)
-        self.st = SpatialTemporalEncoder(dim, heads, layers)
-
-    def forward(self, traj: torch.Tensor) -> torch.Tensor:
-        """traj (B, T, 4, 4) -> (B, T', D)."""
-        feats = torch.cat([traj[..., :3, :3].flatten(-2), traj[..., :3, 3] / METRIC_SCALE], -1)  # (B, T, 12)
-        tok = self.mlp(self.fourier(feats))[:, :, None]                                    # (B, T, 1, D)
-        mask = torch.ones(tok.shape[:3], dtype=torch.bool, device=tok.device)
-        return self.st(tok, mask)[0][:, :, 0]
-
-
-class TextProjection(nn.Module):
-    """T5 states (B, L, D_text) -> (B, L, D) (Open-Sora's caption embedder MLP)."""
-
-    def __init__(self, text_dim: int, dim: int):
-        super().__init__()
-        self.mlp = Mlp(text_dim, dim, dim)
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.mlp(text.to(self.mlp.fc1.weight.dtype))
-
-
-def rays_lidar(intrinsics: torch.Tensor, cam2lidar: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
-    """Unit ray directions (in LiDAR(t) axes) through the centres of an h x w token grid whose
-    cells are `stride` pixels, per latent frame: (B, V, 3, 3), (B, T, V, 4, 4) -> (B, V, T', h*w, 3).
-    A latent frame's ray is the normalised mean of its pixel frames' rays (CogVAE groups); the
-    mean is taken over the rotations, which is the same thing since K is per view."""
-    dev = intrinsics.device
-    v, u = torch.meshgrid((torch.arange(h, device=dev) + 0.5) * stride,
-                          (torch.arange(w, device=dev) + 0.5) * stride, indexing="ij")
-    pix = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3).to(intrinsics)     # (S, 3)
-    d_cam = torch.einsum("bvij,sj->bvsi", torch.linalg.inv(intrinsics.float()).to(intrinsics), pix)
-    rot = latent_groups(cam2lidar[..., :3, :3]).mean(2)                                   # (B, T', V, 3, 3)
-    d = torch.einsum("btvij,bvsj->bvtsi", rot, d_cam)
-    return F.normalize(d, dim=-1)
+    def forward(self, corners: torch.Tensor, classes: torch.Tensor, null: torch.Tensor, keep: torch.Tensor,
+                box_latent: torch.Tensor | None) -> torch.Tensor:
+        """corners (N, T, M, 8, 3); classes (N, T, M) int (-1 = padding); null (N, T, M) 1 = a box,
+        0 = null (padding); keep (N, T, M) 1 = shown, 0 = masked; box_latent (N, T, M, D) or None."""
+        N, T, M = classes.shape
+        dt = self.null_pos_feature.dtype
+        null = null.to(dt)[..., None]
+        keep = keep.to(dt)[..., None]
+        pos = self.fourier(corners).flatten(-2).to(dt)                                  # (N, T, M, 216)
+        pos = pos * null + self.null_pos_feature * (1 - null)
+        pos = pos * keep + self.mask_pos_feature * (1 - keep)
+        cls_id = classes.long() % self._class_tokens.shape[0]                            # -1 -> last, as theirs
+        cls = self._class_tokens[cls_id]
+        if self.mean_var is not None:
+            mu, logvar = self.mean_var[cls_id].unbind(-1)
+            if box_latent is None:
+                box_latent = torch.randn_like(cls)
+            cls = cls + (box_latent.to(cls.dtype) * torch.exp(0.5 * logvar)[..., None] + mu[..., None])
+        cls = cls * null + self.null_class_feature * (1 - null)
+        cls = cls * keep + self.mask_class_feature * (1 - keep)
+        emb = self.second_linear(torch.cat([F.silu(self.bbox_proj(pos)), cls], -1))     # (N, T, M, D)
+        tracks = emb.transpose(1, 2).reshape(N * M, T, -1)
+        x = temporal_layer(self, tracks).view(N, M, T, -1).transpose(1, 2)
+        return time_down(self.final_proj(x), self.time)                                 # (N, T', M, D)

@@ -10,14 +10,19 @@ autocast makes and autograd keeps until the backward 2 = 22.
 Activations under bf16 autocast, per latent token per unit of hidden size D (bytes). The
 coefficients come from counting the tensors autograd saves (torch.autograd.graph
 saved_tensors_hooks, storages de-duplicated; `measure_saved_bytes`) for the real MVDiT under
-bf16 autocast on the CPU, differencing two token counts so the per-token slope is isolated:
-  a block (self-attention + cross-attention + MLP), spatial or temporal      BLOCK  = 90
-  cross-view attention with m key views (ring: m = 2)                        28 + 12 m
-  ControlNet pair extras (zero-init output projection, residual, BEV attn)   CN_PAIR = 8
-The residual stream is fp32 (the fp32 adaLN tables promote it), so a checkpointed block keeps
-4 bytes per D per token (its input); the ControlNet residuals add 4 more per ControlNet block.
-With checkpointing the peak adds one block's activations (recomputed in the backward) and
-the gradient at its boundary.
+bf16 autocast on the CPU, differencing two token counts so the per-token slope is isolated, and
+differencing configs (depth, cross_view, temporal, control_depth of the `small` preset) so each
+part is isolated (recalibrated for the authors' block structure, issue 21):
+  a spatial block (self-attention + cross-attention + MLP)                   BLOCK_S = 72
+  its cross-view attention (two neighbour attentions, summed; base blocks)   CV_RING = 72
+  a temporal block (self-attention over T' + cross-attention + MLP)          BLOCK_T = 68
+  ControlNet extras per depth index (after_proj outputs, the skip sums)      CN_PAIR = 4
+  outside the blocks (patch embedders, map tokens, final layer)              OUTSIDE = 17
+ControlNet blocks are a spatial block without cross-view and a temporal block per index
+i < control_depth. The residual stream is fp32 (the fp32 adaLN tables promote it), so a
+checkpointed block keeps 4 bytes per D per token (its input); the ControlNet residuals add 4
+more per ControlNet block. With checkpointing the peak adds one block's activations
+(recomputed in the backward) and the gradient at its boundary.
 
 Not split by sequence parallelism (replicated on every rank of an SP group): static state,
 the cross-attention keys/values materialised per (view, latent frame) (2 x Lc x D bf16 per
@@ -35,9 +40,10 @@ from dataclasses import dataclass, replace
 from pipeline.contract.cli import HelpFormatter
 
 BYTES_PER_PARAM = {"weights": 4, "grads": 4, "adam": 8, "ema": 4, "bf16_copies": 2}
-BLOCK = 90
-CV_BASE, CV_PER_VIEW = 28, 12
-CN_PAIR = 8
+BLOCK_S, BLOCK_T = 72, 68
+CV_RING = 72
+CN_PAIR = 4
+OUTSIDE = 17
 CKPT_BLOCK_INPUT = 4        # fp32 residual stream saved at each checkpointed block
 CKPT_CN_RESIDUAL = 4        # bf16 ControlNet residual + bf16 input of its output projection
 BOUNDARY_GRAD = 16          # gradients alive at a block boundary during the backward
@@ -74,17 +80,19 @@ def token_grid(height: int, width: int, frames: int, patch: int = 2) -> tuple[in
     return tl, math.ceil(height // 8 / patch) * math.ceil(width // 8 / patch)
 
 
-def block_coefficient(cfg, views: int = NUM_VIEWS) -> tuple[float, float]:
-    """(spatial block, temporal block) bytes per token per D without checkpointing."""
-    m = {"ring": 2, "all": views, "none": 0}[cfg.cross_view]
-    cv = CV_BASE + CV_PER_VIEW * m if m else 0
-    return BLOCK + cv, BLOCK
+def block_coefficient(cfg, views: int = NUM_VIEWS) -> tuple[float, float, float]:
+    """(base spatial block, base temporal block, ControlNet pair) bytes per token per D without
+    checkpointing; a block the config lacks counts 0."""
+    cv = CV_RING if cfg.cross_view == "ring" else 0
+    temporal = BLOCK_T if cfg.temporal else 0
+    control = BLOCK_S + (cv if cfg.control_cross_view else 0) + (BLOCK_T if cfg.control_temporal else 0) + CN_PAIR
+    return BLOCK_S + cv, temporal, control
 
 
 def bev_frame_bytes(cfg) -> float:
     """Saved activations of the BEV stem per pixel frame (200 x 200 map, 3 stride-2 convs, bf16
     conv outputs kept for SiLU and the next conv; x2 for the fp32/bf16 copies the count shows)."""
-    c1, c2, c3 = (tuple(cfg.bev_stem) + (0, 0, 0))[:3]
+    c1, c2, c3 = (tuple(cfg.map_stem) + (0, 0, 0))[:3]
     hw = (100 * 100, 50 * 50, 25 * 25)
     return 2.0 * (8 * 200 * 200 * 2 + 4 * (c1 * hw[0] + c2 * hw[1] + c3 * hw[2]) + 4 * cfg.hidden * hw[2])
 
@@ -95,18 +103,18 @@ def estimate(cfg, params: int, batch: int, height: int, width: int, frames: int,
     tl, S = token_grid(height, width, frames, cfg.patch)
     s_local = math.ceil(S / sp)
     tokens = batch * views * tl * s_local                       # this rank's tokens
-    D, K, depth = cfg.hidden, cfg.controlnet_depth, cfg.depth
-    spatial, temporal = block_coefficient(cfg, views)
-    pair = spatial + temporal
-    blocks = 2 * (depth + K)
-    lc = 1 + text_len + 1 + 1 + boxes + views                   # cross-attention keys (mvdit.encode_conditions)
-    kv_per_block = batch * views * tl * lc * D * 2 * 2          # k and v, bf16, expanded over the views
+    D, K, depth = cfg.hidden, cfg.control_depth, cfg.depth
+    spatial, temporal, control = block_coefficient(cfg, views)
+    blocks = depth * (1 + cfg.temporal) + K * (1 + cfg.control_temporal)   # blocks the forward runs
+    lc = 2 + min(text_len + 1, cfg.text_len) + boxes            # keys: ego pose, camera, text (longest + 1), boxes
+    kv_per_block = batch * views * tl * lc * D * 2 * 2          # k and v, bf16, per (view, latent frame)
     replicated = frames * batch * bev_frame_bytes(cfg)
     if checkpointing:
-        per_token = CKPT_BLOCK_INPUT * blocks + CKPT_CN_RESIDUAL * 2 * K + spatial + BOUNDARY_GRAD
+        per_token = CKPT_BLOCK_INPUT * blocks + CKPT_CN_RESIDUAL * K * (1 + cfg.control_temporal) + spatial \
+            + BOUNDARY_GRAD + OUTSIDE
         replicated += kv_per_block
     else:
-        per_token = pair * (depth + K) + CN_PAIR * K
+        per_token = (spatial + temporal) * depth + control * K + OUTSIDE
         replicated += kv_per_block * blocks
     return Estimate(static_bytes(params), tokens * D * per_token + replicated, tokens)
 

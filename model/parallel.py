@@ -16,8 +16,8 @@ is the part that flows through its own tokens. The sum over the SP group is the 
 gradient (train/distributed.py reduces it: sum over SP, mean over data parallel).
 
 Hooks (the only edits to the model): `Attention.sequence_parallel` (spatial and cross-view
-attention of every block, ControlNet copies included) and `MVDiT.sequence_parallel`
-(split after the patch embedding, gather before unpatchify).
+attention of every spatial block, base and ControlNet) and `MVDiT.sequence_parallel` (the
+latent and ControlNet streams split after the patch embeddings, gathered before the final layer).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from model.layers import attention
 
 
 class _Exchange(torch.autograd.Function):
@@ -126,7 +128,7 @@ class SequenceParallel:
         if q.shape[2] != self.local_len or k.shape[2] % self.local_len:
             raise RuntimeError(f"sequence parallel: query/key lengths {q.shape[2]}/{k.shape[2]} are not the "
                                f"local token count {self.local_len} (or a multiple of it for keys)")
-        out = F.scaled_dot_product_attention(self._to_heads(q), self._to_heads(k), self._to_heads(v))
+        out = attention(self._to_heads(q), self._to_heads(k), self._to_heads(v))
         return self._from_heads(out)
 
 
@@ -141,17 +143,17 @@ def gather(sp: SequenceParallel | None, x: torch.Tensor, dim: int) -> torch.Tens
 def enable_sequence_parallel(model: nn.Module, group=None) -> SequenceParallel:
     """Hook MVDiT `model` (base blocks and ControlNet copies) into the SP group. Temporal
     attention is left alone: tokens are split along space, so it is local to each rank."""
-    from model.blocks import CrossViewAttention, STDiTBlock
+    from model.blocks import MultiViewBlock
     sp = SequenceParallel(group)
     heads = model.config.heads
     if heads % sp.size:
         raise ValueError(f"sequence parallel size {sp.size} does not divide the model's {heads} heads")
     model.sequence_parallel = sp
     for m in model.modules():
-        if isinstance(m, STDiTBlock) and not m.temporal:
+        if isinstance(m, MultiViewBlock) and not m.temporal:
             m.attn.sequence_parallel = sp
-        elif isinstance(m, CrossViewAttention):
-            m.attn.sequence_parallel = sp
+            if m.cross_view:
+                m.cross_view_attn.sequence_parallel = sp
     return sp
 
 

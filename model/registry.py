@@ -17,16 +17,18 @@ from model.mvdit import MVDiT
 from pipeline.contract.cli import ArgumentParser, UnknownName, entry
 
 PRESETS: dict[str, ModelConfig] = {
-    # tests / CPU smoke runs: a 6-view 9-frame 64x128 step is well under a second on CPU
-    "tiny": ModelConfig(hidden=64, depth=2, heads=4, text_dim=32, controlnet_depth=1, fourier_freqs=4,
-                        bev_stem=(8, 16, 32), pe_base=8.0),
+    # tests / CPU smoke runs: the authors' architecture, small enough to train on 2 CPU cores in minutes
+    "tiny": ModelConfig(hidden=64, depth=2, heads=4, text_dim=32, text_len=64, control_depth=1, cond_heads=4,
+                        box_mid_dim=32, map_stem=(8, 8, 16, 32)),
     # single-GPU experiments
-    "small": ModelConfig(hidden=384, depth=8, heads=6, text_dim=4096, controlnet_depth=4,
-                         bev_stem=(16, 64, 192), pe_base=16.0),
-    # STDiT-3-XL/2 sizes (Open-Sora 1.2) with T5-v1.1-XXL text, as MagicDrive-V2; ControlNet copies
-    # half of the depth as in MagicDrive's map branch
-    "paper": ModelConfig(hidden=1152, depth=28, heads=16, text_dim=4096, controlnet_depth=13),
+    "small": ModelConfig(hidden=384, depth=8, heads=6, control_depth=4, cond_heads=6, box_mid_dim=256),
+    # the authors' MagicDriveSTDiT3-XL/2 of their stage-2/3 configs (loads the released checkpoint)
+    "paper": ModelConfig(),
 }
+
+# Their stage-1 config (images only): no temporal blocks, box / ego-pose tokens averaged over
+# time, no per-box latent. configs/train/*stage1.yaml apply these as model_overrides.
+STAGE1_OVERRIDES = {"temporal": False, "control_temporal": False, "box_sample_id": False, "cond_time_down": "mean"}
 
 
 def build_model(preset: str, **overrides) -> MVDiT:
@@ -49,21 +51,25 @@ def describe(name: str) -> dict:
     """Parameter counts of a preset, built on the meta device (no memory for `paper`)."""
     with torch.device("meta"):
         model = MVDiT(PRESETS[name])  # initialize() only writes meta tensors: nothing is allocated
-    parts = {
-        "total": count_parameters(model),
-        "backbone_blocks": count_parameters(model.blocks),
-        "controlnet": count_parameters(model.controlnet) if model.controlnet is not None else 0,
-        "condition_encoders": sum(count_parameters(m) for m in (model.text_proj, model.camera, model.boxes,
-                                                                model.traj, model.t_embedder)),
+    groups = {
+        "backbone_blocks": ["base_blocks_s", "base_blocks_t"],
+        "controlnet": ["control_blocks_s", "control_blocks_t", "before_proj", "x_control_embedder",
+                       "controlnet_cond_embedder", "controlnet_cond_embedder_temp", "controlnet_cond_patchifier",
+                       "map_attention"],
+        "condition_encoders": ["t_embedder", "t_block", "fps_embedder", "y_embedder", "camera_embedder",
+                               "frame_embedder", "bbox_embedder"],
     }
+    parts = {"total": count_parameters(model)}
+    for part, names in groups.items():
+        parts[part] = sum(count_parameters(getattr(model, n)) for n in names if getattr(model, n, None) is not None)
     return {"preset": name, "config": PRESETS[name].to_dict(), "parameters": parts}
 
 
 @entry
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="mdv2-describe", description=(
-        "Describe the MVDiT presets: parameter counts (total, backbone blocks, BEV ControlNet, "
-        "condition encoders) and the config of each. Models are built on the meta device, so the "
+        "Describe the MVDiT presets: parameter counts (total, backbone blocks, ControlNet with its map "
+        "branch, condition encoders) and the config of each. Models are built on the meta device, so the "
         "1B+ 'paper' preset costs no memory."))
     ap.add_argument("--describe", action="store_true", help="print parameter counts (default action)")
     ap.add_argument("--preset", choices=sorted(PRESETS), action="append",

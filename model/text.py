@@ -7,9 +7,17 @@ Each distinct caption is encoded once; the trainer reads the cache, keyed by sha
     python -m model.text tiny DIR                                   # write a tiny random T5 folder
     python -m model.text build --t5 DIR --captions CAPTIONS.parquet|SHARD_DIR --out CACHE_DIR
 
-Cache layout (CACHE_DIR): index.json {"meta": {...}, "entries": {hash: file}} and shard files
-emb-NNNNN.safetensors holding, per caption hash, its unpadded states (n, D); `get` pads to
-max_length with zeros and returns the mask.
+What the authors' model reads (their encode_text): the T5 states of the batch's longest caption
++ 1 tokens for every caption, padding states included (T5 computes a state at every position;
+the model never masks them). So the cache stores, for every caption, the states of its first
+`stored` = min(max_length, longest caption of the cache + 1) positions, and the token count;
+`get` returns (stored, D) states and the mask of the real tokens. It also holds the object class
+names and "" (the class tokens and base_token of a model trained from scratch:
+`prepare_text_embeddings`).
+
+Cache layout (CACHE_DIR): index.json {"meta": {..., "stored"}, "entries": {hash: file},
+"lengths": {hash: tokens}} and shard files emb-NNNNN.safetensors holding, per caption hash, its
+(stored, D) states.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pipeline.contract import schema
 from pipeline.contract.cli import ArgumentParser, BadInput, InputNotFound, UnknownName, entry
 
 DEFAULT_MAX_LENGTH = 300
@@ -36,13 +45,14 @@ def caption_hash(text: str) -> str:
 
 
 def write_tiny_t5(folder: str | os.PathLike, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, d_kv: int | None = None) -> Path:
     """A tiny random T5 encoder + ByT5 tokenizer saved with save_pretrained (safetensors)."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = ByT5Tokenizer()
-    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_kv or d_model // num_heads,
+                   d_ff=2 * d_model if d_kv is None else 2 * d_kv * num_heads,
                    num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
                    relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
                    eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
@@ -69,13 +79,17 @@ class T5TextEncoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> states (B, max_length, D) (zeros at padding), mask (B, max_length) bool."""
+        """-> states (B, max_length, D) at every position (padding ones too, as the authors' T5 gives
+        them), mask (B, max_length) bool: True = a real token."""
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        mask = mask.bool()
-        return states.float() * mask[..., None], mask
+        return states.float(), mask.bool()
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        tok = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in tok.input_ids]
 
 
 class TextEmbeddingCache:
@@ -99,7 +113,7 @@ class TextEmbeddingCache:
         return caption_hash(text) in self._index["entries"]
 
     def get(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> states (max_length, D) float32 zero-padded, mask (max_length,) bool."""
+        """-> states (stored, D) float32, mask (stored,) bool (True = a real token)."""
         h = caption_hash(text)
         file = self._index["entries"].get(h)
         if file is None:
@@ -108,13 +122,12 @@ class TextEmbeddingCache:
                               f"{self.path}`")
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        states = self._handles[file].get_tensor(h).float()                      # (n, D)
-        L, D = int(self.meta["max_length"]), int(self.meta["dim"])
-        out = torch.zeros(L, D)
-        out[: states.shape[0]] = states
-        mask = torch.zeros(L, dtype=torch.bool)
-        mask[: states.shape[0]] = True
-        return out, mask
+        if "stored" not in self.meta:
+            raise BadInput(f"text cache {self.path} was built by an older version (unpadded states only); rebuild "
+                           "it with `python -m model.text build`")
+        states = self._handles[file].get_tensor(h).float()                      # (stored, D)
+        mask = torch.arange(states.shape[0]) < int(self._index["lengths"][h])
+        return states, mask
 
     def get_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embs, masks = zip(*(self.get(t) for t in texts))
@@ -122,16 +135,23 @@ class TextEmbeddingCache:
 
     def build(self, texts, encoder: T5TextEncoder, batch_size: int = 16, shard_size: int = 1024,
               dtype: torch.dtype = torch.float16, progress: bool = True) -> int:
-        """Encode each distinct caption not yet cached (sorted by hash, so the files are
-        deterministic); returns how many were added."""
+        """Encode each distinct caption not yet cached, and the class names and "" (sorted by hash,
+        so the files are deterministic); returns how many were added."""
+        texts = list(texts) + list(schema.OBJECT_CLASSES) + [""]
+        by_hash = {caption_hash(t): t for t in texts}
+        todo = sorted(h for h in by_hash if h not in self._index["entries"])
+        counts = dict(zip(todo, encoder.token_counts([by_hash[h] for h in todo]))) if todo else {}
+        stored = min(encoder.max_length, max(counts.values(), default=0) + 1)
         meta = {"max_length": encoder.max_length, "dim": encoder.dim, "t5": os.path.basename(encoder.folder.rstrip("/")),
-                "dtype": str(dtype).replace("torch.", "")}
+                "dtype": str(dtype).replace("torch.", ""), "stored": max(stored, int(self.meta.get("stored", 0)))}
         if self.meta and {k: self.meta.get(k) for k in ("max_length", "dim")} != \
                 {k: meta[k] for k in ("max_length", "dim")}:
             raise BadInput(f"text cache {self.path} was built with {self.meta}; this encoder gives {meta}. "
                            "Use a new --out folder.")
-        by_hash = {caption_hash(t): t for t in texts}
-        todo = sorted(h for h in by_hash if h not in self._index["entries"])
+        if self._index["entries"] and meta["stored"] > int(self.meta.get("stored", 0)):
+            raise BadInput(f"text cache {self.path} stores {self.meta.get('stored')} T5 states per caption; the new "
+                           f"captions need {meta['stored']} (longest + 1). Build a new cache (--out NEW) over all captions")
+        stored = meta["stored"]
         self.path.mkdir(parents=True, exist_ok=True)
         n_files = len(set(self._index["entries"].values()))
         bar = tqdm(total=len(todo), desc="T5 captions", disable=not progress)
@@ -139,9 +159,9 @@ class TextEmbeddingCache:
             chunk, tensors = todo[s:s + shard_size], {}
             for b in range(0, len(chunk), batch_size):
                 hs = chunk[b:b + batch_size]
-                states, mask = encoder.encode([by_hash[h] for h in hs])
-                for h, st, m in zip(hs, states, mask):
-                    tensors[h] = st[: int(m.sum())].to(dtype).contiguous().cpu()
+                states, _ = encoder.encode([by_hash[h] for h in hs])
+                for h, st in zip(hs, states):
+                    tensors[h] = st[:stored].to(dtype).contiguous().cpu()
                 bar.update(len(hs))
             name = f"emb-{n_files:05d}.safetensors"
             n_files += 1
@@ -149,10 +169,25 @@ class TextEmbeddingCache:
             self._index["entries"].update({h: name for h in chunk})
         bar.close()
         self._index["meta"] = meta
+        self._index.setdefault("lengths", {}).update(counts)
         tmp = self.path / (INDEX_FILE + ".tmp")
         tmp.write_text(json.dumps(self._index, indent=1, sort_keys=True))
         os.replace(tmp, self.path / INDEX_FILE)
         return len(todo)
+
+
+@torch.no_grad()
+def prepare_text_embeddings(model, embed) -> None:
+    """The authors' prepare_text_embedding for a model trained from scratch: each box class token =
+    the mean over its real tokens of y_proj(T5(class name)), base_token = y_proj(T5(""))'s token.
+    embed(texts) -> (states (B, L, C), mask (B, L)) (train.train.TextSource.embed)."""
+    names = list(schema.OBJECT_CLASSES)
+    states, mask = embed(names + [""])
+    dev = model.base_token.device
+    y = model.y_embedder.y_proj(states.to(dev, model.dtype))                  # (B, L, D)
+    tok = [y[i, : int(mask[i].sum())].float().mean(0) for i in range(len(names) + 1)]
+    model.bbox_embedder._class_tokens.copy_(torch.stack(tok[:-1]))
+    model.base_token.copy_(tok[-1])
 
 
 def read_captions(source: str) -> list[str]:

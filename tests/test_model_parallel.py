@@ -16,7 +16,7 @@ from model.registry import build_model
 
 VARIANTS = [  # (ModelConfig overrides, gradient checkpointing)
     ({"cross_view": "ring"}, True),
-    ({"cross_view": "all", "controlnet_depth": 2}, False),
+    ({"control_depth": 2, "control_cross_view": True}, False),
 ]
 
 
@@ -35,7 +35,7 @@ def _init(rank: int, world: int, port: int) -> None:
 def _model_and_inputs(overrides: dict):
     """Tiny MVDiT with every weight perturbed (at init the zero-init output layers would make
     most gradients zero), and a batch whose latent grid has an odd token count (S = 3 x 5 = 15),
-    so the split pads; sample 1 drops every condition, so the null embeddings get gradients."""
+    so the split pads; sample 1 drops every condition, sample 0 two frames' boxes and ego poses."""
     torch.manual_seed(0)
     model = build_model("tiny", **overrides)
     with torch.no_grad():
@@ -45,9 +45,11 @@ def _model_and_inputs(overrides: dict):
     cond = random_conditions(2, 3, 9, boxes=3, text_len=6, text_dim=32, bev_size=40, generator=g)
     x = torch.randn(2, 3, 16, 3, 6, 10, generator=g)                     # (B, V, C, T', H', W')
     t = torch.rand(2, generator=g)
-    drop = {name: torch.tensor([False, True]) for name in ("text", "camera", "boxes", "traj", "map")}
+    drop_frames = torch.zeros(2, 9, dtype=torch.bool)
+    drop_frames[0, [3, 5]] = True
+    cond = model.draw_box_latent(cond, g)
     target = torch.randn(x.shape, generator=g)
-    return model, (x, t, cond, drop), target
+    return model, (x, t, cond, torch.tensor([False, True]), drop_frames), target
 
 
 def _loss_and_grads(model, inputs, target):
@@ -80,7 +82,7 @@ def _worker(rank: int, world: int, port: int) -> None:
                 err = float((g - ref).abs().max())
                 assert err <= 1e-5 + 1e-4 * float(ref.abs().max()), (overrides, name, err, float(ref.abs().max()))
             # each rank alone holds only part of the gradient (so the reduction is needed)
-            assert float((model.x_embed.weight.grad - ref_grads["x_embed.weight"]).abs().max()) > 0
+            assert float((model.x_embedder.proj.weight.grad - ref_grads["x_embedder.proj.weight"]).abs().max()) > 0
         with pytest.raises(ValueError, match="does not divide"):
             with torch.device("meta"):
                 enable_sequence_parallel(build_model("tiny", heads=1))

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.conditions import CONDITION_NAMES
 from train import flow
 from train.config import DEFAULT_DROP, FlowConfig
-from train.train import condition_drops, step_flops, step_generator
+from train.train import step_flops, step_generator
 from train.video import draw_boxes, grid
 
 
@@ -29,10 +28,10 @@ def test_interpolation_and_target():
 
 
 def test_shift():
-    cfg = FlowConfig()
-    assert flow.shift_factor(cfg, 224, 400, 1) == pytest.approx(1.0)
-    assert flow.shift_factor(cfg, 448, 800, 1) == pytest.approx(2.0)
-    assert flow.shift_factor(cfg, 224, 400, 9) == pytest.approx(3.0)
+    cfg = FlowConfig()   # the authors' timestep_transform: sqrt(H W / 512^2) sqrt(T')
+    assert flow.shift_factor(cfg, 512, 512, 1) == pytest.approx(1.0)
+    assert flow.shift_factor(cfg, 424, 800, 5) == pytest.approx((424 * 800 / 512 ** 2) ** 0.5 * 5 ** 0.5)
+    assert flow.shift_factor(cfg, 1024, 1024, 9) == pytest.approx(6.0)
     t = torch.linspace(0, 1, 11)
     s = flow.shift_time(t, 3.0)
     assert s[0] == 0 and s[-1] == 1 and torch.all(s[1:-1] > t[1:-1]) and torch.all(s.diff() > 0)
@@ -77,19 +76,20 @@ def test_cfg_combines_branches():
     assert torch.allclose(out, torch.ones(2, 4))
 
 
-def test_condition_drop_rates():
-    """15 % each, independently: n = 40000 draws per condition, tolerance 4 sigma (~0.7 %)."""
-    n = 40_000
-    drops = condition_drops(n, DEFAULT_DROP, step_generator(0, 3, 0))
-    tol = 4 * math.sqrt(0.15 * 0.85 / n)
-    for name in ("text", "camera", "boxes", "traj"):
-        assert abs(float(drops[name].float().mean()) - 0.15) < tol, name
-    assert not drops["map"].any()  # the map is never dropped in training; CFG uses its null at inference
-    assert set(drops) == set(CONDITION_NAMES)
-    both = float((drops["text"] & drops["boxes"]).float().mean())
-    assert abs(both - 0.15 ** 2) < 4 * math.sqrt(0.0225 * 0.9775 / n)  # independent
-    again = condition_drops(n, DEFAULT_DROP, step_generator(0, 3, 0))
-    assert all(torch.equal(drops[k], again[k]) for k in drops)  # a pure function of (seed, step, rank)
+def test_condition_drops_follow_the_authors():
+    """All conditions of a sample dropped at drop_all (n = 40000, 4 sigma); in the others exactly
+    int(0.4 (T - 2)) interior frames masked, never the first or the last; a function of the generator."""
+    n, T = 40_000, 17
+    drop_cond, drop_frames = flow.condition_drops(n, T, 0.15, 0.4, step_generator(0, 3, 0))
+    assert abs(float(drop_cond.float().mean()) - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n)
+    kept = ~drop_cond
+    assert (drop_frames[kept].sum(1) == int(0.4 * 15)).all() and not drop_frames[drop_cond].any()
+    assert not drop_frames[:, 0].any() and not drop_frames[:, -1].any()
+    assert drop_frames[kept][:, 1:-1].float().mean(0).min() > 0.3       # every interior frame gets masked
+    again = flow.condition_drops(n, T, 0.15, 0.4, step_generator(0, 3, 0))
+    assert torch.equal(drop_cond, again[0]) and torch.equal(drop_frames, again[1])
+    one = flow.condition_drops(4, 1, 0.0, 0.4, step_generator(0, 3, 0))[1]
+    assert one.shape == (4, 1) and not one.any()                        # images: no frame to mask
 
 
 def test_box_projection_lands_where_the_camera_sees_it():

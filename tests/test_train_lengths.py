@@ -69,7 +69,7 @@ def test_loader_keeps_per_view_boxes_and_per_frame_extrinsics(full_shards):
     z = batch.sample_latents(torch.Generator().manual_seed(0))
     out = m(z, torch.tensor([0.3, 0.7]), cond)
     out.square().mean().backward()
-    assert out.shape == z.shape == (B, V, 16, 4, 4, 8) and m.camera.merge.weight.grad is not None
+    assert out.shape == z.shape == (B, V, 16, 4, 4, 8) and m.frame_embedder.final_proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("lengths,want", [((9, 17), (9, True)), ((17, 33, 25), (17, True)),

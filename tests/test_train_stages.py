@@ -24,7 +24,7 @@ buckets:
   - {height: 32, width: 64, num_frames: 1, batch_size: 4}
   - {height: 32, width: 64, num_frames: 9, batch_size: 2}
 """
-SPATIAL = {"temporal": False, "controlnet_cross_view": False}
+from model.registry import STAGE1_OVERRIDES as SPATIAL  # noqa: E402  (the authors' stage-1 model)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
 
 
 def stage2_config(root: Path) -> TrainConfig:
-    return config(root, "s2", 2, seed=5, model_overrides={"controlnet_cross_view": False}, init_from=str(root / "s1"),
+    return config(root, "s2", 2, seed=5, model_overrides={}, init_from=str(root / "s1"),
                   ema_decay=1.0)
 
 
@@ -76,12 +76,13 @@ def test_stage2_first_step_loss_equals_stage1_final_weights(runs):
                                   False))
     assert log[0]["bucket"] == batch.bucket
     assert log[0]["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
-    # EMA starts from the loaded weights (decay 1.0 keeps it there): spatial block j of stage 1 is
-    # block 2j of stage 2, the inserted temporal blocks are identities (zero output projections)
+    # EMA starts from the loaded weights (decay 1.0 keeps it there): the spatial blocks load by key,
+    # the inserted temporal blocks are identities (zero output projections)
     ema = load_file(str(ckpt.resolve(runs / "s2") / "ema.safetensors"))
     w1 = ckpt.load_weights(src, "model")
-    assert torch.equal(ema["blocks.2.attn.q.weight"], w1["blocks.1.attn.q.weight"])
-    assert not ema["blocks.1.attn.proj.weight"].any() and not ema["blocks.3.mlp.fc2.weight"].any()
+    assert torch.equal(ema["base_blocks_s.1.attn.qkv.weight"], w1["base_blocks_s.1.attn.qkv.weight"])
+    assert not ema["base_blocks_t.0.attn.proj.weight"].any() and not ema["base_blocks_t.1.mlp.fc2.weight"].any()
+    assert "base_blocks_t.0.attn.qkv.weight" not in w1
     assert ModelConfig.from_dict(ckpt.load_config(runs / "s2")["model"]).temporal is True
 
 
@@ -91,12 +92,12 @@ def test_cli_init_from_and_its_errors(runs, capsys):
             "--set", "data.samples_per_chunk=6", "--set", "val_every=0", "--no-progress"]
     s2 = runs / "cli_s2"
     assert main(["--init-from", str(runs / "s1"), "--out", str(s2), "--steps", "1",
-                 "--set", "model_overrides={controlnet_cross_view: false}", *base]) == 0
+                 "--set", "model_overrides={}", *base]) == 0
     assert "init-from" in capsys.readouterr().err
     assert json.loads((s2 / "config.json").read_text())["init_from"] == str(ckpt.resolve(runs / "s1"))
     # going back to a spatial-only model drops the trained temporal blocks: refused, then allowed
     back = ["--init-from", str(s2), "--out", str(runs / "cli_back"), "--steps", "1",
-            "--set", "model_overrides={temporal: false, controlnet_cross_view: false}", *base]
+            "--set", "model_overrides={temporal: false, control_temporal: false}", *base]
     assert main(back) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "--init-allow-drop" in err[-1]

@@ -63,12 +63,14 @@ class Batch:
         return s * (mean + self.latent_std.to(device).float() * eps)
 
     def conditions(self, text: torch.Tensor, text_mask: torch.Tensor, device: torch.device | str = "cpu"):
-        """The model's Conditions on ``device``; the BEV maps travel packed and are unpacked there."""
+        """The model's Conditions on ``device``; the BEV maps travel packed and are unpacked there.
+        model/native.py turns them into the authors' inputs (the one conversion training and sampling use)."""
         from model.conditions import Conditions
         return Conditions(text=text, text_mask=text_mask, intrinsics=self.intrinsics, cam2lidar=self.cam2lidar,
-                          view_boxes=self.view_boxes, box_class=self.box_class, box_mask=self.box_mask,
-                          box_view_mask=self.box_view_mask, traj=self.traj,
-                          bev=unpack_bev(self.bev.to(device)).float()).to(device)
+                          boxes=self.boxes, view_boxes=self.view_boxes, box_class=self.box_class,
+                          box_mask=self.box_mask, box_view_mask=self.box_view_mask, traj=self.traj,
+                          bev=unpack_bev(self.bev.to(device)).float(),
+                          source_intrinsics=self.source_intrinsics).to(device)
 
 
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits' default bit order: first cell = high bit

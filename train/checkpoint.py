@@ -59,8 +59,8 @@ def resolve(path: str | Path) -> Path:
     for cand in (p, p / CKPT_DIR):
         if (cand / LATEST).exists():
             return cand / (cand / LATEST).read_text().strip()
-    if (p / "state.pt").exists():
-        return p
+    if (p / "state.pt").exists() or ((p / "model.safetensors").exists() and (p / "config.json").exists()):
+        return p   # a checkpoint, or an export of weights alone (model.interop.magicdrivedit convert)
     raise InputNotFound(f"{path}: not a checkpoint folder (state.pt) nor a run with {CKPT_DIR}/{LATEST}")
 
 

@@ -47,7 +47,7 @@ class FlowConfig:
     logit_mean: float = 0.0            # logit-normal timestep sampling (SD3 §3.1)
     logit_std: float = 1.0
     shift: bool = True                 # resolution x length shift (Open-Sora 1.2 timestep_transform)
-    shift_base_pixels: int = 224 * 400 # pixels x latent frames at which the shift is 1 (stage-1 images)
+    shift_base_pixels: int = 512 * 512 # the authors' timestep_transform: sqrt(H W / 512^2) sqrt(T')
     shift_scale: float = 1.0
     sample_steps: int = 30             # Euler steps at inference (paper Appendix E)
     cfg_scale: float = 2.0

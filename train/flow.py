@@ -57,6 +57,21 @@ def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torc
     return err.flatten(1).mean(1).mean()
 
 
+def condition_drops(batch: int, frames: int, drop_all: float, frames_ratio: float,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' training drops -> (drop_cond (B,) bool, drop_frames (B, T) bool): every condition
+    of a sample dropped at rate drop_all (classifier-free guidance); in the other samples
+    int(frames_ratio * (T - 2)) interior frames (never the first or the last) have their boxes and
+    ego pose masked."""
+    drop_cond = torch.rand(batch, generator=gen) < drop_all
+    drop_frames = torch.zeros(batch, frames, dtype=torch.bool)
+    k = int(frames_ratio * (frames - 2)) if frames > 2 else 0
+    for b in range(batch):
+        if k and not drop_cond[b]:
+            drop_frames[b, 1 + torch.randperm(frames - 2, generator=gen)[:k]] = True
+    return drop_cond, drop_frames
+
+
 def sample_grid(steps: int, shift: float) -> torch.Tensor:
     """steps + 1 times from 1 to 0 on the shifted grid."""
     return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift)

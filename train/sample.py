@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model.conditions import CONDITION_NAMES, Conditions
+from model.conditions import Conditions
 from pipeline.contract import cli, schema
 from pipeline.contract.shardio import iter_shard
 from train import checkpoint as ckpt
@@ -50,29 +50,16 @@ from train.video import contact_sheet, grid, write_mp4, write_pngs
 
 # ---- the model call (INTERFACES.md B: the `model` branch owns what is inside) -----------------
 
-def cat_conditions(a: Conditions, b: Conditions) -> Conditions:
-    return Conditions(**{f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in fields(Conditions)})
-
-
 def velocity_fn(model, cond: Conditions, cfg_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """v(x, t) for the Euler sampler: THE call of the model in sampling, guidance included.
 
-    x (B, V, 16, T', H', W'), t (B,) -> v = eps - x0, same shape as x. The conditional and the null
-    branch run in one batch; the null branch replaces every condition name by its null (text,
-    camera, boxes, trajectory and the all-zero map) and v = v_null + s (v_cond - v_null).
-    A model that brings its own guidance (INTERFACES.md B: `guided_velocity`) is called as it says."""
-    if hasattr(model, "guided_velocity"):
-        return lambda x, t: model.guided_velocity(x, t, cond, cfg_scale)
+    x (B, V, 16, T', H', W'), t (B,) -> v = eps - x0, same shape as x. With guidance the model runs its
+    conditional and its null branch in one batch (the authors' null branch: null caption, null boxes,
+    learned null camera and ego poses, the map kept: MVDiT.guided_velocity) and combines them as
+    v = v_null + s (v_cond - v_null); s = 1 is the conditional alone (one forward)."""
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, cond)
-    both = cat_conditions(cond, cond)
-    null = torch.arange(2 * cond.batch_size, device=cond.text.device) >= cond.batch_size   # (2B,) second half
-    drop = {name: null for name in CONDITION_NAMES}
-
-    def v(x, t):
-        v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), both, drop).chunk(2)
-        return v_null + cfg_scale * (v_cond - v_null)
-    return v
+    return lambda x, t: model.guided_velocity(x, t, cond, cfg_scale)
 
 
 # ---- processes ----------------------------------------------------------------------------
@@ -223,6 +210,8 @@ class Sampler:
         rt = self.rt
         batch = collate([s], 0, schema.bucket_name(*s["shape"]))
         cond = batch.conditions(*self.text.embed(batch.captions), rt.device)
+        # the authors' sampler: each box's latent drawn once per sample (CPU generator: the same on every rank)
+        cond = self.model.draw_box_latent(cond, torch.Generator().manual_seed(seed + 1))
         shape = batch.latent_shape                                                      # (1, V, 16, T', h, w)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(rt.device)
         v = velocity_fn(self.model, cond, cfg_scale)

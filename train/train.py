@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.conditions import CONDITION_NAMES
 from pipeline.contract import cli
 from train import checkpoint as ckpt
 from train import flow
@@ -63,11 +62,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def condition_drops(batch: int, rates: dict[str, float], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """{name: (B,) bool} with each condition dropped independently at its rate."""
-    return {name: torch.rand(batch, generator=gen) < float(rates.get(name, 0.0)) for name in CONDITION_NAMES}
-
-
 def latent_tokens(model_cfg, latents_shape) -> int:
     b, v, _, tl, h, w = latents_shape
     p = model_cfg.patch
@@ -81,7 +75,7 @@ def step_flops(model_cfg, n_params: int, latents_shape) -> float:
     b, v, _, tl, h, w = latents_shape
     p, d = model_cfg.patch, model_cfg.hidden
     s = math.ceil(h / p) * math.ceil(w / p)
-    pairs = model_cfg.depth + model_cfg.controlnet_depth
+    pairs = model_cfg.depth + model_cfg.control_depth
     attn = 12 * d * pairs * (b * v * tl * s * s + b * v * s * tl * tl)
     return 6.0 * n_params * b * v * tl * s + attn
 
@@ -122,11 +116,14 @@ def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: t
     shift = flow.shift_factor(cfg.flow, h * 8, w * 8, tl)
     t = flow.sample_timesteps(b, cfg.flow, shift, gen)                    # (B,)
     noise = torch.randn(x0.shape, generator=gen)
-    drop = condition_drops(b, cfg.drop if drops else {}, gen)
+    # the authors' drops: all conditions at drop["text"] (their drop_cond_ratio), else 40 % of the
+    # interior frames' boxes and ego poses (their drop_cond_ratio_t)
+    drop_cond, drop_frames = flow.condition_drops(b, cond.num_frames, cfg.drop.get("text", 0.0) if drops else 0.0,
+                                                  0.4 if drops else 0.0, gen)
     x0, noise, t = x0.to(device), noise.to(device), t.to(device)
     xt = flow.interpolate(x0, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(xt, t, cond, {k: v.to(device) for k, v in drop.items()})
+        pred = model(xt, t, cond, drop_cond.to(device), drop_frames.to(device))
     return flow.flow_loss(pred, x0, noise)
 
 
@@ -259,6 +256,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
     stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start, stop_step=cfg.steps)
     text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
+    if not resume and not cfg.init_from:  # from scratch: class tokens and base_token from T5 (theirs)
+        from model.text import prepare_text_embeddings
+        prepare_text_embeddings(model, text.embed)
+        ema.load_state_dict(model.state_dict())
     validator = None
     if topo.dp_rank == 0 and cfg.val_every > 0:  # the whole SP group of rank 0 runs the (split) model
         try:
