@@ -106,7 +106,9 @@ def shard_is_complete(out: str, plan: ShardPlan, record: ShardRecord | None, cfg
 
 
 def dataset_card(out: str, records: list[ShardRecord], quarantined: int, info: dict[str, Any]) -> str:
-    """README.md next to the shards: where the data came from, how it was made, what is in it."""
+    """README.md next to the shards: where the data came from, how it was made, what is in it (and, with
+    info["yield"], the yield per bucket: pipeline/shards/yieldcard.py)."""
+    from pipeline.shards.yieldcard import yield_markdown
     per_bucket: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for r in records:
         b = per_bucket[(r.split, r.bucket)]
@@ -135,6 +137,7 @@ Webdataset shards of multi-view driving clips with CogVideoX-VAE latents, writte
 {rows}
 
 Quarantined items (see `{schema.QUARANTINE_FILE}`): {quarantined}.
+{yield_markdown(info.get("yield"))}
 Each split has a `manifest.parquet` (path, bucket, samples, bytes, sha256, schema version,
 config hash, keys); a reader trusts only shards listed there.
 
