@@ -125,10 +125,12 @@ def sample(ckpt_path: str, vae: str, out: str, data_root: str | None = None, spl
     n_frames = s["view_boxes"].shape[0]
     tb = min(n_frames - 1, t_mid)  # decoded T equals the clip's T for CogVAE (4k+1)
     files.append(contact_sheet(out_dir / "contact_sheet.png", frames[:, t_mid], s["view_boxes"][tb],
-                               s["box_mask"][tb], s["box_class"], s["intrinsics"], s["cam2lidar"][tb], names))
+                               s["box_mask"][tb], s["box_class"], s["intrinsics"], s["cam2lidar"][tb], names,
+                               filled=s["fill_mask"][tb]))
     info = {"key": s["key"], "caption": s["caption"], "steps": steps, "cfg_scale": scale, "weights": weights,
             "seed": seed, "frames": list(frames.shape), "source_frames": source_frames,
             "length_rule": "crop" if n_frames < source_frames else "hold" if n_frames > source_frames else "as is",
+            "filled": np.argwhere(s["fill_mask"]).tolist(),   # [t, v] whose source frame was a repaired drop
             "files": [str(f) for f in files]}
     (out_dir / "sample.json").write_text(json.dumps(info, indent=2))
     return info

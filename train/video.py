@@ -68,16 +68,25 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, intrin
     return np.asarray(img)
 
 
+FILLED_RGB = (255, 40, 40)   # frame and label of a view whose conditions come from a repaired (held) image
+
+
 def contact_sheet(path: str | Path, frames: np.ndarray, view_boxes: np.ndarray, box_mask: np.ndarray,
-                  classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str]) -> Path:
+                  classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str],
+                  filled: np.ndarray | None = None) -> Path:
     """One frame t of every view (frames (V, H, W, 3)) with that frame's boxes, labelled, in a grid.
     Schema 2.0: view v draws its own boxes view_boxes[t, v] (V, N, 7) through its own extrinsics
-    cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects."""
+    cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects.
+    ``filled`` (V,) bool marks the views whose source frame t was a repaired drop (schema 3.0): red frame, label."""
     tiles = []
     for v in range(frames.shape[0]):
         tile = draw_boxes(frames[v], view_boxes[v][box_mask], classes[box_mask], intrinsics[v], cam2lidar[v])
         img = Image.fromarray(tile)
-        ImageDraw.Draw(img).text((2, 1), names[v], fill=(255, 255, 255))
+        mark = filled is not None and bool(filled[v])
+        ImageDraw.Draw(img).text((2, 1), names[v] + (" FILLED" if mark else ""),
+                                 fill=FILLED_RGB if mark else (255, 255, 255))
+        if mark:
+            ImageDraw.Draw(img).rectangle([0, 0, img.width - 1, img.height - 1], outline=FILLED_RGB, width=2)
         tiles.append(np.asarray(img))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def regular_times(rng: np.random.Generator, num_frames: int, t0: int,
 
 
 BURST_LENGTHS = (2, 3)        # burst mode: a drop event loses this many consecutive images of one camera
-BURST3_SHARE = 0.02           # ... 3 with this probability, else 2 (docs/synth.md: why 3-runs must be rare)
+BURST3_SHARE = 0.05           # ... 3 with this probability, else 2 (docs/synth.md: what 3-runs cost long clips)
 
 
 def _burst_drops(rng: np.random.Generator, cand: np.ndarray, k: int, burst3_share: float) -> np.ndarray:
@@ -62,6 +62,7 @@ def _burst_drops(rng: np.random.Generator, cand: np.ndarray, k: int, burst3_shar
     while total < k and tries < 50 * max(k, 1):
         tries += 1
         n = BURST_LENGTHS[1] if rng.random() < burst3_share else BURST_LENGTHS[0]
+        n = min(n, max(BURST_LENGTHS[0], k + 1 - total))   # at most one image beyond k
         a = int(rng.choice(cand))
         lo, hi = max(a - 1, 0), min(a + n + 1, len(drop))
         if a + n > len(drop) or not ok[a:a + n].all() or drop[lo:hi].any():
