@@ -179,6 +179,19 @@ def _facts_star(args):
     return scene_facts(*args)
 
 
+class _Serial:
+    """ProcessPoolExecutor's map in this process (--workers 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
 def make_plan(cfg: PlanConfig) -> Plan:
     from dataclasses import replace
     from tqdm import tqdm
@@ -195,17 +208,19 @@ def make_plan(cfg: PlanConfig) -> Plan:
     try:
         with tqdm(total=len(PER_SCENE + WHOLE), desc="table index", unit="table", disable=not cfg.progress,
                   file=sys.stderr) as bar:
-            index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out or tmp.name,
-                                       progress=lambda name: bar.update(1) or bar.set_postfix_str(name))
+            def tick(name: str) -> None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+            index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out or tmp.name, progress=tick)
         names = sorted(scene_names(index))[:cfg.limit_scenes or None]
         jobs = [(index, cfg.dataroot, n, cfg.check_files) for n in names]
         with tqdm(total=len(jobs), desc="scene timelines", unit="scene", disable=not cfg.progress,
                   file=sys.stderr) as bar:
-            if cfg.workers > 1:
-                with ProcessPoolExecutor(cfg.workers) as pool:
-                    facts = [bar.update(1) or f for f in pool.map(_facts_star, jobs, chunksize=8)]
-            else:
-                facts = [bar.update(1) or _facts_star(j) for j in jobs]
+            facts = []
+            with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else _Serial() as pool:
+                for f in pool.map(_facts_star, jobs, chunksize=8):
+                    facts.append(f)
+                    bar.update(1)
     finally:
         if tmp is not None:
             tmp.cleanup()
