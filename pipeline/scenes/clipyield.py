@@ -25,7 +25,6 @@ from pipeline.scenes.rounds import missing_runs
 
 MAX_FILL_RUN = 2       # default: a view may miss up to 2 consecutive images in a clip
 LOW_YIELD = 0.10       # warn when a bucket keeps less than this share of its possible clips
-REASONS = ("fill_run", "gap", "image_too_small", "same_as_fixed_bucket")
 
 
 class SceneRules:
