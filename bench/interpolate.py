@@ -134,7 +134,7 @@ def main() -> None:
     a = p.parse_args()
     cv2.setNumThreads(1)
     import pyarrow.parquet as pq
-    from pipeline.scenes.bevmap import bev_fast_bits, bev_reference, bits_to_packed, map_geometry
+    from pipeline.scenes.bevmap import bev_fast_bits, bev_grids_packed, bev_reference, map_geometry
     from pipeline.scenes.interpolate import errors_vs_truth, interpolate_boxes, load_keyframe_annotations
     from pipeline.scenes.nuscenes import build_timeline
     from pipeline.scenes.scenestore import build_scene_store, open_scene_store
@@ -147,7 +147,8 @@ def main() -> None:
     t_tl, tl = best(lambda: build_timeline(nusc, name))
     t_ann, ann = best(lambda: load_keyframe_annotations(nusc, [s for s in tl.sample_tokens if s]))
     t_int, ib = best(lambda: interpolate_boxes(ann, tl.timestamps_us, tl.lidar2global, tl.view_timestamps_us))
-    t_bev, packed = best(lambda: bits_to_packed(bev_fast_bits(nusc_map, tl.lidar2global)))
+    t_bev, grids = best(lambda: bev_grids_packed(nusc_map, tl.lidar2global))   # both grids, as the store keeps
+    packed = grids[200]
     out = tempfile.mkdtemp(prefix="bench_interp_out_")
     with Timer() as t_store:
         uri = build_scene_store(root, "v1.0-synth", name, out, nusc=nusc, nusc_map=nusc_map, force=True)
@@ -180,7 +181,8 @@ def main() -> None:
                "baseline_loop_interpolation_s": t_loop.seconds, "baseline_devkit_bev_s": ref_bev_s,
                "baseline_total_s": baseline, "speedup_vs_baseline": baseline / total,
                "interpolation_speedup_vs_loop": t_loop.seconds / t_int.seconds, **acc, "projection_px": proj,
-               "bev_bytes_packed": int(packed.nbytes), "loop_boxes": n_loop}
+               "bev_bytes_packed": int(packed.nbytes), "bev_bytes_packed_400": int(grids[400].nbytes),
+               "loop_boxes": n_loop}
     b, a_ = proj["before"]["all"], proj["after"]["all"]
     summary = (f"20 s scene ({f} frames, {ib.box_mask.sum()} boxes, {ib.view_box_mask.sum()} view boxes): timeline "
                f"{t_tl.seconds:.3f} + annotations {t_ann.seconds:.3f} + interpolation {t_int.seconds:.3f} + BEV "

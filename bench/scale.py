@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock cap of one count's run")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--work", help="output folder (default: a temp folder, removed)")
+    p.add_argument("--drop-rate", type=float, default=0.01, help="when --data is written: images dropped per camera")
+    p.add_argument("--bursts", action="store_true", help="when --data is written: drops in bursts of 2-3 images "
+                                                         "(docs/build.md's yield figures: --drop-rate 0.02 --bursts)")
     a = p.parse_args(argv)
     import ray
     from pipeline.build import _run_scenes
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
     from pipeline.scenes.tableindex import ensure_table_index, read_meta, scene_names
     if not os.path.isdir(os.path.join(a.data, VERSION)):
         from pipeline.synth.scale import write_tables_only
-        write_tables_only(a.data, scenes=max(a.counts), seconds=20.0, progress=True)
+        write_tables_only(a.data, scenes=max(a.counts), seconds=20.0, progress=True, drop_rate=a.drop_rate,
+                          bursts=a.bursts)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-scale-"))
     t0 = time.perf_counter()
     index = ensure_table_index(a.data, VERSION, str(work / "index"))

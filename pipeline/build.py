@@ -41,6 +41,8 @@ from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa:
 from pipeline.shards.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
 from pipeline.shards.write import shard_is_complete  # noqa: E402
 from pipeline.shards.rebuild import input_fingerprint, noop_summary, record_build  # noqa: E402
+from pipeline.scenes.clipyield import YieldReport  # noqa: E402
+from pipeline.shards.yieldcard import build_yield  # noqa: E402
 
 
 # ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
@@ -222,7 +224,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
 
     t0 = time.perf_counter()
     scenes = [open_scene_store(u, heavy=False) for u in store_uris.values()]
-    clips = make_clip_index(scenes, stage, quarantine)
+    report = YieldReport()   # possible / kept / repaired / lost per bucket (pipeline/shards/yieldcard.py)
+    clips = make_clip_index(scenes, stage, quarantine, report)
     write_clip_index(clips, cfg.out)
     summary.clips = dict(Counter(clips.column("bucket").to_pylist()))
     secs["clip_index"] = time.perf_counter() - t0
@@ -260,12 +263,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     for r in records.values():
         summary.samples[r.bucket] = summary.samples.get(r.bucket, 0) + r.samples
         summary.bytes[r.bucket] = summary.bytes.get(r.bucket, 0) + r.bytes
+    summary.yield_report = build_yield(report, {r["key"]: r["bucket"] for r in rows}, set(cap.captions),
+                                       records.values(), _dedupe(quarantine))
     if summary.complete:
         dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
             "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
             "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
             "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
-            "captions": captions, "config_hash": cfg_hash})
+            "captions": captions, "config_hash": cfg_hash, "yield": summary.yield_report})
         if all(p.path in records for p in plans):
             record_build(cfg.out, cfg_hash, fingerprint, [p.path for p in plans], summary)
     return summary

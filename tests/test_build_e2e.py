@@ -193,13 +193,23 @@ def test_damaged_inputs_are_quarantined_and_everything_else_is_written(ref, ray_
     by_stage = {st: sorted(r.item for r in q if r.stage == st) for st in ("scenes", "frames", "encode")}
     assert by_stage["frames"] == sorted(uses(corrupt)) and all(corrupt in r.detail for r in q if r.stage == "frames")
     assert by_stage["encode"] == [nan_key] and all(r.reason == "non_finite_latents" for r in q if r.stage == "encode")
-    clip_rows = [r for r in q if r.stage == "scenes" and r.reason == "frame_missing"]
-    assert sorted(r.item for r in clip_rows) == sorted(uses(missing))
-    file_rows = [r for r in q if r.stage == "scenes" and r.reason == "file_missing"]
-    assert len(file_rows) == 1 and len(q) == len(uses(missing)) + 1 + len(uses(corrupt)) + 1
-    written = sorted(s.key for _, s in _samples(tmp_path / "out"))
-    expected = sorted({r["key"] for r in index} - uses(missing) - uses(corrupt) - {nan_key})
-    assert written == expected and summary.complete and summary.quarantined == len(q)
+    # the missing sweep file is repaired with the nearest image of the same camera: nothing of it is quarantined,
+    # its clips are written with that view-frame filled (schema 3.0)
+    assert by_stage["scenes"] == [] and len(q) == len(uses(corrupt)) + 1
+    samples = {s.key: s for _, s in _samples(tmp_path / "out")}
+    expected = sorted({r["key"] for r in index} - uses(corrupt) - {nan_key})
+    assert sorted(samples) == expected and summary.complete and summary.quarantined == len(q)
+    for key in uses(missing):
+        s = samples[key]
+        assert s.fill_mask.sum() == 1 and not any(missing in row for row in s.meta["frames"])
+        (t, v), = s.meta["filled"]
+        assert s.meta["frames"][t][v] != missing and s.meta["frames"][t][v].split("__")[1] == missing.split("__")[1]
+    assert not any(samples[k].fill_mask.any() for k in expected if k not in uses(missing))
+    y = summary.yield_report["buckets"]
+    assert sum(b["repaired"] for b in y.values()) == len(uses(missing))
+    assert sum(b["written"] for b in y.values()) == len(expected)
+    assert sum(sum(b["lost_after_index"].values()) for b in y.values()) == len(uses(corrupt)) + 1
+    assert "bad_frame" in summary.text() and "non_finite_latents" in summary.text()
 
 
 def test_dataset_card_lists_what_the_manifests_hold(ref):
@@ -216,6 +226,12 @@ def test_dataset_card_lists_what_the_manifests_hold(ref):
             assert f"| {split} | {bucket} | {shards} | {samples} |" in card, (split, bucket)
     assert f"Quarantined items (see `{schema.QUARANTINE_FILE}`): 0." in card
     assert "mdv2-stats" in card and "train.train" in card
+    # the yield of the real run: nothing dropped in the test data, every possible clip written
+    assert "## Yield (clips per bucket)" in card
+    for name, b in summary.yield_report["buckets"].items():
+        assert b["possible"] == b["kept"] == b["written"] and b["repaired"] == 0, (name, b)
+        assert f"| {name} | {b['possible']} | {b['kept']} | 0 | 0 | {b['written']} | 100.0% | - |" in card
+    assert "yield" in summary.text() and "warning" not in summary.text()
 
 
 def test_capacity_plan_matches_the_reference_build(ref, synth_dataset, tmp_path, capsys):

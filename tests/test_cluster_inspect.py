@@ -41,6 +41,22 @@ def test_cli_key_selection_and_errors(shard, capsys):
     assert inspect.main([str(shard) + ".missing"]) == 2
 
 
+def test_filled_view_frames_are_listed_and_framed_in_red(tmp_path, capsys):
+    """mdv2-inspect marks repaired drops: the text lists them, the preview adds the first frame holding one and
+    frames that view in red (only that view)."""
+    shard = write_shards(tmp_path / "out", {(64, 128, 9): 1}, filled=((3, 4), (3, 5), (6, 4)))[0]
+    png = tmp_path / "p.png"
+    assert inspect.main([str(shard), "--png", str(png)]) == 0
+    assert "filled view-frames (repaired drops, fill_mask.npy): 3: t=3 CAM_BACK, t=3 CAM_BACK_LEFT, t=6 CAM_BACK" \
+        in capsys.readouterr().out
+    s = inspect.load_sample(str(shard))
+    assert inspect.preview_frames(9, s.fill_mask) == [0, 3, 4, 8]
+    img = inspect.render_preview(s)
+    red = (img == inspect.FILLED_RGB).all(-1)
+    clean = inspect.render_preview(inspect.load_sample(str(write_shards(tmp_path / "clean", {(64, 128, 9): 1})[0])))
+    assert red.sum() > 4 * 128 and not (clean == inspect.FILLED_RGB).all(-1).any()
+
+
 def test_preview_frames():
     assert inspect.preview_frames(1) == [0]
     assert inspect.preview_frames(9) == [0, 4, 8]

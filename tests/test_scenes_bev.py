@@ -22,8 +22,8 @@ def _rect(x0, x1, y0, y1):
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
 
 
-def _analytic(x0, x1, y0, y1, grow=0.0):
-    x, y = schema.bev_cell_centres()
+def _analytic(x0, x1, y0, y1, grow=0.0, cells=200):
+    x, y = schema.bev_cell_centres(cells)
     return (x > x0 - grow) & (x < x1 + grow) & (y > y0 - grow) & (y < y1 + grow)
 
 
@@ -104,6 +104,36 @@ def test_fast_matches_reference_on_a_moving_window(known_map):
     packed = schema.pack_bev(fast)
     assert packed.shape == (12, 8, 200, 25) and packed.dtype == np.uint8
     np.testing.assert_array_equal(schema.unpack_bev(packed), fast)
+
+
+def test_the_400_grid_puts_known_polygons_at_quarter_metre_cells(known_map):
+    """The 424x800 / 848x1600 grid: 400 x 0.25 m cells over the same 100 m, same orientation; exact at cell
+    centres without growth, devkit-like growth (an eighth of a metre) by default, and its lines 0.6 m wide."""
+    bev = bev_fast(known_map, POSE[None], BevConfig(polygon_grow_m=0.0), cells=400)[0]   # (8, 400, 400)
+    c = schema.MAP_CLASSES.index
+    # edges sit 0.025 m from the nearest quarter-metre cell centres, within the 0.1 m raster's reach: the cells
+    # within 0.05 m of an edge may go either way, all others are exact
+    for name, box in (("drivable_area", (-3.1, 3.1, 10.1, 29.9)), ("walkway", (10.1, 19.9, -4.9, 4.9)),
+                      ("carpark_area", (-39.9, -20.1, -29.9, -10.1))):
+        inner, outer = _analytic(*box, grow=-0.05, cells=400), _analytic(*box, grow=0.05, cells=400)
+        assert (bev[c(name)] >= inner).all() and not (bev[c(name)] & ~outer).any(), name
+    rows, cols = np.nonzero(bev[c("drivable_area")])
+    assert rows.max() < 200 and 187 <= cols.min() and cols.max() <= 212        # ahead, centred
+    grown = bev_fast(known_map, POSE[None], cells=400)[0]
+    g = grown[c("drivable_area")]
+    assert (g >= bev[c("drivable_area")]).all() and g.sum() > bev[c("drivable_area")].sum()
+    assert not (g & ~_analytic(-3.1, 3.1, 10.1, 29.9, grow=0.25, cells=400)).any()
+    line_cols = np.nonzero(bev_fast(known_map, POSE[None], BevConfig(line_offset_m=0.0), cells=400)[0][
+        c("lane_divider")].any(0))[0]
+    # a 0.6 m wide line at x = -20 m (cells 119 | 120 meet there): centred, at most two cells either side
+    assert line_cols.min() + line_cols.max() == 239 and len(line_cols) <= 4, line_cols
+    ref = bev_reference(known_map, POSE[None], 400)[0]
+    for name, box in (("drivable_area", (-3.1, 3.1, 10.1, 29.9)), ("walkway", (10.1, 19.9, -4.9, 4.9))):
+        want = _analytic(*box, grow=0.125, cells=400)   # the devkit marks the cells an edge touches
+        iou = (ref[c(name)] & want).sum() / (ref[c(name)] | want).sum()
+        assert iou > 0.97, (name, iou)
+    iou = per_class_iou(grown[None], ref[None])
+    assert iou["drivable_area"] >= 0.98 and iou["walkway"] >= 0.95, iou
 
 
 def test_polygon_holes_are_cleared_like_the_devkit(tmp_path):

@@ -163,16 +163,19 @@ def test_stores_of_the_old_time_model_are_recomputed(built, tmp_path, monkeypatc
     assert computed and open_scene_store(uri).view_boxes is not None
 
 
-def test_fast_bev_matches_devkit_on_the_synthetic_map(built):
+@pytest.mark.parametrize("cells", [200, 400])
+def test_fast_bev_matches_devkit_on_the_synthetic_map(built, cells):
+    """Both grids (200 x 0.5 m for 224x400, 400 x 0.25 m for 424x800 and 848x1600) against the devkit's
+    get_map_mask at that canvas size."""
     info, out, res = built
     pick = slice(0, 72, 9)
     fast, ref = [], []
     for s in res.summaries:   # both scenes: each car park (with its hole) is in view for a few frames only
         sc = open_scene_store(s["uri"])
         nusc_map = load_map(str(info.root), sc.map_name)
-        fast.append(bev_fast(nusc_map, sc.lidar2global[pick]))
-        np.testing.assert_array_equal(schema.pack_bev(fast[-1]), sc.bev[200][pick])   # the store holds the fast path
-        ref.append(bev_reference(nusc_map, sc.lidar2global[pick]))
+        fast.append(bev_fast(nusc_map, sc.lidar2global[pick], cells=cells))
+        np.testing.assert_array_equal(schema.pack_bev(fast[-1]), sc.bev[cells][pick])   # the store holds it
+        ref.append(bev_reference(nusc_map, sc.lidar2global[pick], cells))
     iou = per_class_iou(np.concatenate(fast), np.concatenate(ref))
     # large polygons: >= 0.98; thin ones (walkways, crossings ~3 m, stop lines ~0.5 m wide) are capped
     # by the devkit's own +-0.25 m vertex rounding (see docs/scenes.md); lines are drawn differently

@@ -75,6 +75,47 @@ def test_cli_regular_rig_and_drop_rate(tmp_path, capsys):
     assert any(p["holes"] for p in m["polygon"])
 
 
+def _camera_rounds(root) -> dict[str, set[int]]:
+    """{channel: recorded image timestamps} from the sample_data table."""
+    import json
+    sd = json.loads((root / "v1.0-synth" / "sample_data.json").read_text())
+    out: dict[str, set[int]] = {}
+    for r in sd:
+        ch = r["filename"].split("/")[1]
+        if ch.startswith("CAM"):
+            out.setdefault(ch, set()).add(int(r["timestamp"]))
+    return out
+
+
+def test_bursts_drop_runs_of_two_or_three_and_tables_only_honours_the_rig_flags(tmp_path):
+    """--bursts: each camera loses its share of images in runs of 2 or 3 consecutive rounds; --tables-only writes
+    the same drops (and the regular rig's none) as the full writer with the same arguments."""
+    from pipeline.scenes.rounds import missing_runs
+    from pipeline.synth.rig import dropped_images
+    from pipeline.synth.scale import write_tables_only
+    kf = np.arange(0, 240, 6)
+    d = dropped_images(np.random.default_rng(0), 240, kf, 0.05, bursts=True, burst3_share=0.5)
+    runs = missing_runs(np.stack([~d[c] for c in sorted(d)], 1))
+    assert {n for _, _, n in runs} == {2, 3} and len(runs) > 12
+    assert not any(d[c][kf].any() or d[c][0] or d[c][-1] for c in d)                   # never a keyframe or an end
+    assert all(round(0.05 * 199) <= d[c].sum() <= round(0.05 * 199) + 1 for c in d)   # the rate, +1 at most
+    single = dropped_images(np.random.default_rng(0), 240, kf, 0.05)
+    assert 1 in {n for _, _, n in missing_runs(np.stack([~single[c] for c in sorted(single)], 1))}
+    kw = dict(scenes=1, seconds=3.0, image_size=(32, 18), seed=4)
+    full = write_dataset(tmp_path / "full", drop_rate=0.1, bursts=True, **kw)
+    tables = write_tables_only(tmp_path / "tables", drop_rate=0.1, bursts=True, **kw)
+    a, b = _camera_rounds(full.root), _camera_rounds(tables.root)
+    assert a == b and sum(map(len, a.values())) < 6 * 36                           # the same images dropped
+    regular = write_tables_only(tmp_path / "regular", rig="regular", drop_rate=0.1, **kw)
+    assert sum(map(len, _camera_rounds(regular.root).values())) == 6 * 36 and regular.rig == "regular"
+
+
+def test_explicit_drops_must_be_non_keyframes(tmp_path):
+    with pytest.raises(ValueError, match="only non-keyframes"):
+        write_dataset(tmp_path / "x", scenes=1, seconds=1.0, image_size=(32, 18), drop_rate=0.0,
+                      drops={"CAM_BACK": [0]})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "1600by900"], "--image-size must look like"),
     (["--image-size", "8x8"], "too small"),
@@ -82,6 +123,7 @@ def test_cli_regular_rig_and_drop_rate(tmp_path, capsys):
     (["--scenes", "0"], "--scenes must be >= 1"),
     (["--map-name", "boston"], "invalid choice"),
     (["--drop-rate", "0.7"], "--drop-rate 0.7 must be in [0, 0.5)"),
+    (["--bursts", "--burst3-share", "2"], "--burst3-share 2.0 must be in [0, 1]"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, argv, message):
     assert main(["--out", str(tmp_path / "x")] + argv) == 2

@@ -51,6 +51,9 @@ class FlowConfig:
     shift_scale: float = 1.0
     sample_steps: int = 30             # Euler steps at inference (paper Appendix E)
     cfg_scale: float = 2.0
+    # loss weight of a view's latent frame whose CogVAE group holds a repaired dropped frame (schema 3.0
+    # fill_mask: a held image of a neighbouring round); 0 = left out of the loss (docs/train.md: why), 1 = as any
+    fill_weight: float = 0.0
 
 
 @dataclass

@@ -51,10 +51,28 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the velocity, averaged per sample then over the batch -> scalar."""
-    err = (pred.float() - velocity_target(x0, noise).float()) ** 2
-    return err.flatten(1).mean(1).mean()
+def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of the velocity, averaged per sample then over the batch -> scalar. ``weight`` (B, V, T')
+    weighs each view's latent frames (``fill_weights``): a weighted mean per sample, so a sample's loss keeps its
+    scale whatever share of it is down-weighted (a sample weighted 0 everywhere adds 0)."""
+    err = (pred.float() - velocity_target(x0, noise).float()) ** 2     # (B, V, C, T', H', W')
+    if weight is None:
+        return err.flatten(1).mean(1).mean()
+    w = weight.to(err.device, err.dtype)[:, :, None, :, None, None].expand_as(err)
+    return ((err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)).mean()
+
+
+def fill_weights(fill_mask: torch.Tensor, latent_frames: int, fill_weight: float) -> torch.Tensor | None:
+    """(B, T, V) bool pixel-frame fill mask -> (B, V, T') loss weights: ``fill_weight`` for a view's latent frame
+    whose CogVAE group holds a repaired frame of that view (frame 0 alone is latent 0, then frames 4k-3..4k are
+    latent k), 1 elsewhere; None when nothing is down-weighted (the plain mean)."""
+    if fill_weight == 1.0 or not bool(fill_mask.any()):
+        return None
+    b, t, v = fill_mask.shape
+    group = torch.tensor([0] + [(i - 1) // 4 + 1 for i in range(1, t)], dtype=torch.long)   # (T,) latent of frame
+    hit = torch.zeros(b, latent_frames, v).index_add_(1, group, fill_mask.float()) > 0        # (B, T', V)
+    return torch.where(hit, float(fill_weight), 1.0).permute(0, 2, 1)                        # (B, V, T')
 
 
 def condition_drops(batch: int, frames: int, drop_all: float, frames_ratio: float,

@@ -257,10 +257,12 @@ def write_sample(out_dir: Path, frames: np.ndarray, latents: torch.Tensor, s: di
     t_mid = frames.shape[1] // 2
     tb = min(s["view_boxes"].shape[0] - 1, t_mid)  # decoded T equals the clip's T for CogVAE (4k+1)
     files.append(contact_sheet(out_dir / "contact_sheet.png", frames[:, t_mid], s["view_boxes"][tb],
-                               s["box_mask"][tb], s["box_class"], s["intrinsics"], s["cam2lidar"][tb], names))
+                               s["box_mask"][tb], s["box_class"], s["intrinsics"], s["cam2lidar"][tb], names,
+                               filled=s["fill_mask"][tb]))
     save_file({"latents": latents.contiguous()}, str(out_dir / "latents.safetensors"))   # (V, 16, T', h, w) scaled
     files.append(out_dir / "latents.safetensors")
-    info = dict(info, frames=list(frames.shape), files=[str(f) for f in files])
+    info = dict(info, frames=list(frames.shape), files=[str(f) for f in files],
+                filled=np.argwhere(s["fill_mask"]).tolist())   # [t, v] whose source frame was a repaired drop
     (out_dir / "sample.json").write_text(json.dumps(info, indent=2))
     return info
 

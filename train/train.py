@@ -124,7 +124,8 @@ def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: t
     xt = flow.interpolate(x0, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         pred = model(xt, t, cond, drop_cond.to(device), drop_frames.to(device))
-    return flow.flow_loss(pred, x0, noise)
+    weight = flow.fill_weights(batch.fill_mask, tl, cfg.flow.fill_weight)   # (B, V, T') or None: repaired drops
+    return flow.flow_loss(pred, x0, noise, weight)
 
 
 @torch.no_grad()

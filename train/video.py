@@ -83,13 +83,17 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, intrin
     return np.asarray(img)
 
 
+FILLED_RGB = (255, 40, 40)   # frame and label of a view whose conditions come from a repaired (held) image
+
+
 def contact_sheet(path: str | Path, frames: np.ndarray, view_boxes: np.ndarray, box_mask: np.ndarray,
                   classes: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray, names: list[str],
-                  title: str = "") -> Path:
+                  title: str = "", filled: np.ndarray | None = None) -> Path:
     """One frame t of every view (frames (V, H, W, 3)) with that frame's boxes, in a grid: each view enlarged to
     at least 320 px wide, its name in a band above it, a header (``title``, wrapped) and a class legend.
     Schema 2.0: view v draws its own boxes view_boxes[t, v] (V, N, 7) through its own extrinsics
-    cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects."""
+    cam2lidar[t, v] (V, 4, 4), both at v's exposure; box_mask[t] (N,) marks the present objects.
+    ``filled`` (V,) bool marks the views whose source frame t was a repaired drop (schema 3.0): red frame, label."""
     from pipeline.contract.schema import OBJECT_CLASSES
     from pipeline.tools import panels
     scale = panels.readable_scale(frames.shape[2])
@@ -98,7 +102,11 @@ def contact_sheet(path: str | Path, frames: np.ndarray, view_boxes: np.ndarray, 
     for v in range(frames.shape[0]):
         tile = draw_boxes(panels.enlarge(frames[v], scale), view_boxes[v][box_mask], classes[box_mask], k[v],
                           cam2lidar[v], width=max(1, scale // 2))
-        tiles.append(panels.labelled(tile, names[v]))
+        mark = filled is not None and bool(filled[v])
+        if mark:   # a view whose conditions come from a repaired (held) image
+            tile = np.asarray(tile).copy()
+            tile[:2], tile[-2:], tile[:, :2], tile[:, -2:] = FILLED_RGB, FILLED_RGB, FILLED_RGB, FILLED_RGB
+        tiles.append(panels.labelled(tile, names[v] + (" (repaired drop)" if mark else "")))
     sheet = grid(np.stack(tiles), cols=min(3, len(tiles)))
     present = sorted({int(c) for c in classes[box_mask]})
     legend = panels.legend_band([(OBJECT_CLASSES[c], CLASS_COLOURS[c % len(CLASS_COLOURS)]) for c in present]

@@ -4,8 +4,12 @@ A bucket is (H, W, T) plus a batch size (read by the trainer) and a clip start s
 Clips of a video bucket start every ``stride`` frames (default T: non-overlapping);
 image buckets (T = 1) take the keyframes; a "full" bucket takes one clip per scene,
 the longest 8k+1 run of usable frames (key and num_frames carry the actual T, the
-bucket name ends in ``_tfull``). A clip needing any frame with ``frame_ok`` False is
-left out and reported as a QuarantineRecord (stage "scenes").
+bucket name ends in ``_tfull``). A clip may hold repaired view-frames (dropped images filled
+from the same camera's nearest round); it is left out, and reported as a QuarantineRecord
+(stage "scenes"), only when a view misses more than the stage's ``max_fill_run`` consecutive
+images (default 2; an optional top-level key of the stage YAML) or it spans a round no camera
+recorded; a video clip that would hold such a run moves past it when the scene has room:
+pipeline/scenes/clipyield.py, which also tallies each bucket's yield.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import yaml
 
 from pipeline.contract import cli, schema, storage
 from pipeline.contract.manifest import QuarantineRecord, read_table, write_table
+from pipeline.scenes.clipyield import MAX_FILL_RUN, BucketYield, SceneRules, YieldReport, attribute
 
 STAGES_DIR = Path(__file__).resolve().parents[2] / "configs" / "stages"   # repo/configs/stages
 FULL = "full"
@@ -41,6 +46,7 @@ class BucketSpec:
 class StageConfig:
     name: str
     buckets: list[BucketSpec]
+    max_fill_run: int = MAX_FILL_RUN   # a clip's view may miss at most this many consecutive images (repaired)
 
 
 def _bucket(d: dict, where: str) -> BucketSpec:
@@ -82,7 +88,13 @@ def load_stage(name_or_path: str) -> StageConfig:
     names = [b.name for b in buckets]
     if len(set(names)) != len(names):
         raise cli.BadInput(f"{path}: duplicate buckets {names}")
-    return StageConfig(name=str(d.get("name", path.stem)), buckets=buckets)
+    unknown = set(d) - {"name", "buckets", "max_fill_run"}
+    if unknown:
+        raise cli.BadInput(f"{path}: unknown keys {sorted(unknown)}; a stage has name, buckets, max_fill_run")
+    run = d.get("max_fill_run", MAX_FILL_RUN)
+    if not isinstance(run, int) or isinstance(run, bool) or run < 0:
+        raise cli.BadInput(f"{path}: max_fill_run {run!r} must be an integer >= 0 (0: no repaired frames)")
+    return StageConfig(name=str(d.get("name", path.stem)), buckets=buckets, max_fill_run=run)
 
 
 def longest_valid_run(ok: np.ndarray) -> tuple[int, int]:
@@ -113,43 +125,71 @@ CLIP_SCHEMA = pa.schema([
 ])
 
 
-def make_clip_index(scenes: Iterable, stage: StageConfig,
-                    quarantine: list[QuarantineRecord] | None = None) -> pa.Table:
+def make_clip_index(scenes: Iterable, stage: StageConfig, quarantine: list[QuarantineRecord] | None = None,
+                    report: YieldReport | None = None) -> pa.Table:
     """Clips of every bucket of ``stage`` from SceneArrays (whole scenes; heavy arrays not needed).
 
-    Clips with unusable frames are skipped and appended to ``quarantine`` when given."""
+    Clips the rules of pipeline/scenes/clipyield.py reject are skipped and appended to ``quarantine`` when
+    given; ``report`` tallies each bucket's possible, kept, repaired and lost clips."""
     rows, seen = [], set()
+    report = report if report is not None else YieldReport()
+    report.max_fill_run = stage.max_fill_run
+
+    def lose(b: BucketSpec, item: str, reason: str, detail: str, n: int = 1) -> None:
+        report.lose(b.name, reason, n)
+        if quarantine is not None:
+            quarantine.append(QuarantineRecord("scenes", item, reason, detail))
+
     for sc in scenes:
         f = sc.num_frames
-        good = sc.frame_ok.all(axis=1)                                     # (F,)
+        rules = SceneRules(sc, stage.max_fill_run)
         w0, h0 = sc.image_size
         for b in stage.buckets:
+            tally: BucketYield = report.bucket(b.name)
+            full = b.num_frames == FULL
+            starts = [] if full else [int(s) for s in clip_starts(f, sc.keyframe, int(b.num_frames), b.stride)]
+            possible = int(f >= 9) if full else len(starts)
+            tally.possible += possible
             if int(round(h0 * b.width / w0)) < b.height:
-                if quarantine is not None:
-                    quarantine.append(QuarantineRecord("scenes", f"{sc.scene_name}/{b.name}", "image_too_small",
-                                                       f"{w0}x{h0} images resized to width {b.width} have fewer "
-                                                       f"than {b.height} rows"))
+                lose(b, f"{sc.scene_name}/{b.name}", "image_too_small", f"{w0}x{h0} images resized to width "
+                     f"{b.width} have fewer than {b.height} rows ({possible} clips)", possible)
                 continue
-            if b.num_frames == FULL:
-                s0, n = longest_valid_run(good)
+            if full:
+                s0, n = rules.longest_usable()
                 t = (n - 1) // 8 * 8 + 1 if n >= 1 else 0
-                if t < 9:
-                    continue  # a "full" clip shorter than 9 frames is no video
+                if t < 9:  # a "full" clip shorter than 9 frames is no video
+                    why = rules.verdict(0, f)
+                    if possible and why:
+                        lose(b, f"{sc.scene_name}/{b.name}", why[0], f"no 9 usable frames in a row: {why[1]}")
+                    continue
                 spans = [(s0, t)]
+            elif int(b.num_frames) == 1:
+                spans = [(s, 1) for s in starts]        # images: the keyframes, none of them ever moves
             else:
                 t = int(b.num_frames)
-                spans = [(int(s), t) for s in clip_starts(f, sc.keyframe, t, b.stride)]
+                placed, rejected = rules.place(f, t, b.stride or t)
+                spans = [(s, t) for s in placed]
+                tally.moved += len(set(placed) - set(starts))
+                for s, reason, detail in rejected:   # every window the rules refused (some clips moved past it)
+                    if quarantine is not None:
+                        quarantine.append(QuarantineRecord("scenes", schema.sample_key(sc.scene_name, s, t, b.height,
+                                                                                       b.width), reason, detail))
+                for reason, n in attribute(possible - len(placed), [r for _, r, _ in rejected]).items():
+                    report.lose(b.name, reason, n)
             for s, t in spans:
                 key = schema.sample_key(sc.scene_name, s, t, b.height, b.width)
                 if key in seen:  # a "full" clip equal to a fixed-T clip of the same size
+                    report.lose(b.name, "same_as_fixed_bucket")
                     continue
-                bad = np.nonzero(~sc.frame_ok[s:s + t])
-                if bad[0].size:
-                    if quarantine is not None:
-                        detail = "; ".join(f"frame {s + i} {sc.views[j]}" for i, j in zip(*bad))
-                        quarantine.append(QuarantineRecord("scenes", key, "frame_missing", detail))
+                why = rules.verdict(s, t)
+                if why:
+                    lose(b, key, *why)
                     continue
                 seen.add(key)
+                tally.kept += 1
+                filled = rules.repaired(s, t)
+                tally.repaired += bool(filled)
+                tally.filled += filled
                 mid = s + t // 2
                 rows.append({"key": key, "split": sc.split, "dataset": sc.dataset, "scene_name": sc.scene_name,
                              "scene_token": sc.scene_token, "start": s, "num_frames": t, "height": b.height,

@@ -112,7 +112,7 @@ def load_keyframe_annotations(nusc, sample_tokens: list[str]) -> KeyframeAnnotat
         present=present, centre=centre, size=size, quat=quat, visibility=vis, num_lidar_pts=nlp, records=records)
 
 
-def _segments(ann: KeyframeAnnotations, ts: np.ndarray, extrapolate_us: int):
+def _segments(ann: KeyframeAnnotations, ts: np.ndarray, extrapolate_us):
     """Per (time, instance): annotation indices (a, b), alpha and presence under the time model above."""
     k, n = ann.key_ts.shape[0], ann.present.shape[1]
     cols = np.arange(n)[None, :]
@@ -137,8 +137,8 @@ def _segments(ann: KeyframeAnnotations, ts: np.ndarray, extrapolate_us: int):
 
 
 def interpolate_global(ann: KeyframeAnnotations, times_us: np.ndarray,
-                       extrapolate_us: int = EXTRAPOLATE_US) -> GlobalBoxes:
-    """Global boxes of every instance at the (S,) times ``times_us``."""
+                       extrapolate_us: int | np.ndarray = EXTRAPOLATE_US) -> GlobalBoxes:
+    """Global boxes of every instance at the (S,) times ``times_us``; ``extrapolate_us`` a scalar or (S,)."""
     ts = np.asarray(times_us, np.int64).reshape(-1)
     n = len(ann.instance_tokens)
     if ann.key_ts.shape[0] == 0 or n == 0:
@@ -180,8 +180,10 @@ def interpolate_boxes(ann: KeyframeAnnotations, timestamps_us: np.ndarray, lidar
         vt = np.asarray(view_timestamps_us, np.int64)                              # (F, V)
         own = interpolate_global(ann, vt, extrapolate_us).mask.reshape(vt.shape + (n,))
         # contract: an object present in the frame (box_mask) has a box in every view, so a view exposed up to
-        # VIEW_SPREAD_US after/before CAM_FRONT may reach that much beyond the extrapolation limit
-        per = interpolate_global(ann, vt, extrapolate_us + VIEW_SPREAD_US)
+        # VIEW_SPREAD_US after/before CAM_FRONT may reach that much beyond the extrapolation limit (a repaired
+        # view-frame, whose image is a neighbouring round's, as far as its exposure is from CAM_FRONT's)
+        spread = np.maximum(VIEW_SPREAD_US, np.abs(vt - np.asarray(timestamps_us, np.int64)[:, None]))  # (F, V)
+        per = interpolate_global(ann, vt, extrapolate_us + spread.reshape(-1))
         vb = per.boxes.reshape(vt.shape + (n, 7))                                  # (F, V, N, 7)
         vm = per.mask.reshape(vt.shape + (n,)) & (own | ref.mask[:, None])          # (F, V, N)
         out.view_boxes, out.view_box_mask = to_lidar(vb, lidar2global, vm), vm

@@ -1,17 +1,21 @@
-"""The 12 Hz frame timeline of a nuScenes scene, read with nuscenes-devkit.
+"""The 12 Hz frame timeline of a nuScenes scene by trigger round, dropped images repaired.
 
-The reference camera (schema.REFERENCE_VIEW, CAM_FRONT) defines the timeline: all
-its sample_data between the scene's first and last keyframe. In nuScenes the 20 Hz
-LiDAR triggers the cameras as it sweeps past them (12 camera rounds per 20 sweeps,
-CAM_FRONT steps of 50 or 100 ms), each camera at its own shutter offset in the round.
-Every other view is paired by *trigger round*: its frame in round i is the one within
-``tolerance`` of CAM_FRONT's time + that view's rig offset (the median over the scene's
-keyframes, whose sample records say which frames belong together). A frame that is
-missing, outside its round's window, already taken by another round, or whose file is
-absent on disk is flagged (``frame_ok`` False) and described in ``problems`` -- never
-silently replaced by a neighbour. A CAM_FRONT step longer than the rig's longest step
-(``RIG_MAX_STEP_US`` + slack) means a dropped CAM_FRONT frame: the frame after the hole
-is flagged ``gap`` so that no clip spans it.
+In nuScenes the 20 Hz LiDAR triggers the cameras as it sweeps past them (12 camera rounds per 20
+sweeps, CAM_FRONT steps of 50 or 100 ms), each camera at its own shutter offset in the round. A row of
+the timeline is one trigger round from the scene's first to its last keyframe: every CAM_FRONT image,
+plus the rounds whose CAM_FRONT image was dropped but whose other cameras recorded them (their reference
+time is the round's trigger: its LIDAR_TOP sweep minus CAM_FRONT's lead; pipeline/scenes/rounds.py).
+Every view is paired by round: its image in round i is the one within ``tolerance`` of the round's
+time + that view's rig offset (the median over the scene's keyframes, whose sample records say which
+images belong together).
+
+An image that is missing, outside its round's window, already taken by another round, or whose file is
+absent on disk (``frame_ok`` False, described in ``problems``) is repaired: the view takes the nearest
+recorded image of the same camera (previous or next round, the closer in time; ``fill_from``), and its
+path, exposure time and ego pose -- hence its boxes and extrinsics downstream -- are that image's. Only
+a round no camera recorded is a ``gap`` (a CAM_FRONT-time step above ``RIG_MAX_STEP_US`` + slack):
+no clip spans it. Which clips may hold how many repaired frames is the clip index's rule
+(pipeline/scenes/clipyield.py).
 
 Scene splits: v1.0-trainval/test/mini use the devkit's official lists
 (nuscenes.utils.splits). Any other version (synthetic or custom data) uses the
@@ -32,6 +36,7 @@ import numpy as np
 
 from pipeline.contract import cli, schema
 from pipeline.contract.geometry import invert_transform, make_transform
+from pipeline.scenes.rounds import dropped_front_rounds, interpolate_pose, nearest_fill, trigger_time
 
 DEFAULT_TOLERANCE_S = 0.02  # a view's frame lies within 20 ms of its expected time in the round (rounds >= 50 ms apart)
 RIG_MAX_STEP_US = 100_000   # the lidar-triggered rig's longest CAM_FRONT step (2 sweeps at 20 Hz)
@@ -45,6 +50,7 @@ class FrameProblem:
     view: str
     reason: str   # "no_match" | "reused" | "file_missing" | "gap"
     detail: str
+    filled_from: int = -1   # round whose image of the same camera repairs it (-1: not repaired)
 
 
 @dataclass
@@ -204,73 +210,120 @@ def _match_view(ref_ts: np.ndarray, chain: list[dict], tol_us: int, view: str, k
     return tokens, dt
 
 
+def _lidar_lead(nusc, sample_tokens: list[str]) -> float:
+    """CAM_FRONT's median lead on the LIDAR_TOP sweep that triggers its round (a keyframe's sample time is
+    that sweep's), in us."""
+    leads = [s["timestamp"] - nusc.get("sample_data", s["data"][schema.REFERENCE_VIEW])["timestamp"]
+             for s in (nusc.get("sample", t) for t in sample_tokens)]
+    return float(np.median(leads)) if leads else 0.0
+
+
 def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
                    tolerance_s: float = DEFAULT_TOLERANCE_S, check_files: bool = True) -> Timeline:
-    """The scene's 12 Hz reference frames, per-view matches, poses and calibration."""
+    """The scene's 12 Hz trigger rounds, per-view images (dropped ones repaired), poses and calibration."""
     scene = find_scene(nusc, scene_name)
     log = nusc.get("log", scene["log_token"])
     first = nusc.get("sample", scene["first_sample_token"])
     last = nusc.get("sample", scene["last_sample_token"])
     ref = schema.REFERENCE_VIEW
-    for v in views:
+    for v in (*views, ref):
         if v not in first["data"]:
             raise KeyError(f"scene {scene_name}: sample has no {v} data (has {sorted(first['data'])})")
-    chain = _channel_chain(nusc, first["data"][ref])
+    chains = {v: _channel_chain(nusc, first["data"][v]) for v in dict.fromkeys((*views, ref))}
     t0 = nusc.get("sample_data", first["data"][ref])["timestamp"]
     t1 = nusc.get("sample_data", last["data"][ref])["timestamp"]
-    ref_chain = [r for r in chain if t0 <= r["timestamp"] <= t1]
-    ref_ts = np.array([r["timestamp"] for r in ref_chain], dtype=np.int64)  # (F,)
-    f = len(ref_chain)
-    keyframe = np.array([bool(r["is_key_frame"]) for r in ref_chain])
-    sample_tokens = [r["sample_token"] if r["is_key_frame"] else "" for r in ref_chain]
-    problems: list[FrameProblem] = []
+    front = [r for r in chains[ref] if t0 <= r["timestamp"] <= t1]
+    front_ts = np.array([r["timestamp"] for r in front], dtype=np.int64)
+    key_tokens = [r["sample_token"] for r in front if r["is_key_frame"]]
     tol_us = int(round(tolerance_s * 1e6))
+    problems: list[FrameProblem] = []
 
     # each view's shutter offset in a round, from the keyframes (a sample's records are one round)
-    offsets = rig_offsets(nusc, [s for s in sample_tokens if s], views)            # (V,)
+    offsets = rig_offsets(nusc, key_tokens, views)                                  # (V,)
+    # rounds whose CAM_FRONT image was dropped, from the other views' images; timed by their LiDAR trigger
+    others = [np.array([r["timestamp"] for r in chains[v]], np.int64) - offsets[j]
+              for j, v in enumerate(views) if v != ref]
+    lidar = _channel_chain(nusc, first["data"][schema.LIDAR_CHANNEL])
+    extra = trigger_time(dropped_front_rounds(front_ts, others, tol_us, RIG_MAX_STEP_US + GAP_SLACK_US),
+                         np.array([r["timestamp"] for r in lidar], np.int64), _lidar_lead(nusc, key_tokens), tol_us)
+    ref_ts = np.sort(np.concatenate([front_ts, extra]))                             # (F,)
+    f, nv = len(ref_ts), len(views)
+    front_row = np.searchsorted(ref_ts, front_ts)                                   # CAM_FRONT image -> its row
+    keyframe = np.zeros(f, bool)
+    keyframe[front_row] = [bool(r["is_key_frame"]) for r in front]
+    sample_tokens = [""] * f
+    for i, r in zip(front_row, front):
+        sample_tokens[i] = r["sample_token"] if r["is_key_frame"] else ""
     v_tokens: dict[str, list[str | None]] = {}
     for j, v in enumerate(views):
         if v == ref:
-            v_tokens[v] = [r["token"] for r in ref_chain]
+            v_tokens[v] = [None] * f
+            for i, r in zip(front_row, front):
+                v_tokens[v][i] = r["token"]
+            for i in np.flatnonzero(~np.isin(np.arange(f), front_row)):
+                problems.append(FrameProblem(int(i), v, "no_match", f"no {v} image in this trigger round: the image "
+                                             f"was not recorded; the round (t={ref_ts[i]}) is rebuilt from the other "
+                                             f"views' images and its {schema.LIDAR_CHANNEL} sweep"))
             continue
         key_sd = {i: nusc.get("sample", s)["data"][v] for i, s in enumerate(sample_tokens) if s}
-        v_tokens[v], _ = _match_view(ref_ts + offsets[j], _channel_chain(nusc, first["data"][v]), tol_us, v, key_sd,
-                                     problems)
-    frame_ok = np.ones((f, len(views)), dtype=bool)
-    paths = np.empty((f, len(views)), dtype=object)
-    view_ts = ref_ts[:, None] + offsets[None, :]                                     # (F, V) expected, then actual
-    view_ego: list[list[str | None]] = [[None] * len(views) for _ in range(f)]
-    for j, v in enumerate(views):
-        for i, tok in enumerate(v_tokens[v]):
-            rec = nusc.get("sample_data", tok) if tok else None
-            paths[i, j] = rec["filename"] if rec else ""
-            frame_ok[i, j] = tok is not None
-            if rec:
-                view_ts[i, j], view_ego[i][j] = rec["timestamp"], rec["ego_pose_token"]
+        v_tokens[v], _ = _match_view(ref_ts + offsets[j], chains[v], tol_us, v, key_sd, problems)
+
+    recorded = np.array([[v_tokens[v][i] is not None for v in views] for i in range(f)], bool).reshape(f, nv)
+    recs = [[nusc.get("sample_data", v_tokens[v][i]) if recorded[i, j] else None for j, v in enumerate(views)]
+            for i in range(f)]
+    paths = np.array([[r["filename"] if r else "" for r in row] for row in recs], dtype=object).reshape(f, nv)
+    expected = ref_ts[:, None] + offsets[None, :]                                   # (F, V)
+    view_ts = np.array([[r["timestamp"] if r else expected[i, j] for j, r in enumerate(row)]
+                        for i, row in enumerate(recs)], np.int64).reshape(f, nv)
+    ego_tok = [[r["ego_pose_token"] if r else None for r in row] for row in recs]
+    if check_files:
+        for i, j in zip(*np.nonzero(recorded)):
+            if not os.path.exists(os.path.join(nusc.dataroot, paths[i, j])):
+                recorded[i, j] = False
+                problems.append(FrameProblem(int(i), views[j], "file_missing", f"{paths[i, j]} is listed in "
+                                             f"sample_data but absent under {nusc.dataroot}"))
+    # repair: a missing image takes the nearest recorded image of the same camera, at that image's exposure
+    fill_from = nearest_fill(recorded, expected, view_ts)                           # (F, V)
+    src = {(p.frame, p.view): p for p in problems}
+    for i, j in zip(*np.nonzero(~recorded)):
+        k = int(fill_from[i, j])
+        if k >= 0:
+            paths[i, j], view_ts[i, j], ego_tok[i][j] = paths[k, j], view_ts[k, j], ego_tok[k][j]
+            p = src[(int(i), views[j])]
+            p.filled_from = k
+            p.detail += f"; repaired with its frame {k} image {paths[k, j]} (at that image's exposure)"
     gap = np.zeros(f, bool)
     if f > 2:
         steps = np.diff(ref_ts)
         for i in np.nonzero(steps > RIG_MAX_STEP_US + GAP_SLACK_US)[0]:
-            # clips must not span a hole in the reference stream: the frame after it is flagged
-            frame_ok[i + 1, views.index(ref) if ref in views else 0] = False
-            gap[i + 1] = True
+            gap[i + 1] = True   # no camera recorded a round here: no clip may span the hole
             problems.append(FrameProblem(int(i + 1), ref, "gap", f"{steps[i] / 1000:.0f} ms since the previous "
-                                         f"{ref} frame (the rig's rounds are at most {RIG_MAX_STEP_US / 1000:.0f} ms "
-                                         f"apart): a frame is missing"))
-    if check_files:
-        for i, j in zip(*np.nonzero(frame_ok)):
-            if not os.path.exists(os.path.join(nusc.dataroot, paths[i, j])):
-                frame_ok[i, j] = False
-                problems.append(FrameProblem(int(i), views[j], "file_missing", f"{paths[i, j]} is listed in "
-                                             f"sample_data but absent under {nusc.dataroot}"))
+                                         f"round (the rig's rounds are at most {RIG_MAX_STEP_US / 1000:.0f} ms apart) "
+                                         f"and no camera recorded a round in between"))
 
-    ref_sd = [nusc.get("sample_data", r["token"]) for r in ref_chain]
-    ego = _ego_poses(nusc, [r["ego_pose_token"] for r in ref_sd])                  # (F, 4, 4) ego->global
-    # each view frame's own ego pose; a missing frame (flagged) borrows its round's CAM_FRONT pose
-    ego_tok = [[t or ref_sd[i]["ego_pose_token"] for t in row] for i, row in enumerate(view_ego)]
-    view_ego2global = _ego_poses(nusc, [t for row in ego_tok for t in row]).reshape(f, len(views), 4, 4)
-    lidar_sd = nusc.get("sample_data", first["data"][schema.LIDAR_CHANNEL])
-    lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
+    # LiDAR(t): CAM_FRONT's ego pose at its exposure; a rebuilt round's pose is interpolated at its time
+    pose_sd = sorted(((r["timestamp"], r["ego_pose_token"]) for ch in chains.values() for r in ch), key=lambda x: x)
+    ref_ego = [None] * f
+    for i, r in zip(front_row, front):
+        ref_ego[i] = r["ego_pose_token"]
+    ego = np.empty((f, 4, 4))
+    have = np.array([t is not None for t in ref_ego], bool)
+    if have.any():
+        ego[have] = _ego_poses(nusc, [t for t in ref_ego if t is not None])
+    if not have.all():
+        near = _near_poses(pose_sd, ref_ts[~have])
+        ego[~have] = interpolate_pose(np.array([t for t, _ in near]), _ego_poses(nusc, [k for _, k in near]),
+                                      ref_ts[~have])
+    # a view with no image at all (fill_from -1) borrows its round's pose; no clip uses it
+    lost = [(i, j) for i, j in zip(*np.nonzero(fill_from < 0))]
+    tokens = [t for row in ego_tok for t in row if t is not None]
+    view_ego2global = np.empty((f, nv, 4, 4))
+    flat = _ego_poses(nusc, tokens) if tokens else np.zeros((0, 4, 4))
+    it = iter(flat)
+    for i in range(f):
+        for j in range(nv):
+            view_ego2global[i, j] = next(it) if ego_tok[i][j] is not None else ego[i]
+    lidar_cs = nusc.get("calibrated_sensor", lidar[0]["calibrated_sensor_token"])
     lidar2ego = _pose(lidar_cs)
     lidar2global = ego @ lidar2ego                                                       # (F, 4, 4)
     ego2lidar = invert_transform(lidar2ego)
@@ -289,14 +342,21 @@ def build_timeline(nusc, scene_name: str, views: tuple[str, ...] = schema.VIEWS,
         scene_name=scene["name"], scene_token=scene["token"], description=scene.get("description", ""),
         map_name=log["location"], views=list(views), image_size=(int(ref_rec["width"]), int(ref_rec["height"])),
         timestamps_us=ref_ts, keyframe=keyframe, sample_tokens=sample_tokens, frame_paths=paths,
-        frame_ok=frame_ok, lidar2global=lidar2global, intrinsics=np.stack(intrinsics),
-        cam2lidar=ego2lidar[None] @ cam2ego, view_timestamps_us=view_ts.astype(np.int64),
+        frame_ok=recorded, lidar2global=lidar2global, intrinsics=np.stack(intrinsics),
+        cam2lidar=ego2lidar[None] @ cam2ego, view_timestamps_us=view_ts,
         view_ego2global=view_ego2global, cam2ego=cam2ego, rig_offsets_us=offsets, problems=problems,
-        source_sizes=np.asarray(sizes, np.int64).reshape(-1, 2), gap=gap,
-        fill_from=np.where(frame_ok, np.arange(f)[:, None], -1),
-        records={"scene": scene, "log": log, "ref_ego": [r["ego_pose_token"] for r in ref_sd],
+        source_sizes=np.asarray(sizes, np.int64).reshape(-1, 2), fill_from=fill_from, gap=gap,
+        records={"scene": scene, "log": log, "ref_ego": ref_ego, "ref_ts": ref_ts.tolist(),
                  "view_ego": ego_tok, "view_ts": view_ts.tolist(), "lidar_cs": lidar_cs, "cams": cams,
-                 "paths": paths.tolist(), "ok": frame_ok.tolist()})
+                 "paths": paths.tolist(), "ok": recorded.tolist(), "fill": fill_from.tolist(), "lost": lost})
+
+
+def _near_poses(pose_sd: list[tuple[int, str]], times: np.ndarray) -> list[tuple[int, str]]:
+    """The (timestamp, ego_pose token) pairs bracketing each time, sorted by time (deduplicated)."""
+    ts = np.array([t for t, _ in pose_sd], np.int64)
+    k = np.searchsorted(ts, times)
+    pick = sorted({int(i) for kk in k for i in (kk - 1, kk) if 0 <= i < len(ts)})
+    return [pose_sd[i] for i in pick]
 
 
 def _ego_poses(nusc, tokens: list[str]) -> np.ndarray:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline.contract import cli, manifest
 from pipeline.scenes.bevmap import BevConfig
 from pipeline.scenes.buckets import clip_counts, load_stage, make_clip_index, write_clip_index
+from pipeline.scenes.clipyield import YieldReport
 from pipeline.contract.manifest import QuarantineRecord
 from pipeline.scenes.mapcrop import MapCropper
 from pipeline.scenes.nuscenes import DEFAULT_TOLERANCE_S, check_tables, load_nuscenes
@@ -55,6 +56,7 @@ class ScenesResult:
     clip_counts: dict[str, int]
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     seconds: float = 0.0
+    yield_report: YieldReport | None = None   # per bucket possible / kept / repaired / lost (with a stage)
 
     @property
     def frames(self) -> int:
@@ -87,9 +89,10 @@ def list_scenes(dataroot: str, version: str, index: str | None = None) -> list[s
 
 
 def problem_records(summary: dict) -> list[QuarantineRecord]:
-    """Quarantine rows for a scene's timeline problems ({"scene": name, "problems": [...]})."""
+    """Quarantine rows for a scene's timeline problems ({"scene": name, "problems": [...]}) that were not repaired
+    (a dropped image filled from the same camera's nearest round loses nothing: the yield report counts it)."""
     return [QuarantineRecord(STAGE, f"{summary['scene']}/frame{p['frame']:04d}/{p['view']}", p["reason"], p["detail"])
-            for p in summary["problems"]]
+            for p in summary["problems"] if p.get("filled_from", -1) < 0]
 
 
 
@@ -125,14 +128,16 @@ def process_scenes(cfg: ScenesConfig) -> ScenesResult:
                 done(futures[fut], fut.result)
     bar.close()
     ordered = [summaries[n] for n in names if n in summaries]
-    index_uri, counts = None, {}
+    index_uri, counts, report = None, {}, None
     if stage is not None:
         scenes = [open_scene_store(s["uri"], heavy=False) for s in ordered]
-        table = make_clip_index(scenes, stage, quarantine)
+        report = YieldReport()
+        table = make_clip_index(scenes, stage, quarantine, report)
         index_uri, counts = write_clip_index(table, cfg.out), clip_counts(table)
     quarantine.sort(key=lambda r: (r.stage, r.item, r.reason))
     return ScenesResult(stores=[s["uri"] for s in ordered], summaries=ordered, clip_index=index_uri,
-                        clip_counts=counts, quarantine=quarantine, seconds=time.perf_counter() - t0)
+                        clip_counts=counts, quarantine=quarantine, seconds=time.perf_counter() - t0,
+                        yield_report=report)
 
 
 def write_quarantine(out: str, records: list[QuarantineRecord]) -> str:
@@ -148,6 +153,8 @@ def summary_text(res: ScenesResult) -> str:
     if res.clip_index:
         lines.append(f"clips: {sum(res.clip_counts.values())} -> {res.clip_index}")
         lines += [f"  {b}: {n}" for b, n in res.clip_counts.items()]
+    if res.yield_report is not None:
+        lines += res.yield_report.lines()
     if res.quarantine:
         reasons: dict[str, int] = {}
         for r in res.quarantine:

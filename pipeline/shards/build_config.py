@@ -52,7 +52,7 @@ class BuildConfig:
     def _stage_dict(self) -> dict:
         from pipeline.scenes.buckets import load_stage
         st = load_stage(self.stage)
-        return {"name": st.name, "buckets": [asdict(b) for b in st.buckets]}
+        return {"name": st.name, "buckets": [asdict(b) for b in st.buckets], "max_fill_run": st.max_fill_run}
 
 
 @dataclass
@@ -68,6 +68,7 @@ class BuildSummary:
     seconds: dict = field(default_factory=dict)        # stage -> wall seconds (and worker seconds)
     windows: dict = field(default_factory=dict)        # frame windows: calls, peak bytes (pipeline.shards.windows)
     complete: bool = True
+    yield_report: dict = field(default_factory=dict)   # per bucket possible/kept/repaired/written/lost (yieldcard)
 
     def text(self) -> str:
         lines = [f"scenes {self.scenes}; shards {self.shards_total} ({self.shards_written} written, "
@@ -76,6 +77,8 @@ class BuildSummary:
                  f"{'bucket':<22}{'clips':>7}{'samples':>9}{'MB':>9}"]
         for b in sorted(self.clips):
             lines.append(f"{b:<22}{self.clips[b]:>7}{self.samples.get(b, 0):>9}{self.bytes.get(b, 0) / 1e6:>9.2f}")
+        from pipeline.shards.yieldcard import yield_lines
+        lines += yield_lines(self.yield_report)
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

@@ -16,6 +16,7 @@ import yaml
 from pipeline.contract import schema, storage
 from pipeline.contract.manifest import ShardRecord, read_manifest, read_quarantine
 from pipeline.shards.cardinfo import META_DOC, dataset_info, front_matter
+from pipeline.shards.yieldcard import yield_markdown
 
 SNIPPET_HEADING = "### Decoding with numpy only"
 
@@ -164,6 +165,7 @@ view, cameras, ego trajectory, BEV map, caption), written by `pipeline/build.py`
 {rows}
 
 Quarantined items (see `{schema.QUARANTINE_FILE}`): {info['quarantined']}.
+{yield_markdown(b.get('yield'))}
 Each split has a `manifest.parquet` (path, bucket, samples, bytes, sha256, schema version, config hash,
 keys); a reader trusts only shards listed there. Shards: `{info['shard_template']}`.
 

@@ -3,7 +3,11 @@
     mdv2-plan --config stage1 --dataroot /data/nuscenes --version v1.0-trainval [--out OUT] [--json PLAN.json]
 
 For the dataroot's scenes and the stage's buckets it prints clips and samples per bucket, shards,
-bytes on disk, VAE TFLOPs, GPU-hours and decode CPU-hours. How:
+bytes on disk (and those of the BEV maps: the 400 x 400 grids of the buckets from 424 rows are 4x the
+200 x 200 ones), VAE TFLOPs, GPU-hours and decode CPU-hours, then the yield of every bucket: clips
+possible on the scenes' length, kept, repaired (holding a dropped image filled from the same camera's
+nearest round), lost and why, with a warning line for each bucket that would be empty or keep less
+than 10 % of its possible clips (pipeline/scenes/clipyield.py). How:
 - tables: the per-scene table index (pipeline/scenes/tableindex.py; under --out it is the one the build
   reuses), then each scene's 12 Hz timeline by the build's own code (pipeline/scenes/nuscenes.py) and the
   clips by the build's own ``make_clip_index`` and ``plan_shards``, so clip and shard counts are the
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline.contract import cli, schema
+from pipeline.scenes.clipyield import YieldReport
 from pipeline.scenes.nuscenes import check_tables
 
 FLOP_PER_PIXEL_FRAME = 9.26e6      # bench/encode.py flop_per_pixel_frame() on the CogVideoX-2b VAE
@@ -55,6 +60,8 @@ class PlanConfig:
     workers: int = 1
     check_files: bool = False
     limit_scenes: int | None = None
+    max_fill_run: int | None = None    # None: the stage config's (default 2)
+    progress: bool = True
 
 
 @dataclass
@@ -63,6 +70,7 @@ class BucketPlan:
     samples: int = 0
     shards: int = 0
     bytes: int = 0                     # with the member table of this checkout
+    bev_bytes: int = 0                 # of which bev.npy (G x G bit-packed, G of the bucket)
     pixel_frames: int = 0              # encoded
     decode_frames: int = 0             # source frames (x views) its clips need; shared per resolution
 
@@ -76,6 +84,7 @@ class Plan:
     decode_cpu_hours: float
     seconds: float
     assumptions: dict = field(default_factory=dict)
+    yield_report: dict = field(default_factory=dict)   # clipyield.YieldReport.as_dict()
 
     @property
     def total(self) -> BucketPlan:
@@ -86,24 +95,40 @@ class Plan:
         return t
 
     def text(self) -> str:
-        lines = [f"{'bucket':<22}{'clips':>9}{'samples':>9}{'shards':>8}{'GB':>10}"
+        lines = [f"{'bucket':<22}{'clips':>9}{'samples':>9}{'shards':>8}{'GB':>10}{'BEV GB':>9}{'grid':>6}"
                  f"{'Gpix-frames':>13}{'decoded':>10}"]
         for name, b in list(sorted(self.buckets.items())) + [("total", self.total)]:
+            grid = str(schema.bev_grid(int(name.split("x")[0]))[0]) if name != "total" else ""
             lines.append(f"{name:<22}{b.clips:>9}{b.samples:>9}{b.shards:>8}{b.bytes / 1e9:>10.3f}"
-                         f"{b.pixel_frames / 1e9:>13.2f}{b.decode_frames:>10}")
+                         f"{b.bev_bytes / 1e9:>9.3f}{grid:>6}{b.pixel_frames / 1e9:>13.2f}{b.decode_frames:>10}")
+        lines.append(bev_cost_line(self.buckets))
         a = self.assumptions
         lines.append(f"scenes {self.scenes}; VAE {self.tflops:,.1f} TFLOP -> {self.gpu_hours:.3g} GPU-hours at "
                      f"{a['gpu_efficiency']:.0%} of {a['gpu_peak_tflops']:g} TFLOP/s; decode "
                      f"{self.decode_cpu_hours:.3g} CPU-hours at {a['decode_fps_per_core']:g} frames/s per core "
                      f"(424x800); planned in {self.seconds:.1f} s")
+        if self.yield_report:
+            lines += [""] + YieldReport.from_dict(self.yield_report).lines()
         return "\n".join(lines)
 
 
-def _member_bytes(dims: dict, store_std: bool) -> int:
+def bev_cost_line(buckets: dict[str, BucketPlan]) -> str:
+    """What the 400 x 400 BEV grids cost: 4x the bytes per frame of the 200 x 200 ones, still bit-packed."""
+    big = {n: b for n, b in buckets.items() if schema.bev_grid(int(n.split("x")[0]))[0] == schema.BEV_LARGE_CELLS}
+    total, bev = sum(b.bytes for b in buckets.values()), sum(b.bev_bytes for b in buckets.values())
+    per = {g: len(schema.MAP_CLASSES) * g * schema.bev_packed_cols(g) for g, _ in schema.BEV_GRIDS}
+    return (f"BEV maps, bit-packed: {per[schema.BEV_CELLS] / 1e3:g} kB per frame at {schema.BEV_CELLS}x"
+            f"{schema.BEV_CELLS} x {schema.BEV_RESOLUTION_M} m, {per[schema.BEV_LARGE_CELLS] / 1e3:g} kB (4x) at "
+            f"{schema.BEV_LARGE_CELLS}x{schema.BEV_LARGE_CELLS} x {schema.BEV_LARGE_RESOLUTION_M} m (buckets from "
+            f"{schema.BEV_LARGE_MIN_HEIGHT} rows: {len(big)} here, {sum(b.bev_bytes for b in big.values()) / 1e9:.3f}"
+            f" GB); all BEV {bev / 1e9:.3f} GB = {bev / max(total, 1):.1%} of the shards")
+
+
+def _member_bytes(dims: dict, store_std: bool, only: str | None = None) -> int:
     shapes = {m.name: (m.dtype, m.shape) for m in schema.MEMBERS if m.dtype is not None}
     total = 0
     for name, (dtype, shape) in shapes.items():
-        if name == "latent_std.npy" and not store_std:
+        if (name == "latent_std.npy" and not store_std) or (only and name != only):
             continue
         n = np.dtype(dtype).itemsize * math.prod(shape(dims)) + NPY_HEADER
         total += TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
@@ -133,6 +158,7 @@ def scene_facts(index: str, dataroot: str, scene_name: str, check_files: bool = 
     paths = [p for p in tl.frame_paths.ravel() if p]
     return {"scene_name": scene_name, "scene_token": tl.scene_token, "split": scene_split(nusc.version, scene_name),
             "views": tl.views, "image_size": tl.image_size, "keyframe": tl.keyframe, "frame_ok": tl.frame_ok,
+            "fill_from": tl.fill_from, "gap": tl.gap,
             "spans": np.array(sorted(spans.values()), np.int32).reshape(-1, 2),
             "path_len": float(np.mean([len(p) for p in paths])) if paths else 60.0}
 
@@ -144,6 +170,7 @@ class _Scene:
         self.scene_name, self.scene_token, self.split = f["scene_name"], f["scene_token"], f["split"]
         self.dataset, self.views, self.image_size = version, f["views"], tuple(f["image_size"])
         self.keyframe, self.frame_ok = f["keyframe"], f["frame_ok"]
+        self.fill_from, self.gap = f["fill_from"], f["gap"]
         self.num_frames = int(self.keyframe.shape[0])
         self.frame_paths = np.empty((self.num_frames, 0), object)   # the clips' path lists are not needed
 
@@ -152,29 +179,54 @@ def _facts_star(args):
     return scene_facts(*args)
 
 
+class _Serial:
+    """ProcessPoolExecutor's map in this process (--workers 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
 def make_plan(cfg: PlanConfig) -> Plan:
+    from dataclasses import replace
+    from tqdm import tqdm
     from pipeline.scenes.buckets import load_stage, make_clip_index
-    from pipeline.scenes.tableindex import ensure_table_index, scene_names
+    from pipeline.scenes.tableindex import PER_SCENE, WHOLE, ensure_table_index, scene_names
     from pipeline.shards.write import ClipRef, plan_shards
     t0 = time.perf_counter()
     stage = load_stage(cfg.stage)
+    if cfg.max_fill_run is not None:
+        stage = replace(stage, max_fill_run=cfg.max_fill_run)
     tmp = None
     if cfg.out is None:
         tmp = tempfile.TemporaryDirectory(prefix="mdv2-plan-")
     try:
-        index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out or tmp.name)
+        with tqdm(total=len(PER_SCENE + WHOLE), desc="table index", unit="table", disable=not cfg.progress,
+                  file=sys.stderr) as bar:
+            def tick(name: str) -> None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+            index = ensure_table_index(cfg.dataroot, cfg.version, cfg.out or tmp.name, progress=tick)
         names = sorted(scene_names(index))[:cfg.limit_scenes or None]
         jobs = [(index, cfg.dataroot, n, cfg.check_files) for n in names]
-        if cfg.workers > 1:
-            with ProcessPoolExecutor(cfg.workers) as pool:
-                facts = list(pool.map(_facts_star, jobs, chunksize=8))
-        else:
-            facts = [_facts_star(j) for j in jobs]
+        with tqdm(total=len(jobs), desc="scene timelines", unit="scene", disable=not cfg.progress,
+                  file=sys.stderr) as bar:
+            facts = []
+            with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else _Serial() as pool:
+                for f in pool.map(_facts_star, jobs, chunksize=8):
+                    facts.append(f)
+                    bar.update(1)
     finally:
         if tmp is not None:
             tmp.cleanup()
     by_name = {f["scene_name"]: f for f in facts}
-    clips = make_clip_index([_Scene(f, cfg.version) for f in facts], stage).to_pylist()
+    report = YieldReport()
+    clips = make_clip_index([_Scene(f, cfg.version) for f in facts], stage, report=report).to_pylist()
     refs = [ClipRef(c["key"], c["split"], c["scene_name"], c["start"], c["num_frames"], c["height"], c["width"])
             for c in clips]
     shards = plan_shards(refs, cfg.samples_per_shard)
@@ -192,6 +244,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         b.samples += 1
         meta = _meta_bytes(t, v, f["path_len"])
         b.bytes += _member_bytes(dims, cfg.store_std) + meta
+        b.bev_bytes += _member_bytes(dims, cfg.store_std, only="bev.npy")
         b.pixel_frames += t * v * h * w
         decode.setdefault((c["scene_name"], h, w), set()).update(range(s, s + t))
         need.setdefault((c["scene_name"], c["bucket"]), set()).update(range(s, s + t))
@@ -213,7 +266,9 @@ def make_plan(cfg: PlanConfig) -> Plan:
                              "decode_fps_per_core": cfg.decode_fps_per_core,
                              "flop_per_pixel_frame": FLOP_PER_PIXEL_FRAME, "samples_per_shard": cfg.samples_per_shard,
                              "latent": "mean+std" if cfg.store_std else "mean", "captions": "every clip",
-                             "files_checked": cfg.check_files, "schema": schema.SCHEMA_VERSION})
+                             "files_checked": cfg.check_files, "schema": schema.SCHEMA_VERSION,
+                             "max_fill_run": stage.max_fill_run},
+                yield_report=report.as_dict())
 
 
 @cli.entry
@@ -234,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading scene timelines")
     p.add_argument("--check-files", action="store_true", help="stat every frame file as the build does (slower)")
     p.add_argument("--limit-scenes", type=int, help="first N scenes (sorted by name) only")
+    p.add_argument("--max-fill-run", type=int, help="override the stage's max_fill_run: the most consecutive "
+                                                    "dropped images of one view a clip may hold, repaired (default: "
+                                                    "the stage config's, 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (stderr)")
     p.add_argument("--json", help="also write the plan as JSON to this path")
     a = p.parse_args(argv)
     if not 0 < a.gpu_efficiency <= 1 or a.gpu_peak_tflops <= 0 or a.decode_fps_per_core <= 0:
@@ -242,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                      samples_per_shard=a.samples_per_shard, store_std=not a.mean_only,
                      gpu_peak_tflops=a.gpu_peak_tflops, gpu_efficiency=a.gpu_efficiency,
                      decode_fps_per_core=a.decode_fps_per_core, workers=max(1, a.workers),
-                     check_files=a.check_files, limit_scenes=a.limit_scenes)
+                     check_files=a.check_files, limit_scenes=a.limit_scenes, max_fill_run=a.max_fill_run,
+                     progress=not a.no_progress)
+    if a.max_fill_run is not None and a.max_fill_run < 0:
+        p.error("--max-fill-run must be >= 0")
     check_tables(a.dataroot, a.version)   # a wrong --dataroot / --version: one line, before any work
     plan = make_plan(cfg)
     print(plan.text())

@@ -47,16 +47,50 @@ def regular_times(rng: np.random.Generator, num_frames: int, t0: int,
     return times, key
 
 
-def dropped_images(rng: np.random.Generator, num_frames: int, keyframes: np.ndarray,
-                   rate: float) -> dict[str, np.ndarray]:
+BURST_LENGTHS = (2, 3)        # burst mode: a drop event loses this many consecutive images of one camera
+BURST3_SHARE = 0.05           # ... 3 with this probability, else 2 (docs/synth.md: what 3-runs cost long clips)
+
+
+def _burst_drops(rng: np.random.Generator, cand: np.ndarray, k: int, burst3_share: float) -> np.ndarray:
+    """About ``k`` dropped frames of ``cand`` (sorted candidate frames) in runs of 2-3 consecutive candidates:
+    events are placed one by one at random free starts whose whole run is candidate, consecutive and not
+    touching another event (so every run has exactly its drawn length)."""
+    drop = np.zeros(int(cand.max()) + 2 if len(cand) else 1, bool)
+    ok = np.zeros_like(drop)
+    ok[cand] = True
+    total, tries = 0, 0
+    while total < k and tries < 50 * max(k, 1):
+        tries += 1
+        n = BURST_LENGTHS[1] if rng.random() < burst3_share else BURST_LENGTHS[0]
+        n = min(n, max(BURST_LENGTHS[0], k + 1 - total))   # at most one image beyond k
+        a = int(rng.choice(cand))
+        lo, hi = max(a - 1, 0), min(a + n + 1, len(drop))
+        if a + n > len(drop) or not ok[a:a + n].all() or drop[lo:hi].any():
+            continue
+        drop[a:a + n] = True
+        total += n
+    return np.flatnonzero(drop)
+
+
+def dropped_images(rng: np.random.Generator, num_frames: int, keyframes: np.ndarray, rate: float,
+                   bursts: bool = False, burst3_share: float = BURST3_SHARE,
+                   explicit: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """Per camera, independently: (F,) True where the image was not recorded (never a keyframe, nor the
-    first or last frame); round(rate x candidates) images per camera."""
+    first or last frame); round(rate x candidates) images per camera, one by one or (``bursts``) in runs of
+    2-3 consecutive images (``_burst_drops``); plus the ``explicit`` {channel: [frame, ...]} drops."""
     out = {}
     cand = np.setdiff1d(np.arange(1, num_frames - 1), keyframes)
     for ch in schema.VIEWS:
         drop = np.zeros(num_frames, bool)
         k = int(round(rate * len(cand)))
-        if k:
+        if k and bursts:
+            drop[_burst_drops(rng, cand, k, burst3_share)] = True
+        elif k:
             drop[rng.choice(cand, k, replace=False)] = True
+        for f in (explicit or {}).get(ch, ()):
+            if f not in cand:
+                raise ValueError(f"explicit drop {ch} frame {f}: only non-keyframes inside the scene can be dropped "
+                                 f"(keyframes {keyframes.tolist()}, frames 1..{num_frames - 2})")
+            drop[f] = True
         out[ch] = drop
     return out

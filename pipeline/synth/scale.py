@@ -3,8 +3,9 @@ counts, without per-frame files, for the scale benchmark (bench/scale.py), never
 
     mdv2-synth --out DIR --scenes 850 --seconds 20 --tables-only
 
-Same scenes, poses, calibration and annotations as a full ``mdv2-synth`` run with the same
-arguments, with three differences, all for speed and disk:
+Same scenes, poses, calibration, annotations and dropped images (``--drop-rate``, ``--bursts``,
+``--regular-rig`` are honoured) as a full ``mdv2-synth`` run with the same arguments, with three
+differences, all for speed and disk:
 - no rendering: every camera ``sample_data`` of one (folder, channel) names ONE shared file
   (``samples/CAM_FRONT/synth-shared__CAM_FRONT.jpg``, a grey JPEG of the image size), so the
   scenes stage finds every listed file, and the LIDAR_TOP records likewise;
@@ -98,11 +99,12 @@ def _write_shared_files(root: Path, image_size: tuple[int, int]) -> None:
 
 def write_tables_only(out, scenes: int = 850, seconds: float = 20.0, image_size: tuple[int, int] = (1600, 900),
                       seed: int = 0, version: str = "v1.0-synth", map_name: str = "singapore-onenorth",
-                      progress: bool = False):
-    """Write the tables, maps and a few shared files under ``out``; returns a pipeline.synth.writer.SynthInfo."""
+                      progress: bool = False, **rig):
+    """Write the tables, maps and a few shared files under ``out``; returns a pipeline.synth.writer.SynthInfo.
+    ``rig``: the rig and drop settings of SynthConfig (rig, drop_rate, bursts, burst3_share), as a full run."""
     from pipeline.synth.writer import TRUTH_FILE, SynthConfig, SynthInfo, _SceneWriter
     cfg = SynthConfig(out=Path(out), scenes=scenes, seconds=seconds, image_size=tuple(image_size), seed=seed,
-                      version=version, map_name=map_name, progress=progress, tables_only=True)
+                      version=version, map_name=map_name, progress=progress, tables_only=True, **rig)
     cfg.check()
     start = time.perf_counter()
     table_dir = cfg.out / version
@@ -144,7 +146,7 @@ def write_tables_only(out, scenes: int = 850, seconds: float = 20.0, image_size:
     mapb.write(cfg.out)
     _write_shared_files(cfg.out, cfg.image_size)
     num_bytes = sum(p.stat().st_size for p in cfg.out.rglob("*") if p.is_file())
-    return SynthInfo(root=cfg.out, version=version, scene_names=names, map_name=map_name,
+    return SynthInfo(root=cfg.out, version=version, scene_names=names, map_name=map_name, rig=cfg.rig,
                      truth_path=cfg.out / TRUTH_FILE, num_images=0, seconds_taken=time.perf_counter() - start,
                      num_bytes=num_bytes, num_samples=counts["sample"], num_annotations=counts["sample_annotation"],
                      image_size=cfg.image_size, extra={"records": counts})

@@ -1,7 +1,7 @@
 """Synthetic dataset in the real nuScenes v1.0 layout (tables, samples/, sweeps/, maps/), with exact truth.
 
     python -m pipeline.synth --out DIR [--scenes N] [--seconds S] [--image-size WxH] [--seed K]
-                             [--version NAME] [--map-name NAME] [--regular-rig] [--drop-rate R]
+                             [--version NAME] [--map-name NAME] [--regular-rig] [--drop-rate R] [--bursts]
 
 writes DIR/<version>/*.json (all 13 tables), DIR/samples|sweeps/<channel>/*.jpg|.pcd.bin,
 DIR/maps/expansion/<map>.json (map expansion 1.3), DIR/maps/<token>.png and DIR/synth_truth.parquet,
@@ -30,7 +30,7 @@ from pipeline.contract.geometry import invert_transform, matrix_to_quat, yaw_to_
 from pipeline.synth.render import CLASS_COLORS, OTHER_COLOR, SceneArt, render_view
 from pipeline.synth.tables import (TRUTH_COLUMNS, MapBuilder, attribute_for, chain, lidar_points, pose_records,
                                    static_tables, token, truth_table, write_mask_png, write_tables)
-from pipeline.synth.rig import dropped_images, lidar_triggered_times, regular_times
+from pipeline.synth.rig import BURST3_SHARE, dropped_images, lidar_triggered_times, regular_times
 from pipeline.synth.world import (CAMERA_RIG, LIDAR_TRANSLATION, ObjectTrack, camera_intrinsics, camera_rotation,
                                   camera_to_ego, lidar_rotation, make_ego, make_map_elements, make_objects, make_road)
 
@@ -56,6 +56,9 @@ class SynthConfig:
     rig: str = "nuscenes"       # see RIGS
     drop_rate: float = DROP_RATE
     tables_only: bool = False   # no per-frame files (pipeline/synth/scale.py, the scale benchmark)
+    bursts: bool = False        # drops in runs of 2-3 consecutive images of a camera (rig.BURST_LENGTHS)
+    burst3_share: float = BURST3_SHARE
+    drops: dict | None = None   # explicit {channel: [frame, ...]} drops of scene 0 (tests), besides the rate
 
     @property
     def regular(self) -> bool:
@@ -66,6 +69,8 @@ class SynthConfig:
             raise cli.BadInput(f"rig {self.rig!r} is not one of {RIGS}")
         if not 0.0 <= self.drop_rate < 0.5:
             raise cli.BadInput(f"--drop-rate {self.drop_rate} must be in [0, 0.5)")
+        if not 0.0 <= self.burst3_share <= 1.0:
+            raise cli.BadInput(f"--burst3-share {self.burst3_share} must be in [0, 1]")
         if self.scenes < 1:
             raise cli.BadInput(f"--scenes must be >= 1, got {self.scenes}")
         if round(self.seconds * schema.FPS) < 11:
@@ -168,8 +173,9 @@ class _SceneWriter:
         """Trigger times per channel and the dropped images (self.dropped), drawn once (before write())."""
         if getattr(self, "_planned", None) is None:
             self._planned = self._times()
-            rate = 0.0 if self.cfg.regular else self.cfg.drop_rate
-            self.dropped = dropped_images(self.rng, self.n_frames, self.kf, rate)
+            cfg = self.cfg
+            self.dropped = dropped_images(self.rng, self.n_frames, self.kf, 0.0 if cfg.regular else cfg.drop_rate,
+                                          cfg.bursts, cfg.burst3_share, (cfg.drops or {}) if self.i == 0 else None)
         return self._planned
 
     def images_to_draw(self) -> int:
@@ -352,10 +358,13 @@ class _SceneWriter:
 
 def write_dataset(out, scenes: int = 2, seconds: float = 20.0, image_size: tuple[int, int] = (1600, 900),
                   seed: int = 0, version: str = "v1.0-synth", map_name: str = "singapore-onenorth",
-                  progress: bool = False, rig: str = "nuscenes", drop_rate: float = DROP_RATE) -> SynthInfo:
-    """Write the synthetic nuScenes dataset under `out`; see the module docstring."""
+                  progress: bool = False, rig: str = "nuscenes", drop_rate: float = DROP_RATE, bursts: bool = False,
+                  burst3_share: float = BURST3_SHARE, drops: dict | None = None) -> SynthInfo:
+    """Write the synthetic nuScenes dataset under `out`; see the module docstring. ``drops``: explicit
+    {channel: [frame, ...]} images of scene 0 not recorded (non-keyframes), besides ``drop_rate``."""
     cfg = SynthConfig(out=Path(out), scenes=scenes, seconds=seconds, image_size=tuple(image_size), seed=seed,
-                      version=version, map_name=map_name, progress=progress, rig=rig, drop_rate=drop_rate)
+                      version=version, map_name=map_name, progress=progress, rig=rig, drop_rate=drop_rate,
+                      bursts=bursts, burst3_share=burst3_share, drops=drops)
     cfg.check()
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -424,15 +433,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="the old rig: cameras every 83 ms, no dropped images, no mount tilt, no map holes")
     p.add_argument("--drop-rate", type=float, default=DROP_RATE,
                    help=f"share of each camera's non-keyframe images not recorded (default {DROP_RATE})")
+    p.add_argument("--bursts", action="store_true",
+                   help="drop images in bursts of 2 or 3 consecutive images of a camera, as real logs under load")
+    p.add_argument("--burst3-share", type=float, default=BURST3_SHARE,
+                   help=f"with --bursts: share of the bursts that are 3 images long (default {BURST3_SHARE})")
     p.add_argument("--tables-only", action="store_true",
                    help="tables + maps at nuScenes record counts, no rendering: camera/lidar records share a few "
                         "files, 5 radars added (the scale benchmark's data set; pipeline/synth/scale.py)")
     a = p.parse_args(argv)
-    rig = dict(rig="regular" if a.regular_rig else "nuscenes", drop_rate=a.drop_rate)
+    rig = dict(rig="regular" if a.regular_rig else "nuscenes", drop_rate=a.drop_rate, bursts=a.bursts,
+               burst3_share=a.burst3_share)
     if a.tables_only:
         from pipeline.synth.scale import write_tables_only
         info = write_tables_only(a.out, a.scenes, a.seconds, a.image_size, a.seed, a.version, a.map_name,
-                                 progress=True)
+                                 progress=True, **rig)
         print(f"wrote {len(info.scene_names)} scenes, records {info.extra['records']}, "
               f"{info.num_bytes / 1e6:.1f} MB in {info.seconds_taken:.1f} s -> {info.root}")
         return 0

@@ -19,7 +19,8 @@ MIN_DEPTH_M = 1.0
 
 def truth_at_views(truth, scene_name: str, instance_tokens: np.ndarray, views: list[str],
                    view_timestamps_us: np.ndarray) -> dict[str, np.ndarray]:
-    """Truth rows joined on (channel, timestamp, instance) for T x V exposures and N instances:
+    """Truth rows joined on (channel, timestamp, instance) for T x V exposures and N instances (a repaired view-frame
+    is joined with the truth of the image it uses, at that image's own timestamp):
     centre (T, V, N, 3) global, present (T, V, N), cam2global (T, V, 4, 4) true camera poses, found (T, V)."""
     import pyarrow.compute as pc
     t = truth.filter(pc.equal(truth["scene_name"], scene_name))
@@ -28,23 +29,23 @@ def truth_at_views(truth, scene_name: str, instance_tokens: np.ndarray, views: l
                                                              "cam_qx", "cam_qy", "cam_qz")}
     tt, vv = view_timestamps_us.shape
     n = len(instance_tokens)
-    slot = {(v, int(ts)): (i, j) for (i, j), ts in np.ndenumerate(view_timestamps_us) for v in [views[j]]}
+    slots: dict[tuple, list] = {}   # (view, exposure) -> its (frame, view) slots: a repaired drop shares its image's
+    for (i, j), ts in np.ndenumerate(view_timestamps_us):
+        slots.setdefault((views[j], int(ts)), []).append((i, j))
     col = {tok: k for k, tok in enumerate(instance_tokens)}
     centre = np.zeros((tt, vv, n, 3))
     present = np.zeros((tt, vv, n), bool)
     quat, trans = np.tile([1.0, 0, 0, 0], (tt, vv, 1)), np.zeros((tt, vv, 3))
     found = np.zeros((tt, vv), bool)
     for r, (ch, ts, tok) in enumerate(zip(cols["channel"], cols["timestamp_us"], cols["instance_token"])):
-        ij = slot.get((ch, int(ts)))
-        if ij is None:
-            continue
-        found[ij] = True
-        quat[ij] = [cols[c][r] for c in ("cam_qw", "cam_qx", "cam_qy", "cam_qz")]
-        trans[ij] = [cols[c][r] for c in ("cam_x", "cam_y", "cam_z")]
-        k = col.get(tok)
-        if k is not None:
-            centre[ij + (k,)] = [cols["x"][r], cols["y"][r], cols["z"][r]]
-            present[ij + (k,)] = bool(cols["present"][r])
+        for ij in slots.get((ch, int(ts)), ()):
+            found[ij] = True
+            quat[ij] = [cols[c][r] for c in ("cam_qw", "cam_qx", "cam_qy", "cam_qz")]
+            trans[ij] = [cols[c][r] for c in ("cam_x", "cam_y", "cam_z")]
+            k = col.get(tok)
+            if k is not None:
+                centre[ij + (k,)] = [cols["x"][r], cols["y"][r], cols["z"][r]]
+                present[ij + (k,)] = bool(cols["present"][r])
     return {"centre": centre, "present": present, "cam2global": make_transform(quat, trans), "found": found}
 
 

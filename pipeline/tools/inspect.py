@@ -3,7 +3,8 @@
     python -m pipeline.tools.inspect OUT/train/64x128_t9/shard-000000.tar --dataroot DATA --png preview.png
     python -m pipeline.tools.inspect s3://bucket/out/train/…/shard-000003.tar --vae models/cogvideox-vae --png p.png
 
-The picture has one row per frame (first, middle, last): the six views (VIEWS order, three per
+The picture has one row per frame (first, middle, last, and the first frame holding a repaired dropped
+image, whose view is framed in red and labelled FILLED): the six views (VIEWS order, three per
 line) with every present box's 3D outline projected and coloured by class, and the BEV map of
 that frame with the boxes drawn from above ("ahead" up, "right" right, ego at the centre, as
 documented in pipeline/contract/schema.py). The views show, in order of preference: the source frames
@@ -40,6 +41,7 @@ MAP_PAINT: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("road_divider", (225, 185, 50)), ("lane_divider", (200, 200, 200)),
 )
 NEAR_M = 0.1        # clip outline edges at this depth so nothing behind a camera is drawn
+FILLED_RGB = (255, 40, 40)   # frame and label of a repaired (filled) view-frame
 BEV_PANEL = 400     # BEV panel side in pixels (2 px per cell of the 200 grid, 1 of the 400 grid)
 
 
@@ -68,6 +70,9 @@ def describe(sample: schema.Sample) -> str:
         if arr is not None:
             lines.append(f"{name + '.npy':<20} {str(arr.dtype):<8} {tuple(arr.shape)}")
     lines.append(f"{'caption.txt':<20} {'utf-8':<8} {len(sample.caption)} chars: {sample.caption[:100]!r}")
+    filled = [f"t={t} {sample.views[v]}" for t, v in sample.meta["filled"]]
+    lines.append(f"filled view-frames (repaired drops, fill_mask.npy): {len(filled)}"
+                 + (f": {', '.join(filled[:12])}{' ...' if len(filled) > 12 else ''}" if filled else ""))
     n_present = sample.box_mask.sum(1)
     lo, hi = (int(n_present.min()), int(n_present.max())) if n_present.size else (0, 0)
     lines.append(f"objects per frame: min {lo} max {hi}; "
@@ -80,9 +85,13 @@ def _class_counts(sample: schema.Sample) -> dict[str, int]:
     return {schema.OBJECT_CLASSES[i]: int(c) for i, c in zip(ids, counts)}
 
 
-def preview_frames(num_frames: int) -> list[int]:
-    """First, middle and last frame indices (deduplicated for short clips)."""
-    return sorted({0, (num_frames - 1) // 2, num_frames - 1})
+def preview_frames(num_frames: int, fill_mask: np.ndarray | None = None) -> list[int]:
+    """First, middle and last frame indices (deduplicated for short clips), plus the first frame holding a
+    repaired (filled) view-frame, so that the preview shows one."""
+    frames = {0, (num_frames - 1) // 2, num_frames - 1}
+    if fill_mask is not None and fill_mask.any():
+        frames.add(int(np.flatnonzero(fill_mask.any(1))[0]))
+    return sorted(frames)
 
 
 # ---- geometry of the overlay -------------------------------------------------------------------
@@ -220,7 +229,7 @@ def render_preview(sample: schema.Sample, dataroot: str | None = None, vae: str 
     """The whole picture as (rows, cols, 3) uint8 RGB: a header (wrapped, never cut), a legend of the box
     classes and map layers, then per frame the views (labelled above each tile) and the BEV map."""
     from pipeline.tools import panels
-    frames = preview_frames(sample.num_frames)
+    frames = preview_frames(sample.num_frames, sample.fill_mask)
     images, source = view_images(sample, frames, dataroot, vae)
     h, w = int(sample.meta["height"]), int(sample.meta["width"])
     scale = scale or panels.readable_scale(w)  # small buckets are enlarged so boxes and labels stay readable
@@ -233,6 +242,8 @@ def render_preview(sample: schema.Sample, dataroot: str | None = None, vae: str 
             img = panels.enlarge(images[(t, v)], scale)
             draw_boxes_on_view(img, big, t, v, thickness=max(1, scale // 2))
             fill = " (repaired drop)" if sample.fill_mask[t, v] else ""
+            if sample.fill_mask[t, v]:   # a repaired drop: the image of the same camera's nearest round
+                cv2.rectangle(img, (0, 0), (img.shape[1] - 1, img.shape[0] - 1), FILLED_RGB, 2)
             tiles.append(panels.labelled(img, f"{name}{fill}"))
         blank = np.zeros_like(tiles[0])
         lines = [np.concatenate(tiles[i:i + per_row] + [blank] * (per_row - len(tiles[i:i + per_row])), 1)
