@@ -75,5 +75,8 @@ def test_the_contact_sheet_marks_filled_views(tmp_path):
                          np.zeros(0, bool), np.zeros(0, np.int8), np.stack([k, k]), np.tile(np.eye(4), (2, 1, 1)),
                          ["A", "B"], filled=np.array([False, True]))
     img = np.asarray(Image.open(path))
-    left, right = img[:, :64], img[:, 64:]
-    assert (right[-1] == FILLED_RGB).all(axis=-1).all() and not (left == FILLED_RGB).all(axis=-1).any()
+    half = img.shape[1] // 2                        # two views side by side (each enlarged, labelled above)
+    left, right = img[:, :half], img[:, half:]
+    red = (right == FILLED_RGB).all(axis=-1)
+    assert red.mean(1).max() > 0.9 and red.sum(0).max() > 150   # B's tile is framed in red (a full row, a column)
+    assert not (left == FILLED_RGB).all(axis=-1).any()
