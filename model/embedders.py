@@ -193,11 +193,11 @@ class TrajEmbedder(nn.Module):
         self.mlp = Mlp(self.fourier.out_dim(12), dim, dim)
         self.st = SpatialTemporalEncoder(dim, heads, layers)
 
-    def forward(self, traj: torch.Tensor) -> torch.Tensor:
-        """traj (B, T, 4, 4) -> (B, T', D)."""
+    def forward(self, traj: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """traj (B, T, 4, 4), keep (B, T) bool (False: that frame's pose is masked) -> (B, T', D)."""
         feats = torch.cat([traj[..., :3, :3].flatten(-2), traj[..., :3, 3] / METRIC_SCALE], -1)  # (B, T, 12)
         tok = self.mlp(self.fourier(feats))[:, :, None]                                    # (B, T, 1, D)
-        mask = torch.ones(tok.shape[:3], dtype=torch.bool, device=tok.device)
+        mask = torch.ones(tok.shape[:3], dtype=torch.bool, device=tok.device) if keep is None else keep[:, :, None]
         return self.st(tok, mask)[0][:, :, 0]
 
 

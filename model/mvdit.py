@@ -107,7 +107,11 @@ class MVDiT(nn.Module):
         return block(x, t0, cond, cond_mask, rope_t)
 
     # ---- conditions ---------------------------------------------------------------------------
-    def _drops(self, drop: dict[str, torch.Tensor] | None, B: int, device) -> dict[str, torch.Tensor]:
+    def _drops(self, drop: torch.Tensor | dict[str, torch.Tensor] | None, B: int, device) -> dict[str, torch.Tensor]:
+        """drop_cond (B,) bool (INTERFACES B: text, camera, boxes, trajectory together; the map kept)
+        or, as before it, {name: (B,) bool} per condition -> {name: (B,) bool}."""
+        if isinstance(drop, torch.Tensor):
+            drop = {name: drop for name in CONDITION_NAMES if name != "map"}
         drop = dict(drop or {})
         unknown = set(drop) - set(CONDITION_NAMES)
         if unknown:
@@ -122,8 +126,11 @@ class MVDiT(nn.Module):
         return out
 
     def encode_conditions(self, cond: Conditions, drops: dict[str, torch.Tensor], height: int, width: int,
+                          drop_frames: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> keys (B, V, T', Lc, D), key mask (B, V, T', Lc) bool, camera tokens (B, V, T', D)."""
+        """-> keys (B, V, T', Lc, D), key mask (B, V, T', Lc) bool, camera tokens (B, V, T', D).
+        drop_frames (B, T) bool: those frames' boxes and trajectory are absent to their encoders."""
+        keep = None if drop_frames is None else ~drop_frames.to(device=cond.traj.device, dtype=torch.bool)
         B, V = cond.batch_size, cond.num_views
         dt = self.x_embed.weight.dtype
         if cond.text.shape[-1] != self.config.text_dim:
@@ -139,7 +146,7 @@ class MVDiT(nn.Module):
         cam = self.camera(cond.intrinsics.to(dt), cond.cam2lidar.to(dt), height, width)   # (B, V, T', D)
         cam = torch.where(drops["camera"][:, None, None, None], self.null_camera.to(dt), cam)
         # trajectory: one token per latent frame
-        trj = self.traj(cond.traj.to(dt))                                                 # (B, T', D)
+        trj = self.traj(cond.traj.to(dt), keep)                                           # (B, T', D)
         trj = torch.where(drops["traj"][:, None, None], self.null_traj.to(dt), trj)
         Tl = trj.shape[1]
         # boxes: [null slot, N tracks] per view and latent frame, from that view's own boxes; a track
@@ -147,8 +154,11 @@ class MVDiT(nn.Module):
         # enough: an object that enters (or leaves) between CAM_FRONT's exposure and v's has no
         # reference box (box_mask) in that frame but does have v's box, and it is in v's image
         has_box = cond.box_mask.bool()[:, :, None] | cond.box_view_mask.bool()           # (B, T, V, N)
+        if keep is not None:
+            has_box = has_box & keep[:, :, None, None]
         box, _ = self.boxes(cond.view_boxes.to(dt), cond.box_class.long(), has_box)      # (B, T', V, N, D)
-        vis = group_any(cond.box_view_mask.bool())                                        # (B, T', V, N)
+        seen = cond.box_view_mask.bool() if keep is None else cond.box_view_mask.bool() & keep[:, :, None, None]
+        vis = group_any(seen)                                                             # (B, T', V, N)
         db = drops["boxes"][:, None, None, None]
         box = torch.cat([self.null_box.to(dt).expand(B, Tl, V, 1, -1), box], 3).transpose(1, 2)  # (B, V, T', 1+N, D)
         box_mask = torch.cat([db.expand(B, Tl, V, 1), vis & ~db], 3).transpose(1, 2)     # (B, V, T', 1+N)
@@ -160,9 +170,12 @@ class MVDiT(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditions,
-                drop: dict[str, torch.Tensor] | None = None, controlnet_scale: float = 1.0) -> torch.Tensor:
+                drop_cond: torch.Tensor | dict[str, torch.Tensor] | None = None,
+                drop_frames: torch.Tensor | None = None, controlnet_scale: float = 1.0) -> torch.Tensor:
         """x (B, V, C, T', H', W') noisy latent, timestep (B,) rectified-flow t in [0, 1],
-        drop {name: (B,) bool} = use the null condition -> velocity, same shape as x."""
+        drop_cond (B,) bool = text, camera, boxes, trajectory replaced by their nulls (or {name: (B,) bool}
+        per condition), drop_frames (B, T) bool = boxes and trajectory of those frames masked
+        -> velocity, same shape as x."""
         cfg = self.config
         if x.dim() != 6 or x.shape[2] != cfg.in_channels:
             raise ValueError(f"MVDiT: x must be (B, V, {cfg.in_channels}, T', H', W'), got {tuple(x.shape)}")
@@ -171,7 +184,7 @@ class MVDiT(nn.Module):
         if latent_len(cond.num_frames) != Tl:
             raise ValueError(f"MVDiT: conditions have {cond.num_frames} frames -> {latent_len(cond.num_frames)} "
                              f"latent frames, but x has T'={Tl}")
-        drops = self._drops(drop, B, x.device)
+        drops = self._drops(drop_cond, B, x.device)
         p = cfg.patch
         # odd latent sizes (424 px -> 53) are padded to the patch grid and cropped at the end
         ph, pw = (-H) % p, (-W) % p
@@ -184,7 +197,7 @@ class MVDiT(nn.Module):
 
         t_emb = self.t_embedder(timestep)                                                 # (B, D)
         t0 = self.t_block(t_emb).view(B, 6, cfg.hidden)
-        keys, key_mask, cam = self.encode_conditions(cond, drops, H * 8, W * 8)
+        keys, key_mask, cam = self.encode_conditions(cond, drops, H * 8, W * 8, drop_frames)
         rope_t = rope_cos_sin(torch.arange(Tl, device=x.device, dtype=torch.float32), cfg.hidden // cfg.heads)
 
         residuals: list[torch.Tensor] = []
