@@ -23,7 +23,8 @@ from train.config import FlowConfig
 
 
 def shift_factor(cfg: FlowConfig, height: int, width: int, latent_frames: int) -> float:
-    """sqrt(pixels / base) * sqrt(latent frames): 1 for a 224x400 image, larger for bigger/longer inputs."""
+    """sqrt(pixels / base) * sqrt(latent frames): 1 for a 512x512 image (the authors' base), 0.58 for a
+    224x400 image, larger for bigger/longer inputs."""
     if not cfg.shift:
         return 1.0
     return math.sqrt(height * width / cfg.shift_base_pixels) * math.sqrt(latent_frames) * cfg.shift_scale
