@@ -38,7 +38,7 @@ def test_fsdp_trains_as_ddp_and_as_gradient_averaging(runs):
     ref, ref_ema, init = reference(cfg, dp=2)
     for run in (cfg.out, dcfg.out):
         assert_trains_as(weights(run), ref, init)
-        assert_trains_as(weights(run, "ema"), ref_ema, init, tol=1e-6)
+        assert_trains_as(weights(run, "ema"), ref_ema, init, tol=1e-6, moved=1e-4)
     assert max_diff(weights(cfg.out), weights(dcfg.out)) < 1e-6
     assert max_diff(weights(cfg.out, "ema"), weights(dcfg.out, "ema")) < 1e-6
 

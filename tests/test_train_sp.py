@@ -24,7 +24,7 @@ def test_sp2_trainer_equals_one_process(data):
     assert summary["sharding"] == "fsdp" and ckpt.load_state(cfg.out)["data"]["world"] == 1   # one data stream
     ref, ref_ema, init = reference(cfg, dp=1)
     assert_trains_as(weights(cfg.out), ref, init)
-    assert_trains_as(weights(cfg.out, "ema"), ref_ema, init, tol=1e-6)
+    assert_trains_as(weights(cfg.out, "ema"), ref_ema, init, tol=1e-6, moved=1e-4)
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and "val_loss" in log[-1] and "val_loss" not in log[0]
     assert math.isfinite(log[-1]["val_loss"])
