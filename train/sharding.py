@@ -27,21 +27,10 @@ from train.distributed import Topology, sp_grad_hook
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become their own FSDP unit, children before parents. The model's own
-    `fsdp_units()` when it defines one; otherwise every element of each nn.ModuleList of
-    "blocks": lists whose elements share one class and each contain a module that has modules
-    of its own (a transformer block holds attention layers that hold linears; a list of plain
-    linears or norms, or of one-level wrappers, stays with its parent)."""
-    if callable(getattr(model, "fsdp_units", None)):
-        units = list(model.fsdp_units())
-    else:
-        units = []
-        for m in model.modules():
-            if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1 and all(
-                    any(next(c.children(), None) is not None for c in b.children()) for b in m):
-                units.extend(m)
-    order = {id(m): i for i, m in enumerate(model.modules())}
-    return sorted(units, key=lambda m: -order[id(m)])   # reverse pre-order: nested units first
+    """One FSDP unit per transformer block (base and ControlNet), discovered from the model
+    (model.parallel.block_units: its `fsdp_units()` or its ModuleLists of blocks)."""
+    from model.parallel import block_units
+    return block_units(model)
 
 
 def shard_fsdp(model: nn.Module, topo: Topology, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
