@@ -110,11 +110,12 @@ def bev_cells(height: int) -> int:
 # ---- static state -----------------------------------------------------------------------------------
 
 def static_bytes(facts: dict, world: int = 1, sharding: str = "fsdp", reshard_after_forward: bool = True) -> float:
+    """sharding: fsdp | ddp | none (one process: the trainer wraps nothing at world 1)."""
     P = facts["params"]
-    if world == 1 or sharding == "ddp":
+    if sharding in ("ddp", "none"):
         return 22.0 * P                                    # 20 fp32 bytes + the bf16 copies autocast keeps
     if sharding != "fsdp":
-        raise ValueError(f"sharding {sharding!r}: fsdp or ddp")
+        raise ValueError(f"sharding {sharding!r}: fsdp, ddp or none")
     b = 20.0 * P / world + 2.0 * facts["root_params"] + 10.0 * facts["max_unit_params"]
     if not reshard_after_forward:
         b += 2.0 * (P - facts["root_params"])              # ZeRO-2: every unit's bf16 weights, forward to backward
@@ -350,7 +351,7 @@ def plan(stages=("1", "2", "3"), gpus: int = 8, gpu_gb: float = 80.0, preset: st
                 if gpus % sp:
                     continue
                 e = estimate(coef, facts, int(b["batch_size"]), h, w, f, sp, gpus // sp, st["checkpointing"],
-                             st["sharding"], st["reshard_after_forward"])
+                             st["sharding"] if gpus > 1 else "none", st["reshard_after_forward"])
                 by_sp[sp] = e
             sp = st["sp"] if st["sp"] in by_sp else max(by_sp)
             fits = next((s for s, e in sorted(by_sp.items()) if e.total <= budget), None)

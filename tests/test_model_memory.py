@@ -26,7 +26,7 @@ def test_static_bytes_per_sharding():
     units = block_units(model)
     assert facts["root_params"] == P - sum(count_parameters(u) for u in units)
     assert facts["max_unit_params"] == max(count_parameters(u) for u in units)
-    assert memory.static_bytes(facts, 1) == memory.static_bytes(facts, 8, "ddp") == 22 * P
+    assert memory.static_bytes(facts, 1, "none") == memory.static_bytes(facts, 8, "ddp") == 22 * P
     # FSDP2 over 8: fp32 weights, grads, AdamW moments, EMA sharded; root whole in bf16; two units in flight
     w8 = memory.static_bytes(facts, 8, "fsdp")
     assert w8 == 20 * P / 8 + 2 * facts["root_params"] + 10 * facts["max_unit_params"]
