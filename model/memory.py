@@ -366,7 +366,7 @@ def plan(stages=("1", "2", "3"), gpus: int = 8, gpu_gb: float = 80.0, preset: st
 
 def markdown(rows: list[dict], gpus: int, gpu_gb: float) -> str:
     sps = [s for s in SPS if gpus % s == 0]
-    lines = [f"| stage | bucket | batch | ckpt | " + " | ".join(f"SP={s} (dp {gpus // s})" for s in sps)
+    lines = ["| stage | bucket | batch | ckpt | " + " | ".join(f"SP={s} (dp {gpus // s})" for s in sps)
              + f" | at the stage's SP | fits {gpu_gb:.0f} GB |",
              "|" + "---|" * (6 + len(sps))]
     for r in rows:

@@ -131,3 +131,21 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, ema) -> dict[str, int]:
+    """Bytes of training state this rank holds (its shards under FSDP)."""
+    return {"params": local_bytes(model.parameters()),
+            "optimizer": local_bytes(v for s in opt.state.values() for v in s.values()
+                                      if isinstance(v, torch.Tensor)),
+            "ema": local_bytes(ema.state_dict().values())}
+
+
+def gather_ints(values: list[int], world: int) -> list[list[int]]:
+    """Every rank's `values` (a collective)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if world == 1:
+        return [t.tolist()]
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]

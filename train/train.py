@@ -40,6 +40,7 @@ from train import flow, sharding
 from train.config import FlowConfig, TrainConfig, config_json, load_config
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
 from train.distributed import check_sp, make_topology, setup_distributed
+from train.textsource import TextSource  # noqa: F401  (train.train.TextSource: the sampler's import)
 
 log = logging.getLogger("train")
 
@@ -101,32 +102,6 @@ def step_flops(model_cfg, n_params: int, latents_shape) -> float:
     pairs = model_cfg.depth + model_cfg.controlnet_depth
     attn = 12 * d * pairs * (b * v * tl * s * s + b * v * s * tl * tl)
     return 6.0 * n_params * b * v * tl * s + attn
-
-
-class TextSource:
-    """Caption -> T5 states: the cache first (model.text.TextEmbeddingCache), else the T5 encoder."""
-
-    def __init__(self, cache: str | None, encoder: str | None, max_length: int, device: str = "cpu"):
-        from model.text import T5TextEncoder, TextEmbeddingCache
-        if not cache and not encoder:
-            raise cli.BadInput("no text source: set data.text_cache (python -m model.text build ...) or "
-                               "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
-        self.cache = TextEmbeddingCache(cache) if cache else None
-        self.encoder = T5TextEncoder(encoder, max_length=max_length, device=device) if encoder else None
-        self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (B, L, D) float, (B, L) bool."""
-        todo = [c for c in dict.fromkeys(captions) if c not in self.memo]
-        if todo and self.cache is not None and (self.encoder is None or all(c in self.cache for c in todo)):
-            for c in todo:
-                self.memo[c] = self.cache.get(c)
-        elif todo:
-            emb, mask = self.encoder.encode(todo)
-            for c, e, m in zip(todo, emb.cpu(), mask.cpu()):
-                self.memo[c] = (e, m)
-        embs, masks = zip(*(self.memo[c] for c in captions))
-        return torch.stack(embs), torch.stack(masks)
 
 
 def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: torch.Generator,
@@ -196,24 +171,6 @@ def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 compute: `auto` on a GPU, or asked for (`bf16`, also on the CPU)."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, ema) -> dict[str, int]:
-    """Bytes of training state this rank holds (its shards under FSDP)."""
-    return {"params": sharding.local_bytes(model.parameters()),
-            "optimizer": sharding.local_bytes(v for s in opt.state.values() for v in s.values()
-                                              if isinstance(v, torch.Tensor)),
-            "ema": sharding.local_bytes(ema.state_dict().values())}
-
-
-def gather_ints(values: list[int], world: int) -> list[list[int]]:
-    """Every rank's `values` (a collective)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if world == 1:
-        return [t.tolist()]
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t)
-    return [p.tolist() for p in parts]
 
 
 # ---- validation -----------------------------------------------------------------------
@@ -366,7 +323,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
             save(step + 1)
 
     # -- the summary
-    held = gather_ints(list(state_bytes(model, opt, ema).values()), world)   # per rank: params, optimizer, ema
+    held = sharding.gather_ints(list(sharding.state_bytes(model, opt, ema).values()), world)   # per rank: params, optimizer, ema
     if rank == 0:
         bar.close()
         logf.close()
