@@ -422,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    p = rows[0]["params"] if rows else 0
-    print(f"estimated peak GB per GPU on {a.gpus} x {a.gpu_gb:.0f} GB (fits: <= {a.gpu_gb - HEADROOM_GB:.0f} GB), "
-          f"{p:,} parameters")
+    params = ", ".join(f"{st} {p / 1e9:.2f}B" for st, p in {r["stage"]: r["params"] for r in rows}.items())
+    print(f"estimated peak GB per GPU on {a.gpus} x {a.gpu_gb:.0f} GB (fits: <= {a.gpu_gb - HEADROOM_GB:.0f} GB); "
+          f"parameters: {params}")
     print(markdown(rows, a.gpus, a.gpu_gb))
     return 0
 
