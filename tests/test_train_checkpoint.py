@@ -17,6 +17,7 @@ import torch
 
 from model.registry import build_model
 from tests.test_train_loop import config, data  # noqa: F401  (data: module fixture)
+from tests.train_runs import cli_args
 from train import checkpoint as ckpt
 from train.sharding import EMA
 from train.train import main, make_optimizer
@@ -179,10 +180,7 @@ def test_export_false_then_export_from_the_shards(tmp_path, capsys):
 # ---- the trainer's run folder -----------------------------------------------------------------
 
 def _cli(cfg, *extra: str) -> list[str]:
-    return ["--no-progress", "--out", cfg.out, "--steps", str(cfg.steps), "--data-root", cfg.data.root,
-            "--stage", cfg.data.stage, "--text-cache", cfg.data.text_cache, "--set", "val_every=0",
-            "--set", "data.samples_per_chunk=6", "--set", "data.shuffle_buffer=3",
-            "--set", "data.text_max_length=16", *extra]
+    return [*cli_args(cfg), *extra]
 
 
 def test_a_new_run_refuses_an_out_holding_another_run(data, capsys):
@@ -199,6 +197,10 @@ def test_a_new_run_refuses_an_out_holding_another_run(data, capsys):
     assert json.loads((Path(cfg.out) / "config.json").read_text())["seed"] == 7
     assert len((Path(cfg.out) / "log.jsonl").read_text().splitlines()) == 1
     assert main(_cli(cfg, "--overwrite", "--resume")) == 2
+    # --overwrite never deletes the checkpoint a new stage starts from
+    capsys.readouterr()
+    assert main(_cli(cfg, "--overwrite", "--init-from", cfg.out)) == 2
+    assert "--init-from" in capsys.readouterr().err and ckpt.resolve(cfg.out).exists()
 
 
 def test_a_resume_from_an_earlier_checkpoint_truncates_the_log(data):

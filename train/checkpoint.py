@@ -262,7 +262,7 @@ def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, opt: tor
 
 # ---- a run folder --------------------------------------------------------------------------------
 
-def claim_run_dir(out: str | Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
+def claim_run_dir(out: str | Path, resume: bool, overwrite: bool, rank: int = 0, init_from: str | None = None) -> None:
     """A new run refuses an --out that holds another run (its log or checkpoints) unless told:
     --resume continues it, --overwrite deletes its checkpoints and log first (rank 0).
     Every rank checks (one filesystem), so every rank stops with the same error."""
@@ -270,6 +270,8 @@ def claim_run_dir(out: str | Path, resume: bool, overwrite: bool, rank: int = 0)
     held = [p for p in (out / "log.jsonl", out / CKPT_DIR) if p.exists()]
     if resume or not held:
         return
+    if overwrite and init_from and (out / CKPT_DIR).resolve() in Path(init_from).resolve().parents:
+        raise BadInput(f"--overwrite would delete {init_from}, the --init-from checkpoint: choose another --out")
     if not overwrite:
         raise BadInput(f"--out {out} already holds a run ({', '.join(p.name for p in held)}): continue it with "
                        "--resume, start over there with --overwrite (deletes its checkpoints and log), or choose "

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
     topo = make_topology(rank, world, cfg.sp)     # world = dp x sp; an SP group shares one batch
     bf16 = use_bf16(cfg, device)
     out = Path(cfg.out)
-    ckpt.claim_run_dir(out, resume is not None, overwrite, rank)
+    ckpt.claim_run_dir(out, resume is not None, overwrite, rank, cfg.init_from)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     # the shards first: a wrong --data-root or an old schema is a one-line error before any model is built
