@@ -171,11 +171,12 @@ class MVDiT(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditions,
                 drop_cond: torch.Tensor | dict[str, torch.Tensor] | None = None,
-                drop_frames: torch.Tensor | None = None, controlnet_scale: float = 1.0) -> torch.Tensor:
+                drop_frames: torch.Tensor | None = None, controlnet_scale: float = 1.0,
+                drop: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, V, C, T', H', W') noisy latent, timestep (B,) rectified-flow t in [0, 1],
         drop_cond (B,) bool = text, camera, boxes, trajectory replaced by their nulls (or {name: (B,) bool}
-        per condition), drop_frames (B, T) bool = boxes and trajectory of those frames masked
-        -> velocity, same shape as x."""
+        per condition; `drop=` is that dict's old keyword), drop_frames (B, T) bool = boxes and
+        trajectory of those frames masked -> velocity, same shape as x."""
         cfg = self.config
         if x.dim() != 6 or x.shape[2] != cfg.in_channels:
             raise ValueError(f"MVDiT: x must be (B, V, {cfg.in_channels}, T', H', W'), got {tuple(x.shape)}")
@@ -184,7 +185,7 @@ class MVDiT(nn.Module):
         if latent_len(cond.num_frames) != Tl:
             raise ValueError(f"MVDiT: conditions have {cond.num_frames} frames -> {latent_len(cond.num_frames)} "
                              f"latent frames, but x has T'={Tl}")
-        drops = self._drops(drop_cond, B, x.device)
+        drops = self._drops(drop if drop is not None else drop_cond, B, x.device)
         p = cfg.patch
         # odd latent sizes (424 px -> 53) are padded to the patch grid and cropped at the end
         ph, pw = (-H) % p, (-W) % p
