@@ -35,7 +35,7 @@ demo: demo-data
 	$(PY) -m pipeline.tools.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
 	    --dataroot $(DEMO)/nuscenes --png $(DEMO)/preview.png > /dev/null
 	$(PY) -m train.train --config configs/train/demo.yaml --data-root $(DEMO)/shards \
-	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS)
+	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS) --overwrite
 	$(PY) -m train.sample --ckpt $(DEMO)/run --vae $(DEMO)/tiny-cogvae --out $(DEMO)/sample --bucket 64x128_t9
 	@echo "demo: shards in $(DEMO)/shards (README.md = dataset card), preview $(DEMO)/preview.png,"
 	@echo "      training log $(DEMO)/run/log.jsonl, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"

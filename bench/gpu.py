@@ -9,7 +9,7 @@
     weights, bf16, set up as pipeline/shards/encode.py's `load_vae` does (frame batch 8, one view at a
     time), tiling off and on. Baseline: the FLOP floor = pixel-frames x 9.3 MFLOP / peak; the
     figure `vae_*_floor_fraction` is floor time / measured time.
-(c) CogVAE decode of one 848 x 1600 T=17 view (the eval protocol's clip; mdv2-sample / mdv2-generate
+(d) CogVAE decode of one 848 x 1600 T=17 view (the eval protocol's clip; mdv2-sample / mdv2-generate
     decode view by view) with the CogVideoX-2b VAE architecture, bf16, set up as train/vaedecode.py
     does (240x360 tiles, overlap 1/5, slicing), tiling on and off: seconds and peak memory
     (docs/train.md: the tiled decode should stay well under 40 GB; the authors measured 51-58 GB untiled).
@@ -18,6 +18,13 @@
     224x400 T=17 and a 424x800 T=9 batch, gradient checkpointing off and on: step time, peak
     memory (torch.cuda.max_memory_allocated, next to model/memory.py's estimate for the same
     step), MFU = FLOPs counted by torch's FlopCounterMode on the meta device / step time / peak.
+
+(c) The sharded step of the `paper` preset as configs/train/stage3.yaml builds it (FSDP2 on a
+    one-rank mesh: bf16 compute weights from fp32 masters, fp32 gradient reduction, gradient
+    checkpointing, the recipe's AdamW / clipping / EMA / CFG drops) on 424x800 T=33 and
+    848x1600 T=17 at `--batch-size` (default 1): step time, peak memory and MFU, with the memory
+    plan's predicted peak for the same step beside the measured one (`plan_over_measured`).
+    `python bench/gpu.py --skip-vae --skip-steps` runs (c) alone.
 
 Each measurement runs in its own try/except: an error (out of memory included) is recorded
 in the JSON under its key and the check goes on. Writes bench/results/gpu.json. On a machine
@@ -50,12 +57,16 @@ VAE_MFLOP_PER_PIXEL_FRAME = 9.3      # real CogVideoX-2b encoder (bench/encode.p
 CLIP = dict(views=6, frames=17, height=424, width=800)
 SHAPES = (("224x400_t17", 224, 400, 17), ("424x800_t9", 424, 800, 9))
 PRESETS = ("small", "paper")
+# (c) the sharded step (FSDP2, checkpointing on) of the paper preset as stage 3 builds it, at one GPU
+SHARDED_SHAPES = (("424x800_t33", 424, 800, 33), ("848x1600_t17", 848, 1600, 17))
+SHARDED_PRESET = "paper"
 DEVICE = "cuda"
 DECODE_VIEW = dict(frames=17, height=848, width=1600)
 # --smoke: the same code on the CPU, small enough for the test suite
 SMOKE_CLIP = dict(views=2, frames=9, height=32, width=48)
 SMOKE_DECODE_VIEW = dict(frames=9, height=64, width=96)
 SMOKE_SHAPES = (("32x64_t9", 32, 64, 9),)
+SMOKE_SHARDED_SHAPES = (("32x64_t9", 32, 64, 9),)
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -147,7 +158,7 @@ def bench_vae(tiling: bool, repeats: int, peak: float | None) -> dict:
     return out
 
 
-# ---- (c) CogVAE decode of one view ----------------------------------------------------------
+# ---- (d) CogVAE decode of one view ----------------------------------------------------------
 
 def bench_decode(tiling: bool, repeats: int) -> dict:
     import torch
@@ -175,14 +186,15 @@ def bench_decode(tiling: bool, repeats: int) -> dict:
 # ---- (b) trainer steps ----------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def count_flops(preset: str, batch: int, height: int, width: int, frames: int, text_len: int, boxes: int) -> float:
+def count_flops(preset: str, batch: int, height: int, width: int, frames: int, text_len: int, boxes: int,
+                overrides: tuple = ()) -> float:
     """fwd + bwd FLOPs of one step, counted on the meta device (no memory)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from model.conditions import random_conditions
     from model.registry import build_model
     with torch.device("meta"):
-        model = build_model(preset)
+        model = build_model(preset, **dict(overrides))
     cfg = model.config
     cond = random_conditions(batch, CLIP["views"], frames, boxes=boxes, text_len=text_len, text_dim=cfg.text_dim,
                              bev_size=200).to("meta")
@@ -193,31 +205,51 @@ def count_flops(preset: str, batch: int, height: int, width: int, frames: int, t
     return float(fc.get_total_flops())
 
 
-class Trainer:
-    """One preset on the GPU with its AdamW and fp32 EMA, as train/train.py holds them."""
+def one_rank_topology():
+    """A world of one process with its FSDP mesh: the trainer's sharded code path on one GPU."""
+    import socket
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from train.distributed import Topology
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if _cuda() else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    return Topology(0, 1, 1, shard_mesh=init_device_mesh(DEVICE, (1,), mesh_dim_names=("dp_sp",)))
 
-    def __init__(self, preset: str):
-        import copy
+
+class Trainer:
+    """One preset on the GPU with its AdamW and fp32 EMA, as train/train.py holds them: whole
+    (one process; bf16 autocast over fp32 weights) or `sharded` (FSDP2 on a one-rank mesh: bf16
+    compute weights gathered from fp32 masters, fp32 gradient reduction, as every rank of a run)."""
+
+    def __init__(self, preset: str, overrides: dict | None = None, sharded: bool = False):
         import torch
         from model.registry import build_model
+        from train import sharding
         from train.config import TrainConfig
         from train.train import make_optimizer
-        self.preset, self.cfg = preset, TrainConfig(model=preset, optimizer="adamw", lr=1e-5)
+        self.preset, self.overrides, self.sharded = preset, dict(overrides or {}), sharded
+        self.cfg = TrainConfig(model=preset)                 # the recipe's AdamW, clipping, EMA and drops
         torch.manual_seed(0)
         try:
             with torch.device(DEVICE):                      # initialised on the GPU: seconds, not minutes
-                self.model = build_model(preset).train()
+                self.model = build_model(preset, **self.overrides).train()
         except Exception:  # noqa: BLE001  (any surprise of on-device init: the slow, sure path)
-            self.model = build_model(preset).to(DEVICE).train()
-        self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-        self.opt = make_optimizer(self.cfg, self.model)
+            self.model = build_model(preset, **self.overrides).to(DEVICE).train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        if sharded:
+            sharding.shard_fsdp(self.model, one_rank_topology(), bf16=_cuda())
+        self.ema = sharding.EMA(self.model)
+        self.opt = make_optimizer(self.cfg, self.model)
 
     def step_fn(self, batch: int, height: int, width: int, frames: int, text_len: int, boxes: int):
         import torch
         from model.conditions import random_conditions
-        from train import flow
-        from train.train import ema_update
+        from train import flow, sharding
+        from train.train import condition_drops
         cfg, mcfg = self.cfg, self.model.config
         g = torch.Generator().manual_seed(0)
         cond = random_conditions(batch, CLIP["views"], frames, boxes=boxes, text_len=text_len,
@@ -227,31 +259,42 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=g).to(DEVICE)
         shift = flow.shift_factor(cfg.flow, height, width, x0.shape[3])
         t = flow.sample_timesteps(batch, cfg.flow, shift, g).to(DEVICE)
-        drop_cond, drop_frames = (d.to(DEVICE) for d in flow.condition_drops(batch, frames, cfg.drop["text"], 0.4, g))
+        drop_cond, drop_frames = (d.to(DEVICE) for d in condition_drops(batch, frames, cfg.flow, g))
         xt = flow.interpolate(x0, noise, t)
 
         def step():
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=_cuda()):
-                pred = self.model(xt, t, cond, drop_cond, drop_frames)
+                pred = self.model(xt, t, cond, drop_cond=drop_cond, drop_frames=drop_frames)
             loss = flow.flow_loss(pred, x0, noise)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            sharding.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
-            ema_update(self.ema, self.model, cfg.ema_decay)
+            self.ema.update(self.model, cfg.ema_decay)
             return loss
         return step
+
+
+def planned_peak_gb(tr: Trainer, batch: int, h: int, w: int, f: int, checkpointing: bool, text_len: int,
+                    boxes: int) -> float:
+    """model/memory.py's estimate for this very step (the stored coefficients, else measured now)."""
+    from model import memory
+    facts = memory.model_facts(tr.preset, tr.overrides)
+    try:
+        coef = memory.coefficients(tr.preset, tr.overrides, text_len, boxes, memory.bev_cells(h), facts)
+    except memory.Uncalibrated:
+        coef = memory.calibrate(tr.preset, tr.overrides, text_len, boxes, memory.bev_cells(h))
+    e = memory.estimate(coef, facts, batch, h, w, f, 1, 1, checkpointing, "fsdp" if tr.sharded else "none",
+                        views=CLIP["views"])
+    return e.total / 1e9
 
 
 def bench_steps(tr: Trainer, shape, checkpointing: bool, batch: int, repeats: int, peak: float | None,
                 text_len: int, boxes: int) -> dict:
     import torch
     from train.train import step_flops
-    from model.memory import estimate
     _, h, w, f = shape
-    # model/memory.py's estimate for this very step, next to the measured peak (docs/train.md's plan)
-    est = estimate(tr.model.config, tr.n_params, batch, h, w, f, sp=1, checkpointing=checkpointing,
-                   text_len=text_len, boxes=boxes, views=CLIP["views"]).total / 1e9
+    est = planned_peak_gb(tr, batch, h, w, f, checkpointing, text_len, boxes)
     tr.model.enable_gradient_checkpointing(checkpointing)
     try:
         step = tr.step_fn(batch, h, w, f, text_len, boxes)
@@ -262,12 +305,13 @@ def bench_steps(tr: Trainer, shape, checkpointing: bool, batch: int, repeats: in
         tr.opt.zero_grad(set_to_none=True)
         return {**_error(e), "estimated_peak_gb": est}
     sec = statistics.median(times)
-    flops = count_flops(tr.preset, batch, h, w, f, text_len, boxes)
+    flops = count_flops(tr.preset, batch, h, w, f, text_len, boxes, tuple(sorted(tr.overrides.items())))
     lat = (batch, CLIP["views"], 16, (f - 1) // 4 + 1, h // 8, w // 8)
     peak_gib = _peak_gib()
+    measured = peak_gib * 2 ** 30 / 1e9 if peak_gib is not None else None
     out = {"step_s": sec, "step_s_all": times, "peak_mem_gib": peak_gib, "estimated_peak_gb": est,
-           "measured_peak_gb": peak_gib * 2 ** 30 / 1e9 if peak_gib is not None else None,
-           "params": tr.n_params, "batch": batch, "tflop_per_step": flops / 1e12,
+           "measured_peak_gb": measured, "plan_over_measured": est / measured if measured else None,
+           "sharded": tr.sharded, "params": tr.n_params, "batch": batch, "tflop_per_step": flops / 1e12,
            "tflop_per_step_analytic": step_flops(tr.model.config, tr.n_params, lat) / 1e12,
            "achieved_tflops": flops / sec / 1e12}
     if peak:
@@ -284,13 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-len", type=int, default=300, help="T5 tokens (paper: 300)")
     ap.add_argument("--boxes", type=int, default=64, help="box tracks per clip")
     ap.add_argument("--skip-vae", action="store_true")
-    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true", help="skip (b), the unsharded steps")
+    ap.add_argument("--skip-sharded", action="store_true", help="skip (c), the sharded (FSDP2) paper steps")
     ap.add_argument("--smoke", action="store_true", help="every code path on the CPU at tiny sizes (tests)")
     a = ap.parse_args(argv)
     import torch
-    global DEVICE, CLIP, SHAPES, PRESETS
+    global DEVICE, CLIP, SHAPES, PRESETS, SHARDED_SHAPES, SHARDED_PRESET
     if a.smoke:
         DEVICE, CLIP, SHAPES, PRESETS = "cpu", SMOKE_CLIP, SMOKE_SHAPES, ("tiny",)
+        SHARDED_SHAPES, SHARDED_PRESET = SMOKE_SHARDED_SHAPES, "tiny"
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing measured, "
@@ -340,17 +386,32 @@ def main(argv: list[str] | None = None) -> int:
                                                                a.text_len, a.boxes))
             holder.clear()
             _free()
+    if not a.skip_sharded:
+        from model import memory
+        overrides = memory.read_stage("3")["overrides"] if SHARDED_PRESET == "paper" else {}
+        holder = {}
+        run(f"sharded_{SHARDED_PRESET}_build", lambda: (holder.update(tr=Trainer(SHARDED_PRESET, overrides, True)),
+                                                         {"params": holder["tr"].n_params})[1])
+        if "tr" in holder:
+            for shape in SHARDED_SHAPES:
+                run(f"sharded_{SHARDED_PRESET}_{shape[0]}_ckpt_on",
+                    lambda shape=shape: bench_steps(holder["tr"], shape, True, a.batch_size, repeats, peak,
+                                                    a.text_len, a.boxes))
+        holder.clear()
+        _free()
     figures["total_wall_s"] = time.perf_counter() - t_start
     parts = []
     for k in ("vae_encode_tiling_off", "vae_encode_tiling_on", *(f"{p}_{s[0]}_ckpt_on" for p in PRESETS[-1:]
-                                                                    for s in SHAPES)):
+                                                                    for s in SHAPES),
+              *(f"sharded_{SHARDED_PRESET}_{s[0]}_ckpt_on" for s in SHARDED_SHAPES)):
         v = figures.get(k, {})
         if "error" in v:
             parts.append(f"{k}: {v['error'][:80]}")
         elif "seconds" in v:
             parts.append(f"{k} {v['seconds']:.2f}s/clip ({_num(v['floor_fraction'])} of the FLOP floor)")
         elif "step_s" in v:
-            parts.append(f"{k}: {v['step_s']:.2f}s/step, {_num(v['peak_mem_gib'])} GiB, MFU {_num(v.get('mfu'))}")
+            parts.append(f"{k}: {v['step_s']:.2f}s/step, {_num(v['peak_mem_gib'])} GiB (plan "
+                         f"{_num(v['estimated_peak_gb'])} GB), MFU {_num(v.get('mfu'))}")
     save("gpu_smoke" if a.smoke else "gpu", figures, f"{name}: " + "; ".join(parts) + f" (total {figures['total_wall_s']:.0f}s)")
     return 0
 

@@ -162,3 +162,22 @@ def disable_sequence_parallel(model: nn.Module) -> None:
     for m in model.modules():
         if "sequence_parallel" in vars(m):
             del m.sequence_parallel
+
+
+def block_units(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks, children before parents: `model.fsdp_units()` when the model
+    defines it, else every element of each nn.ModuleList of "blocks" (elements of one class that
+    each contain a module with modules of its own: a block holds attention layers that hold
+    linears; a list of linears, norms or one-level wrappers is no list of blocks). The FSDP2
+    units (train/sharding.py) and the memory plan's block kinds (model/memory.py) both use it."""
+    if callable(getattr(model, "fsdp_units", None)):
+        units = list(model.fsdp_units())
+    else:
+        units = []
+        for m in model.modules():
+            if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1 and all(
+                    any(next(c.children(), None) is not None for c in b.children()) for b in m):
+                units.extend(m)
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    return sorted(units, key=lambda m: -order[id(m)])   # reverse pre-order: nested units first
+

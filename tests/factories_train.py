@@ -20,8 +20,12 @@ def perturb_zero_init(model: torch.nn.Module, std: float = 0.05, seed: int = 0) 
 
 
 def train_config(root: Path, out: str, steps: int, **kw) -> TrainConfig:
-    """A tiny-run TrainConfig over root/{shards, stage.yaml, text_cache}; keywords override."""
-    d = dict(out=str(root / out), steps=steps, lr=2e-3, warmup=3, ema_decay=0.9, val_every=0, ckpt_every=1000,
+    """A tiny-run TrainConfig over root/{shards, stage.yaml, text_cache}; keywords override.
+    eps 1e-8, not the recipe's 1e-15: with 1e-15 Adam moves a weight whose gradient is rounding
+    noise by a full +-lr, so runs that differ only in reduction order (DDP, FSDP, SP) would
+    differ by ~lr instead of by float rounding."""
+    d = dict(out=str(root / out), steps=steps, lr=2e-3, eps=1e-8, warmup=3, ema_decay=0.9, val_every=0,
+             ckpt_every=1000,
              data=DataConfig(root=str(root / "shards"), stage=str(root / "stage.yaml"), samples_per_chunk=6,
                              shuffle_buffer=3, text_cache=str(root / "text_cache"), text_max_length=16))
     d.update(kw)

@@ -42,12 +42,13 @@ def test_smoke_runs_every_measurement_on_cpu():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     fig = json.loads((REPO / "bench" / "results" / "gpu_smoke.json").read_text())["figures"]
-    keys = ["vae_encode_tiling_off", "vae_encode_tiling_on", "tiny_build", "tiny_32x64_t9_ckpt_off",
-            "tiny_32x64_t9_ckpt_on"]
+    keys = ["vae_encode_tiling_off", "vae_encode_tiling_on", "tiny_build", "sharded_tiny_build",
+            "tiny_32x64_t9_ckpt_off", "tiny_32x64_t9_ckpt_on", "sharded_tiny_32x64_t9_ckpt_on"]
     for k in keys:
         assert "error" not in fig[k], (k, fig[k])
     assert fig["vae_encode_tiling_off"]["latent_shape"] == [2, 16, 3, 4, 6]   # (V, 16, T', H/8, W/8)
-    for k in keys[3:]:
-        assert fig[k]["step_s"] > 0 and fig[k]["tflop_per_step"] > 0
+    for k in keys[4:]:
+        assert fig[k]["step_s"] > 0 and fig[k]["tflop_per_step"] > 0 and fig[k]["estimated_peak_gb"] > 0
+    assert fig["sharded_tiny_32x64_t9_ckpt_on"]["sharded"] is True and fig["tiny_32x64_t9_ckpt_on"]["sharded"] is False
     for k in ("vae_decode_view_tiling_on", "vae_decode_view_tiling_off"):   # (c): one view decoded, tiled and not
         assert "error" not in fig[k] and fig[k]["frames_shape"] == [9, 64, 96, 3], (k, fig[k])

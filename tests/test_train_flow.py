@@ -1,4 +1,4 @@
-"""train/flow.py numerics, condition drop rates, and the box projection of the contact sheet."""
+"""train/flow.py numerics and the box projection of the contact sheet (condition drops: test_train_drops.py)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from train import flow
-from train.config import DEFAULT_DROP, FlowConfig
-from train.train import step_flops, step_generator
+from train.config import FlowConfig
+from train.train import step_flops
 from train.video import draw_boxes, grid
 
 
@@ -28,10 +28,14 @@ def test_interpolation_and_target():
 
 
 def test_shift():
-    cfg = FlowConfig()   # the authors' timestep_transform: sqrt(H W / 512^2) sqrt(T')
+    cfg = FlowConfig()   # the authors' base: 512 x 512 pixels, one latent frame (timestep_transform)
     assert flow.shift_factor(cfg, 512, 512, 1) == pytest.approx(1.0)
-    assert flow.shift_factor(cfg, 424, 800, 5) == pytest.approx((424 * 800 / 512 ** 2) ** 0.5 * 5 ** 0.5)
-    assert flow.shift_factor(cfg, 1024, 1024, 9) == pytest.approx(6.0)
+    assert flow.shift_factor(cfg, 224, 400, 1) == pytest.approx(math.sqrt(224 * 400 / 512 ** 2))   # 0.585
+    assert flow.shift_factor(cfg, 1024, 1024, 1) == pytest.approx(2.0)
+    # sqrt(T'): 17 frames -> T' = 5 (the authors' cog_style: 17 // 4 + 17 % 2)
+    assert flow.shift_factor(cfg, 424, 800, 5) == pytest.approx(math.sqrt(424 * 800 / 512 ** 2) * math.sqrt(5))
+    old = FlowConfig(shift_base_pixels=224 * 400)     # the base before: 1.71x stronger everywhere
+    assert flow.shift_factor(old, 424, 800, 5) / flow.shift_factor(cfg, 424, 800, 5) == pytest.approx(1.7104, abs=1e-4)
     t = torch.linspace(0, 1, 11)
     s = flow.shift_time(t, 3.0)
     assert s[0] == 0 and s[-1] == 1 and torch.all(s[1:-1] > t[1:-1]) and torch.all(s.diff() > 0)
@@ -74,22 +78,6 @@ def test_cfg_combines_branches():
     out = flow.euler_sample(velocity, x, steps=1, cfg_scale=2.0, null_drop={"text": True})
     # v = 3 + 2 * (1 - 3) = -1 ; one step from t=1 to 0: x = 0 + (0 - 1) * (-1) = 1
     assert torch.allclose(out, torch.ones(2, 4))
-
-
-def test_condition_drops_follow_the_authors():
-    """All conditions of a sample dropped at drop_all (n = 40000, 4 sigma); in the others exactly
-    int(0.4 (T - 2)) interior frames masked, never the first or the last; a function of the generator."""
-    n, T = 40_000, 17
-    drop_cond, drop_frames = flow.condition_drops(n, T, 0.15, 0.4, step_generator(0, 3, 0))
-    assert abs(float(drop_cond.float().mean()) - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n)
-    kept = ~drop_cond
-    assert (drop_frames[kept].sum(1) == int(0.4 * 15)).all() and not drop_frames[drop_cond].any()
-    assert not drop_frames[:, 0].any() and not drop_frames[:, -1].any()
-    assert drop_frames[kept][:, 1:-1].float().mean(0).min() > 0.3       # every interior frame gets masked
-    again = flow.condition_drops(n, T, 0.15, 0.4, step_generator(0, 3, 0))
-    assert torch.equal(drop_cond, again[0]) and torch.equal(drop_frames, again[1])
-    one = flow.condition_drops(4, 1, 0.0, 0.4, step_generator(0, 3, 0))[1]
-    assert one.shape == (4, 1) and not one.any()                        # images: no frame to mask
 
 
 def test_box_projection_lands_where_the_camera_sees_it():

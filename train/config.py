@@ -17,9 +17,7 @@ import yaml
 
 from pipeline.contract.cli import BadInput, InputNotFound, yaml_problem
 
-# The paper drops text, camera, boxes and trajectory at 15 % each (Appendix E). The map is
-# never dropped in training; CFG uses the null (all-zero) map in the unconditional branch.
-DEFAULT_DROP = {"text": 0.15, "camera": 0.15, "boxes": 0.15, "traj": 0.15, "map": 0.0}
+SHARDINGS = ("fsdp", "ddp")   # train/sharding.py
 
 
 @dataclass
@@ -47,8 +45,14 @@ class FlowConfig:
     logit_mean: float = 0.0            # logit-normal timestep sampling (SD3 §3.1)
     logit_std: float = 1.0
     shift: bool = True                 # resolution x length shift (Open-Sora 1.2 timestep_transform)
-    shift_base_pixels: int = 512 * 512 # the authors' timestep_transform: sqrt(H W / 512^2) sqrt(T')
+    shift_base_pixels: int = 512 * 512 # pixels at which the shift of one latent frame is 1 (Open-Sora 1.2 and
+                                       # the authors' timestep_transform: base_resolution 512 * 512)
     shift_scale: float = 1.0
+    # classifier-free guidance training (train.train.condition_drops; the authors' train_magicdrive.py):
+    drop_all: float = 0.15             # samples trained with text, camera, boxes and trajectory all null
+                                       # together (paper Appendix E: 15 %; authors: drop_cond_ratio 0.15)
+    drop_frames_ratio: float = 0.4     # in the other samples, this fraction of the interior frames gets its
+                                       # boxes and trajectory masked (authors: drop_cond_ratio_t 0.4)
     sample_steps: int = 30             # Euler steps at inference (paper Appendix E)
     cfg_scale: float = 2.0
     # loss weight of a view's latent frame whose CogVAE group holds a repaired dropped frame (schema 3.0
@@ -65,16 +69,20 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     seed: int = 0
     steps: int = 300                   # total optimizer steps (a resumed run continues up to this)
-    optimizer: str = "adamw"           # adam | adamw
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.0
+    # the authors' recipe where the paper's text lost the values (configs/magicdrive/train/stage*.py):
+    optimizer: str = "adamw"           # adam | adamw (authors: HybridAdam in AdamW mode)
+    lr: float = 8e-5                   # authors: lr = 8e-5 (the paper's value did not survive extraction)
+    betas: tuple = (0.9, 0.999)        # authors: optimizer defaults
+    eps: float = 1e-15                 # authors: adam_eps = 1e-15
+    weight_decay: float = 1e-2         # authors: weight_decay = 1e-2
     warmup: int = 3000                 # linear warm-up steps, then constant LR (paper Appendix E)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    drop: dict = field(default_factory=lambda: dict(DEFAULT_DROP))
+    grad_clip: float = 1.0             # authors: grad_clip = 1.0
+    ema_decay: float = 0.99            # authors: ema_decay = 0.99
     grad_checkpointing: bool = False
     sp: int = 1                        # sequence parallel ranks per sample (world = dp x sp; train/distributed.py)
+    sharding: str = "fsdp"             # fsdp (weights, grads, optimizer, EMA sharded; FSDP2) | ddp; world > 1 only
+    reshard_after_forward: bool = True # fsdp: free a block's gathered weights after its forward (False: keep
+                                       # them to the backward, ZeRO-2: one all-gather a step, more memory)
     precision: str = "auto"            # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
     log_every: int = 10                # console refresh; the JSONL log gets every step
@@ -82,6 +90,7 @@ class TrainConfig:
     val_batches: int = 4
     ckpt_every: int = 100
     keep_last: int = 3
+    export: bool = True                # write the single-file export (model/ema.safetensors) at every checkpoint
     peak_tflops: float | None = None   # for MFU; default looked up from the GPU name
     # stage transitions (paper Section 5.1): start from the weights of the previous stage's checkpoint;
     # optimizer, step, data schedule, LR warm-up and EMA start fresh (the EMA from the loaded weights)
@@ -95,6 +104,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
+        if "drop" in d:   # before the joint drop (flow.drop_all): per-condition rates no longer exist
+            raise BadInput("config key 'drop' (per-condition rates) is gone: all conditions drop together at "
+                           "flow.drop_all, and flow.drop_frames_ratio masks boxes/trajectory per frame")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise BadInput(f"unknown train config keys {sorted(unknown)}")
@@ -104,9 +116,11 @@ class TrainConfig:
         cfg.betas = tuple(cfg.betas)
         if cfg.init_weights not in ("model", "ema"):
             raise ValueError(f"init_weights {cfg.init_weights!r}: use 'model' or 'ema'")
-        unknown_drop = set(cfg.drop) - set(DEFAULT_DROP)
-        if unknown_drop:
-            raise BadInput(f"drop: unknown conditions {sorted(unknown_drop)}; known: {list(DEFAULT_DROP)}")
+        if cfg.sharding not in SHARDINGS:
+            raise BadInput(f"sharding {cfg.sharding!r}: use one of {list(SHARDINGS)}")
+        for name in ("drop_all", "drop_frames_ratio"):
+            if not 0.0 <= getattr(flow, name) <= 1.0:
+                raise BadInput(f"flow.{name} = {getattr(flow, name)}: a rate in [0, 1]")
         return cfg
 
 

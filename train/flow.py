@@ -23,7 +23,8 @@ from train.config import FlowConfig
 
 
 def shift_factor(cfg: FlowConfig, height: int, width: int, latent_frames: int) -> float:
-    """sqrt(pixels / base) * sqrt(latent frames): 1 for a 224x400 image, larger for bigger/longer inputs."""
+    """sqrt(pixels / base) * sqrt(latent frames): 1 for a 512x512 image (the authors' base), 0.58 for a
+    224x400 image, larger for bigger/longer inputs."""
     if not cfg.shift:
         return 1.0
     return math.sqrt(height * width / cfg.shift_base_pixels) * math.sqrt(latent_frames) * cfg.shift_scale
@@ -73,21 +74,6 @@ def fill_weights(fill_mask: torch.Tensor, latent_frames: int, fill_weight: float
     group = torch.tensor([0] + [(i - 1) // 4 + 1 for i in range(1, t)], dtype=torch.long)   # (T,) latent of frame
     hit = torch.zeros(b, latent_frames, v).index_add_(1, group, fill_mask.float()) > 0        # (B, T', V)
     return torch.where(hit, float(fill_weight), 1.0).permute(0, 2, 1)                        # (B, V, T')
-
-
-def condition_drops(batch: int, frames: int, drop_all: float, frames_ratio: float,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The authors' training drops -> (drop_cond (B,) bool, drop_frames (B, T) bool): every condition
-    of a sample dropped at rate drop_all (classifier-free guidance); in the other samples
-    int(frames_ratio * (T - 2)) interior frames (never the first or the last) have their boxes and
-    ego pose masked."""
-    drop_cond = torch.rand(batch, generator=gen) < drop_all
-    drop_frames = torch.zeros(batch, frames, dtype=torch.bool)
-    k = int(frames_ratio * (frames - 2)) if frames > 2 else 0
-    for b in range(batch):
-        if k and not drop_cond[b]:
-            drop_frames[b, 1 + torch.randperm(frames - 2, generator=gen)[:k]] = True
-    return drop_cond, drop_frames
 
 
 def sample_grid(steps: int, shift: float) -> torch.Tensor:

@@ -1,16 +1,21 @@
 """The lean trainer: MVDiT + rectified flow on bucketed webdataset shards.
 
     python -m train.train --config configs/train/demo.yaml --set data.root=demo_out/shards --out runs/demo
-    torchrun --nproc_per_node 8 -m train.train --config ... --out runs/stage2     # DDP (NCCL on GPUs)
+    torchrun --nproc_per_node 8 -m train.train --config ... --out runs/stage2     # FSDP2 (NCCL on GPUs)
     python -m train.train --out runs/demo --resume                                # continue exactly
 
 One step: the schedule picks this step's bucket (train/buckets.py), the stream gives a
-batch of it (train/data.py), each condition is dropped at its rate for CFG, t is drawn
+batch of it (train/data.py), the classifier-free-guidance drops are drawn (all conditions
+of a sample together, or boxes and trajectory of some frames: `condition_drops`), t is drawn
 logit-normal + shifted, the model predicts the velocity of x_t and the MSE is minimised
-(train/flow.py). Adam(W) at a constant LR after a linear warm-up, gradient clipping, an
-fp32 EMA of the weights. Every random draw of step s on rank r comes from a generator
-seeded with (seed, s, r), and the data order is a function of (seed, step), so training
-N steps and resuming N more gives the same weights as training 2N steps.
+(train/flow.py). AdamW at a constant LR after a linear warm-up, gradient clipping, an fp32
+EMA of the weights. On several processes the training state is sharded (FSDP2) or
+replicated (DDP): train/sharding.py. Every random draw of step s on data-parallel rank r
+comes from a generator seeded with (seed, s, r), and the data order is a function of
+(seed, step), so training N steps and resuming N more gives the same weights as training 2N.
+
+The shape of `train()`: setup (process groups, run folder, shards, model, sharding, EMA,
+optimizer, resume) -> `for batch in loader: one_step(...); log; maybe save` -> summary.
 """
 from __future__ import annotations
 
@@ -31,10 +36,11 @@ from tqdm import tqdm
 
 from pipeline.contract import cli
 from train import checkpoint as ckpt
-from train import flow
-from train.distributed import check_sp, make_topology, wrap_ddp
-from train.config import TrainConfig, config_json, load_config
+from train import flow, sharding
+from train.config import FlowConfig, TrainConfig, config_json, load_config
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
+from train.distributed import check_sp, make_topology, setup_distributed
+from train.textsource import TextSource  # noqa: F401  (train.train.TextSource: the sampler's import)
 
 log = logging.getLogger("train")
 
@@ -62,6 +68,24 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
+def condition_drops(batch: int, frames: int, cfg: FlowConfig, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CFG drops of one batch, as the authors train (scripts/train_magicdrive.py):
+    -> drop_cond (B,) bool: text, camera, boxes and trajectory all replaced by their nulls,
+       for a `cfg.drop_all` share of the samples (the map is never dropped);
+       drop_frames (B, T) bool over pixel frames: boxes and trajectory of that frame masked.
+    A sample with everything dropped has every frame masked too; each other sample masks
+    int(drop_frames_ratio * (T - 2)) interior frames drawn without replacement (never the first
+    or the last frame: the authors' `random.sample(range(1, T - 1), int(0.4 * (T - 2)))`)."""
+    drop_cond = torch.rand(batch, generator=gen) < cfg.drop_all
+    drop_frames = drop_cond[:, None].repeat(1, frames)
+    k = int(cfg.drop_frames_ratio * (frames - 2)) if frames > 2 else 0
+    for i in range(batch):
+        if k and not drop_cond[i]:
+            drop_frames[i, 1 + torch.randperm(frames - 2, generator=gen)[:k]] = True
+    return drop_cond, drop_frames
+
+
 def latent_tokens(model_cfg, latents_shape) -> int:
     b, v, _, tl, h, w = latents_shape
     p = model_cfg.patch
@@ -80,35 +104,10 @@ def step_flops(model_cfg, n_params: int, latents_shape) -> float:
     return 6.0 * n_params * b * v * tl * s + attn
 
 
-class TextSource:
-    """Caption -> T5 states: the cache first (model.text.TextEmbeddingCache), else the T5 encoder."""
-
-    def __init__(self, cache: str | None, encoder: str | None, max_length: int, device: str = "cpu"):
-        from model.text import T5TextEncoder, TextEmbeddingCache
-        if not cache and not encoder:
-            raise cli.BadInput("no text source: set data.text_cache (python -m model.text build ...) or "
-                               "data.text_encoder (a local T5 folder; python -m model.text tiny DIR for tests)")
-        self.cache = TextEmbeddingCache(cache) if cache else None
-        self.encoder = T5TextEncoder(encoder, max_length=max_length, device=device) if encoder else None
-        self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (B, L, D) float, (B, L) bool."""
-        todo = [c for c in dict.fromkeys(captions) if c not in self.memo]
-        if todo and self.cache is not None and (self.encoder is None or all(c in self.cache for c in todo)):
-            for c in todo:
-                self.memo[c] = self.cache.get(c)
-        elif todo:
-            emb, mask = self.encoder.encode(todo)
-            for c, e, m in zip(todo, emb.cpu(), mask.cpu()):
-                self.memo[c] = (e, m)
-        embs, masks = zip(*(self.memo[c] for c in captions))
-        return torch.stack(embs), torch.stack(masks)
-
-
 def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: torch.Generator,
-                 device: torch.device, autocast: bool, drops: bool = True) -> torch.Tensor:
-    """The rectified-flow v-prediction loss of one batch; every random draw comes from ``gen``."""
+                 device: torch.device, autocast: bool, drops: bool = True, stats: dict | None = None) -> torch.Tensor:
+    """The rectified-flow v-prediction loss of one batch; every random draw comes from ``gen``.
+    ``drops`` False: no condition dropped (validation). ``stats`` gets the drop counts."""
     x0 = batch.sample_latents(gen)                                        # (B, V, 16, T', H', W')
     b, _, _, tl, h, w = x0.shape
     emb, mask = text.embed(batch.captions)
@@ -116,74 +115,48 @@ def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: t
     shift = flow.shift_factor(cfg.flow, h * 8, w * 8, tl)
     t = flow.sample_timesteps(b, cfg.flow, shift, gen)                    # (B,)
     noise = torch.randn(x0.shape, generator=gen)
-    # the authors' drops: all conditions at drop["text"] (their drop_cond_ratio), else 40 % of the
-    # interior frames' boxes and ego poses (their drop_cond_ratio_t)
-    drop_cond, drop_frames = flow.condition_drops(b, cond.num_frames, cfg.drop.get("text", 0.0) if drops else 0.0,
-                                                  0.4 if drops else 0.0, gen)
+    drop_cond, drop_frames = condition_drops(b, cond.num_frames, cfg.flow if drops else
+                                             FlowConfig(drop_all=0.0, drop_frames_ratio=0.0), gen)  # (B,), (B, T)
+    if stats is not None:
+        stats.update(drop_all=int(drop_cond.sum()), drop_frames=int(drop_frames[~drop_cond].sum()), batch=b)
     x0, noise, t = x0.to(device), noise.to(device), t.to(device)
     xt = flow.interpolate(x0, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(xt, t, cond, drop_cond.to(device), drop_frames.to(device))
+        pred = model(xt, t, cond, drop_cond=drop_cond.to(device), drop_frames=drop_frames.to(device))
     weight = flow.fill_weights(batch.fill_mask, tl, cfg.flow.fill_weight)   # (B, V, T') or None: repaired drops
     return flow.flow_loss(pred, x0, noise, weight)
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().float(), 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
 # ---- setup --------------------------------------------------------------------------
 
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device_pref == "auto":
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(device_pref)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world, device
-
-
-def build_model(cfg: TrainConfig, state_from: str | None = None, report=None):
-    """The model and its EMA: from a checkpoint being resumed (`state_from`), else the config's
-    preset, initialised from the previous stage (cfg.init_from) if set; then the EMA is a copy."""
+def build_model(cfg: TrainConfig, state_from: str | None = None, report=None) -> torch.nn.Module:
+    """The model: the architecture of a checkpoint being resumed (`state_from`; its weights come
+    with the rest of the training state, ckpt.load_training_state), else the config's preset,
+    initialised from the previous stage (cfg.init_from) if set."""
     from model.registry import build_from_config, build_model as build_preset
     torch.manual_seed(cfg.seed)  # identical init on every rank
     if state_from:
-        model = build_from_config(ckpt.load_config(state_from)["model"])
-        model.load_state_dict(ckpt.load_weights(state_from, "model"))
-    else:
-        model = build_preset(cfg.model, **cfg.model_overrides)
-        if cfg.init_from:
-            from model.config import ModelConfig
-            from model.stages import init_from_state
-            src = ckpt.resolve(cfg.init_from)
-            rep = init_from_state(model, ckpt.load_weights(src, cfg.init_weights),
-                                  ModelConfig.from_dict(ckpt.load_config(src)["model"]), cfg.init_allow_drop,
-                                  where=f"--init-from {src}")
-            if report is not None:
-                report(f"init-from {src} ({cfg.init_weights} weights): {rep.summary()}")
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    if state_from:
-        ema.load_state_dict(ckpt.load_weights(state_from, "ema"))
-    return model, ema
+        return build_from_config(ckpt.load_config(state_from)["model"])
+    model = build_preset(cfg.model, **cfg.model_overrides)
+    if cfg.init_from:
+        from model.config import ModelConfig
+        from model.stages import init_from_state
+        src = ckpt.resolve(cfg.init_from)
+        rep = init_from_state(model, ckpt.load_weights(src, cfg.init_weights),
+                              ModelConfig.from_dict(ckpt.load_config(src)["model"]), cfg.init_allow_drop,
+                              where=f"--init-from {src}")
+        if report is not None:
+            report(f"init-from {src} ({cfg.init_weights} weights): {rep.summary()}")
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, **kw)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, **kw)
     raise cli.BadInput(f"optimizer {cfg.optimizer!r}: use 'adam' or 'adamw'")
 
 
@@ -194,6 +167,11 @@ def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 compute: `auto` on a GPU, or asked for (`bf16`, also on the CPU)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 # ---- validation -----------------------------------------------------------------------
@@ -223,46 +201,47 @@ class Validator:
 
 # ---- the loop -------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    # -- setup: processes, run folder, data, model, sharding, EMA, optimizer, resumed state
     rank, world, device = setup_distributed(cfg.device)
     topo = make_topology(rank, world, cfg.sp)     # world = dp x sp; an SP group shares one batch
-    autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    bf16 = use_bf16(cfg, device)
     out = Path(cfg.out)
+    ckpt.claim_run_dir(out, resume is not None, overwrite, rank, cfg.init_from)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-
     # the shards first: a wrong --data-root or an old schema is a one-line error before any model is built
     shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
-    say = (lambda m: print(f"train: {m}", file=sys.stderr)) if rank == 0 else None
-    model, ema = build_model(cfg, resume, report=say)
+    say = (lambda m: print(f"train: {m}", file=sys.stderr)) if rank == 0 else (lambda m: None)
+    model = build_model(cfg, resume, report=say)
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
-    ema.to(device)
+    text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
+    if not resume and not cfg.init_from:  # from scratch: class tokens and base_token from T5 (the authors'
+        from model.text import prepare_text_embeddings  # prepare_text_embedding), before the EMA copies them
+        prepare_text_embeddings(model, text.embed)
+    if topo.sp > 1:
+        from model.parallel import enable_sequence_parallel
+        enable_sequence_parallel(model, topo.sp_group)
+    net = sharding.wrap(model, topo, device, cfg.sharding, bf16, cfg.reshard_after_forward)  # what the loop calls
+    mode = cfg.sharding if world > 1 else "none"
+    ema = sharding.EMA(model)      # laid out like the (sharded) parameters
     opt = make_optimizer(cfg, model)
     start = 0
     if resume:
-        state = ckpt.load_state(resume)
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        pos = state["data"]
-        if (pos["world"], pos["streams"]) != (topo.dp, max(1, cfg.data.num_workers)):
+        pos = ckpt.load_training_state(resume, model, opt, ema)
+        start = int(pos["step"])
+        data = pos["data"]
+        if (data["world"], data["streams"]) != (topo.dp, max(1, cfg.data.num_workers)):
             log.warning("resuming with dp=%d, streams=%d (checkpoint: %d, %d): the data order differs from an "
-                        "uninterrupted run", topo.dp, max(1, cfg.data.num_workers), pos["world"], pos["streams"])
-    if topo.sp > 1:  # after the EMA copy: the EMA stays a plain single-process model
-        from model.parallel import enable_sequence_parallel
-        enable_sequence_parallel(model, topo.sp_group)
-    ddp = wrap_ddp(model, topo, device)
+                        "uninterrupted run", topo.dp, max(1, cfg.data.num_workers), data["world"], data["streams"])
+        if rank == 0 and (n := ckpt.truncate_log(out / "log.jsonl", start)):
+            say(f"log.jsonl: {n} records after step {start} dropped (this run redoes those steps)")
 
     stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start, stop_step=cfg.steps)
-    text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
-    if not resume and not cfg.init_from:  # from scratch: class tokens and base_token from T5 (theirs)
-        from model.text import prepare_text_embeddings
-        prepare_text_embeddings(model, text.embed)
-        ema.load_state_dict(model.state_dict())
     validator = None
-    if topo.dp_rank == 0 and cfg.val_every > 0:  # the whole SP group of rank 0 runs the (split) model
+    if cfg.val_every > 0:  # every rank: a sharded model needs all of them for each forward
         try:
             validator = Validator(cfg, find_shards(cfg.data, cfg.data.val_split, cfg.data.val_shards))
         except FileNotFoundError as e:
@@ -273,20 +252,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         (out / "config.json").write_text(config_json(cfg))
         logf = open(out / "log.jsonl", "a")
         bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
-        print(f"train: {n_params:,} parameters on {device} x{world} (sp {topo.sp}); buckets "
+        print(f"train: {n_params:,} parameters on {device} x{world} (sp {topo.sp}, {mode}"
+              + (", bf16" if bf16 else "") + "); buckets "
               + ", ".join(f"{b.name}(bs {b.batch_size}, {len(shards.urls[b.name])} shards)" for b in shards.buckets)
               + f"; steps {start}->{cfg.steps}", file=sys.stderr)
 
-    def save(step: int) -> None:
-        if rank != 0:
-            return
-        state = {"step": step, "optimizer": opt.state_dict(),
-                 "rng": {"seed": cfg.seed, "torch": torch.get_rng_state()},
-                 "data": {"step": step, "seed": cfg.seed, "world": topo.dp, "streams": max(1, cfg.data.num_workers),
-                          "buckets": [b.name for b in shards.buckets], "weights": stream.weights.tolist()}}
-        ckpt.save_checkpoint(out, step, model, ema, state, {"train": cfg.to_dict(), "model": model.config.to_dict()},
-                             cfg.keep_last)
+    def save(step: int) -> None:   # a collective: every rank writes its shards
+        meta = {"world": world, "sp": topo.sp, "sharding": mode, "rng": {"seed": cfg.seed},
+                "data": {"step": step, "seed": cfg.seed, "world": topo.dp, "streams": max(1, cfg.data.num_workers),
+                         "buckets": [b.name for b in shards.buckets], "weights": stream.weights.tolist()}}
+        ckpt.save_checkpoint(out, step, model, opt, ema, meta, {"train": cfg.to_dict(), "model": model.config.to_dict()},
+                             cfg.keep_last, cfg.export, rank)
 
+    # -- the steps
     smooth: dict[str, float] = {}
     streams: dict[int, dict] = {}
     last = {"step": start}
@@ -296,40 +274,47 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         seed_step(cfg.seed, step, topo.dp_rank)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        gen = step_generator(cfg.seed, step, topo.dp_rank)
-        loss = compute_loss(ddp, batch, text, cfg, gen, device, autocast)
+        drops: dict = {}
+        loss = compute_loss(net, batch, text, cfg, step_generator(cfg.seed, step, topo.dp_rank), device, bf16,
+                            stats=drops)
         if not torch.isfinite(loss):  # before the update: the weights and the last checkpoint stay clean
             raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
                                      f"check the latents of {batch.keys}; resume from {out}/checkpoints/latest")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = sharding.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema_update(ema, model, cfg.ema_decay)
-        b = batch.latent_shape[0]
+        ema.update(model, cfg.ema_decay)
+
+        # -- the record of the step: sums over data parallel (an SP group counts once)
         tokens = latent_tokens(model.config, batch.latent_shape)
         flops = step_flops(model.config, n_params, batch.latent_shape)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
-        vals = torch.tensor([float(loss.detach()), b, tokens, flops], dtype=torch.float64)
+        vals = torch.tensor([float(loss.detach()), drops["batch"], tokens, flops, drops["drop_all"],
+                             drops["drop_frames"]], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(vals)
             vals[1:] /= topo.sp  # the ranks of an SP group share one batch
         val = None
         if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            val = validator(model, text, device, autocast)
+            val = validator(net, text, device, bf16)
         streams[batch.stats.get("stream", 0)] = batch.stats
         if rank == 0:
             lv = float(loss.detach())
             smooth[batch.bucket] = lv if batch.bucket not in smooth else 0.9 * smooth[batch.bucket] + 0.1 * lv
             rec = {"step": step + 1, "bucket": batch.bucket, "loss": lv, "loss_mean_ranks": float(vals[0]) / world,
                    "loss_by_bucket": dict(smooth), "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
+                   "batch": int(round(float(vals[1]))), "drop_all": int(round(float(vals[4]))),
+                   "drop_frames": int(round(float(vals[5]))),
                    "step_s": dt, "samples_per_s": float(vals[1]) / dt, "latent_tokens_per_s": float(vals[2]) / dt,
                    "loader": total_stats(streams)}
             if peak:
                 rec["mfu"] = float(vals[3]) / dt / (peak * 1e12 * world)
+            if device.type == "cuda":
+                rec["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if val is not None:
                 rec.update(val)
             logf.write(json.dumps(rec) + "\n")
@@ -340,12 +325,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         last = {"step": step + 1, "loss": float(loss.detach())}
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
+
+    # -- the summary
+    held = sharding.gather_ints(list(sharding.state_bytes(model, opt, ema).values()), world)   # per rank: params, optimizer, ema
     if rank == 0:
         bar.close()
         logf.close()
     if world > 1:
         dist.barrier()
-    return {"step": last["step"], "loader": total_stats(streams), "out": str(out)}
+    return {"step": last["step"], "loader": total_stats(streams), "out": str(out), "sharding": mode,
+            "state_bytes_per_rank": {k: [r[i] for r in held] for i, k in enumerate(("params", "optimizer", "ema"))}}
 
 
 @cli.entry
@@ -366,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "(must divide the world size and the head count)")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from a checkpoint folder, or (no value) from the latest checkpoint of --out")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an --out that holds another run: its checkpoints and log.jsonl are "
+                         "deleted first (without it such an --out is refused; --resume continues it instead)")
     ap.add_argument("--init-from", metavar="CKPT",
                     help="start a new stage from the weights of a checkpoint (or run) folder: optimizer, step, "
                          "warm-up and EMA start fresh; new modules start as identities (init_from)")
@@ -380,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = None
     if a.init_from is not None and a.resume is not None:
         ap.error("--init-from starts a new stage from a checkpoint's weights and --resume continues a run: use one")
+    if a.overwrite and a.resume is not None:
+        ap.error("--overwrite starts a new run over an old one and --resume continues it: use one")
     if a.init_from is not None:
         try:
             a.init_from = str(ckpt.resolve(a.init_from))
@@ -414,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     from model.stages import StageInitError
     try:
-        summary = train(cfg, resume, progress=not a.no_progress)
+        summary = train(cfg, resume, progress=not a.no_progress, overwrite=a.overwrite)
     except StageInitError as e:
         ap.error(str(e))
     if int(os.environ.get("RANK", 0)) == 0:
