@@ -201,7 +201,7 @@ def calibrate(preset: str, overrides: dict | None = None, text_len: int = 300, b
     """Coefficients of `preset` + `overrides`, measured on a small instance (`small` overrides:
     default one block pair and one ControlNet pair). Bytes per token are per token of one rank."""
     import torch
-    small = {"depth": 1, "controlnet_depth": 1} if small is None else small
+    small = {"depth": 1, "control_depth": 1} if small is None else small
     torch.manual_seed(0)
     model = build(preset, {**(overrides or {}), **small}, meta=False).to(torch.bfloat16).train()
     from model.parallel import block_units
