@@ -45,6 +45,7 @@ from train.config import DataConfig
 from train.batch import Batch, collate, unpack_bev  # noqa: F401  (Batch, unpack_bev: re-exported)
 from train.batchring import BatchRing, RingBatch, ring_batch
 from pipeline.contract.tarscan import Damage
+from train import signals, watchdog
 from train.tario import tar_samples  # one read per shard, read ahead, members as views (no copies)
 
 log = logging.getLogger("train.data")
@@ -353,8 +354,9 @@ class Loader:
         # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous
         kw = dict(num_workers=self.stream.streams if self.stream.cfg.num_workers > 0 else 0, batch_size=None,
                   pin_memory=torch.cuda.is_available())
-        if self.stream.cfg.num_workers > 0:
-            kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
+        if self.stream.cfg.num_workers > 0:  # workers leave SIGTERM/SIGINT to the main process (train/signals.py)
+            kw.update(prefetch_factor=PREFETCH, persistent_workers=False, worker_init_fn=signals.ignore_in_worker,
+                      timeout=max(0.0, float(self.stream.cfg.worker_timeout_s)))
         if fork:  # the workers inherit the ring's memory and semaphores
             kw.update(multiprocessing_context="fork")
         return torch.utils.data.DataLoader(self.stream, **kw)
@@ -366,8 +368,22 @@ class Loader:
             ring = BatchRing(self.stream.streams, slots, cfg.worker_ring_mb * 2**20 // slots)
         self.stream.ring = ring
         try:
-            for batch in self._dataloader(fork=ring is not None):
-                yield batch.unpack() if isinstance(batch, RingBatch) else batch
+            it = iter(self._dataloader(fork=ring is not None))
+            watch = watchdog.Watch(self.stream, it, cfg.worker_timeout_s) if cfg.num_workers > 0 else None
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except RuntimeError as e:  # a stalled or dead worker: one line naming it (train/watchdog.py)
+                    failure = watchdog.explain(e) if watch is not None else None
+                    if failure is None:
+                        raise
+                    raise failure from None
+                batch = batch.unpack() if isinstance(batch, RingBatch) else batch
+                if watch is not None:
+                    watch.delivered(batch.step)
+                yield batch
         finally:
             self.stream.ring = None
             if ring is not None:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from model.conditions import CONDITION_NAMES
 from pipeline.contract import cli
 from train import checkpoint as ckpt
-from train import flow
+from train import flow, signals, watchdog
 from train.distributed import check_sp, make_topology, wrap_ddp
 from train.config import TrainConfig, config_json, load_config
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
@@ -225,7 +225,8 @@ class Validator:
 
 # ---- the loop -------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+          stop: signals.GracefulStop | None = None) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     topo = make_topology(rank, world, cfg.sp)     # world = dp x sp; an SP group shares one batch
     autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16")
@@ -336,14 +337,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.steps:
                 bar.set_postfix(loss=f"{lv:.4f}", bucket=batch.bucket, lr=f"{rec['lr']:.2e}")
         last = {"step": step + 1, "loss": float(loss.detach())}
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+        stopping = stop is not None and stop.agreed(device, world)  # SIGTERM/SIGINT: every rank stops here
+        if stopping or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
+        if stopping and step + 1 < cfg.steps:
+            last["stopped"] = stop.name
+            break
     if rank == 0:
         bar.close()
         logf.close()
     if world > 1:
         dist.barrier()
-    return {"step": last["step"], "loader": total_stats(streams), "out": str(out)}
+    return {"step": last["step"], "loader": total_stats(streams), "out": str(out),
+            **({"stopped": last["stopped"]} if "stopped" in last else {})}
 
 
 @cli.entry
@@ -411,15 +417,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     from model.stages import StageInitError
+    stop = signals.GracefulStop().install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 4
     try:
-        summary = train(cfg, resume, progress=not a.no_progress)
+        summary = train(cfg, resume, progress=not a.no_progress, stop=stop)
     except StageInitError as e:
         ap.error(str(e))
+    except RuntimeError as e:  # a stalled or dead DataLoader worker: one line, exit 5 (train/watchdog.py)
+        failure = watchdog.explain(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return watchdog.EXIT_WORKER
+    finally:
+        stop.release(int(os.environ.get("WORLD_SIZE", 1)))
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
+    if "stopped" in summary:
+        print(f"train: stopped by {summary['stopped']} after step {summary['step']}, checkpoint written; "
+              f"continue with --resume", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return signals.EXIT_STOPPED if "stopped" in summary else 0
 
 
 if __name__ == "__main__":
