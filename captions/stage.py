@@ -43,7 +43,13 @@ def read_scene_descriptions(dataroot: str) -> dict[str, str]:
     """scene name -> description (and token -> description) from every <version>/scene.json under dataroot."""
     out: dict[str, str] = {}
     for uri in storage.glob(storage.join(dataroot, "*", "scene.json")):
-        for rec in json.loads(storage.read_bytes(uri)):
+        try:
+            recs = json.loads(storage.read_bytes(uri))
+        except ValueError as e:
+            raise BadInput(f"{uri}: not valid JSON ({e}); fix or regenerate the table") from None
+        if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+            raise BadInput(f"{uri}: expected a JSON array of scene records")
+        for rec in recs:
             desc = rec.get("description") or ""
             if "name" in rec:
                 out[rec["name"]] = desc

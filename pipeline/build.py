@@ -107,9 +107,10 @@ def _bar(cfg: BuildConfig, total: int, desc: str):
 
 def _scene_names(cfg: BuildConfig) -> list[str]:
     from pipeline.scenes.nuscenes import check_tables
-    path = os.path.join(check_tables(cfg.dataroot, cfg.version), "scene.json")
-    with open(path) as f:
-        names = sorted(s["name"] for s in json.load(f))
+    from pipeline.scenes.tableindex import read_scenes
+    tables = check_tables(cfg.dataroot, cfg.version)
+    path = os.path.join(tables, "scene.json")
+    names = sorted(s["name"] for s in read_scenes(tables))  # checked: a bad scene.json is one line naming it
     if cfg.scenes:
         unknown = sorted(set(cfg.scenes) - set(names))
         if unknown:
