@@ -75,6 +75,22 @@ def clip_items(clips: pa.Table, dataroot: str) -> list[CaptionItem]:
     return items
 
 
+def stage_caption_config(stage: str, mode: str | None = None, **overrides) -> CaptionConfig:
+    """The build's CaptionConfig: defaults + environment, then the stage config's ``captions:`` block (same fields
+    as a ``mdv2-caption --config`` file), then the command line (``overrides`` that are not None)."""
+    import yaml
+    from pipeline.scenes.buckets import STAGES_DIR
+    s = str(stage)
+    path = s if ("/" in s or s.endswith((".yaml", ".yml"))) else str(STAGES_DIR / f"{s}.yaml")
+    with open(path) as f:
+        block = (yaml.safe_load(f) or {}).get("captions")
+    if mode is not None:
+        overrides["mode"] = mode
+    if block is not None:
+        return CaptionConfig.from_file(path, **overrides)
+    return CaptionConfig.from_env(**overrides)
+
+
 def caption_clips(clips: pa.Table, dataroot: str, cfg: CaptionConfig, out: str,
                   scene_descriptions: dict[str, str] | None = None, progress: bool = True) -> CaptionResult:
     """Caption every clip of the clip index; the table ``{out}/captions.parquet`` is updated and is the cache.

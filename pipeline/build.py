@@ -40,6 +40,9 @@ from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_qua
 from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
 from pipeline.shards.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
 from pipeline.shards.write import shard_is_complete  # noqa: E402
+from captions.config import CaptionFatal  # noqa: E402
+
+EXIT_INCOMPLETE = 3  # finished, but planned shards are missing (docs/cluster.md): rerun to complete
 
 
 # ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
@@ -72,7 +75,11 @@ def scene_task(dataroot: str, version: str, scene_name: str, out: str, index: st
             nusc = _NUSC[(dataroot, version)]
         uri = build_scene_store(dataroot, version, scene_name, out, nusc=nusc, nusc_map=map_crop)
         return scene_name, uri, None
-    except Exception as e:  # one broken scene must not stop the others
+    except Exception as e:  # one broken scene must not stop the others; a full or broken disk stops the build
+        disk = None if storage.is_remote(out) else storage.local_io_error(
+            e, getattr(e, "filename", None) or out, f"writing the scene store of {scene_name}")
+        if disk is not None:
+            raise disk from e
         return scene_name, None, f"{type(e).__name__}: {e}"
 
 
@@ -169,17 +176,24 @@ def _vae_digest(vae_dir: str) -> str:
 
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
+    """The build, holding the lock of --out (pipeline/contract/outlock.py): a second build there is refused."""
+    from pipeline.contract.outlock import OutputLock
+    with OutputLock(cfg.out, "build"):
+        return _run_build(cfg)
+
+
+def _run_build(cfg: BuildConfig) -> BuildSummary:
     from pipeline.scenes.buckets import load_stage, make_clip_index, write_clip_index
     from pipeline.scenes.scenestore import open_scene_store
-    from captions.config import CaptionConfig
-    from captions.stage import caption_clips
+    from captions.stage import caption_clips, stage_caption_config
 
     cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
     cfg.encode.vae = cfg.vae
     stage = load_stage(cfg.stage)
     vae = vae_meta(cfg.vae)
-    overrides = {k: v for k, v in (("base_url", cfg.caption_base_url), ("model", cfg.caption_model)) if v}
-    ccfg = CaptionConfig.from_env(mode=cfg.captions, **overrides)
+    ccfg = stage_caption_config(cfg.stage, cfg.captions, base_url=cfg.caption_base_url, model=cfg.caption_model,
+                                timeout_s=cfg.caption_timeout, max_retries=cfg.caption_retries,
+                                concurrency=cfg.caption_concurrency)
     if ccfg.mode == "mllm":
         ccfg.require_endpoint()  # before any work
     captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
@@ -213,6 +227,15 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                         progress=cfg.progress)
     quarantine.extend(cap.quarantine)
     secs["captions"] = time.perf_counter() - t0
+    if clips.num_rows and not cap.captions:  # every caption failed: no shard can be planned, say so (exit 3)
+        summary.complete = False
+        first = cap.quarantine[0] if cap.quarantine else None
+        summary.stop_reason = f"no clip was captioned of {clips.num_rows}" + (
+            f"; first failure: {first.reason} ({first.detail[:200]})" if first else "")
+        write_quarantine(cfg.out, _dedupe(quarantine))
+        summary.quarantined = len(_dedupe(quarantine))
+        summary.seconds = secs
+        return summary
 
     rows = clips.to_pylist()
     frames_of = {r["key"]: r["frames"] for r in rows}
@@ -241,12 +264,18 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     for r in records.values():
         summary.samples[r.bucket] = summary.samples.get(r.bucket, 0) + r.samples
         summary.bytes[r.bucket] = summary.bytes.get(r.bucket, 0) + r.bytes
-    if summary.complete:
-        dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
-            "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
-            "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
-            "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
-            "captions": captions, "config_hash": cfg_hash})
+    # whatever stopped it (a failed shard, a full disk, --max-shards), the end is judged by the manifests
+    summary.shards_missing = sum(p.path not in records for p in plans)
+    summary.complete = summary.complete and summary.shards_missing == 0
+    if not summary.complete and not summary.stop_reason:
+        failed = [q for q in quarantine if q.reason == "shard_failed"]
+        summary.stop_reason = (f"{len(failed)} shards failed, e.g. {failed[0].item}: {failed[0].detail[:200]}"
+                               if failed else "stopped early")
+    dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
+        "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
+        "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
+        "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
+        "captions": captions, "config_hash": cfg_hash, "status": summary.status()})
     return summary
 
 
@@ -342,6 +371,12 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
             try:
                 record, q, _ = ray.get(r)
             except Exception as e:  # e.g. storage down after retries: not in the manifest, a rerun retries it
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, storage.LocalIOError):  # a full or broken disk: every shard would fail
+                    stop = True
+                    summary.stop_reason = str(cause)
+                    bar_w.update(1)
+                    continue
                 quarantine.append(QuarantineRecord("write", p.path, "shard_failed", f"{type(e).__name__}: {e}"[:2000]))
                 bar_w.update(1)
                 continue
@@ -385,6 +420,7 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
         collect(block=True)
     if stop:
         summary.complete = False
+        summary.stop_reason = summary.stop_reason or f"--max-shards {cfg.max_shards} reached"
         for r in list(shard_refs) + pending_calls:  # files may land, but no manifest row names them
             try:
                 ray.cancel(r)
@@ -416,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     ray_before = ray_running()
     try:
         summary = run_build(cfg)
+    except (storage.LocalIOError, CaptionFatal) as e:  # a full disk, a caption server that fails every request
+        cause = getattr(e, "cause", None) or e
+        if cli.debug_requested(argv):
+            raise
+        print(f"error: {cli.one_line(cause)}", file=sys.stderr)
+        print(f"the build stopped; rerun the same command to resume ({os.path.join(str(cfg.out), '')})",
+              file=sys.stderr)
+        return EXIT_INCOMPLETE
     finally:
         t1 = time.perf_counter()
         if not ray_before and ray_running():
@@ -426,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.text())
     print(f"shards: {os.path.abspath(cfg.out) if not storage.is_remote(cfg.out) else cfg.out}/<split>/<bucket>/; "
           f"manifests: <split>/{os.path.basename(schema.manifest_path('x'))}; quarantine: {schema.QUARANTINE_FILE}")
-    return 0 if summary.complete else 3
+    if not summary.complete:
+        print(f"error: {summary.status()}", file=sys.stderr)
+    return 0 if summary.complete else EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.contract import schema
 from tests.factories import write_shards
+from tests.procs import free_port
 from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
 from train.config import DataConfig
@@ -184,17 +184,11 @@ def test_a_stopped_or_dead_worker_ends_the_run_with_one_line_exit_5(data, how):
         assert "died (killed by signal" in line, line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(data):
     cfg = config(data, "ddp-term", 200)
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     env_proc = _start(_argv(cfg, 200), launcher=launcher)
     try:
         _wait_for_steps(Path(cfg.out) / "log.jsonl", 2, env_proc)

@@ -146,6 +146,7 @@ SCENE_STORE_TEMPLATE = WORK_DIR + "/scenes/{scene_name}.zarr"
 CLIP_INDEX_FILE = WORK_DIR + "/clips.parquet"
 TABLE_INDEX_TEMPLATE = WORK_DIR + "/tables/{version}"          # per-scene columnar tables (pipeline/scenes/tableindex.py)
 DATASET_CARD_FILE = "README.md"
+LOCK_FILE = WORK_DIR + "/lock.json"                          # the one writer of --out (pipeline/contract/outlock.py)
 
 
 def sample_key(scene_name: str, start: int, num_frames: int, height: int, width: int) -> str:

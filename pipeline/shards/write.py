@@ -116,7 +116,12 @@ def dataset_card(out: str, records: list[ShardRecord], quarantined: int, info: d
     rows = "\n".join(f"| {s} | {b} | {n[0]} | {n[1]} | {n[2] / 1e6:.2f} |" for (s, b), n in sorted(per_bucket.items()))
     tiny = " — TINY RANDOM WEIGHTS: the latents are meaningless" if info.get("tiny_vae") else ""
     members = "\n".join(f"| `{m.name}` | {m.dtype or '-'} | {m.doc} |" for m in schema.MEMBERS)
+    status = info.get("status", "complete")
+    status = ("Status: complete (every planned shard is listed in its manifest)." if status == "complete" else
+              f"**Status: {status}.** The tables below count only the shards written so far.")
     text = f"""# {info.get('title', 'MagicDrive-V2 training shards')}
+
+{status}
 
 Webdataset shards of multi-view driving clips with CogVideoX-VAE latents, written by
 `pipeline/build.py` (pipeline {schema.PIPELINE_VERSION}, sample schema {schema.SCHEMA_VERSION}).
