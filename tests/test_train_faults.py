@@ -56,6 +56,30 @@ def test_guard_still_stops_a_bucket_whose_every_shard_is_unreadable(tmp_path):
         next(iter(BatchStream(find_shards(cfg, "train", []), cfg, seed=0, stop_step=1)))
 
 
+LEAVE_EARLY = """
+import sys
+from train.config import DataConfig
+from train.data import BatchStream, find_shards, make_loader
+root = sys.argv[1]
+cfg = DataConfig(root=root, stage=root + "/stage.yaml", num_workers=2, samples_per_chunk=8, worker_ring_mb=1)
+loader = iter(make_loader(BatchStream(find_shards(cfg, "train", []), cfg, seed=0)))
+next(loader)   # workers keep producing into a ring nobody empties; the process leaves without closing the loader
+print("left", flush=True)
+"""
+
+
+def test_a_process_that_leaves_its_loader_early_still_exits(tmp_path):
+    """Workers ignore SIGTERM (so a scheduler's signal cannot kill them mid-step): torch's own fallback, terminate,
+    cannot end them then, and multiprocessing's exit would wait forever on one blocked on a full ring slot.
+    train/watchdog.py kills them instead."""
+    write_shards(tmp_path, {(32, 64, 1): 8}, per_shard=2, views=["CAM_FRONT"], num_boxes=1)
+    (tmp_path / "stage.yaml").write_text("name: t\nbuckets:\n  - {height: 32, width: 64, num_frames: 1, batch_size: 2}\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", LEAVE_EARLY, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip() == "left", r.stderr[-2000:]
+
+
 # ---- the trainer as a scheduler runs it ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

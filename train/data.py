@@ -367,6 +367,7 @@ class Loader:
             slots = PREFETCH + 2  # in flight per worker: PREFETCH queued, one being made, one being copied out
             ring = BatchRing(self.stream.streams, slots, cfg.worker_ring_mb * 2**20 // slots)
         self.stream.ring = ring
+        watch = None
         try:
             it = iter(self._dataloader(fork=ring is not None))
             watch = watchdog.Watch(self.stream, it, cfg.worker_timeout_s) if cfg.num_workers > 0 else None
@@ -381,10 +382,12 @@ class Loader:
                         raise
                     raise failure from None
                 batch = batch.unpack() if isinstance(batch, RingBatch) else batch
-                if watch is not None:
+                if watch is not None and isinstance(batch, Batch):
                     watch.delivered(batch.step)
                 yield batch
         finally:
+            if watch is not None:  # workers still running (left early): ended before the ring they write goes
+                watch.close()
             self.stream.ring = None
             if ring is not None:
                 ring.close()

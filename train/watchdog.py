@@ -12,8 +12,9 @@ hangs the run silently once the prefetched batches are used, and a dead one surf
 - A worker that dies: torch raises "DataLoader worker (pid ...)" from its SIGCHLD handler, inside the
   wait for a batch or anywhere in the step; :func:`explain` turns either into the same one line.
 The trainer prints ``error: <line>`` and exits ``EXIT_WORKER`` (docs/cluster.md): resume from the last
-checkpoint once the storage answers again. Workers ignore SIGTERM (train/signals.py); at exit the ones an
-error left running are shut down here, so the process never waits on them.
+checkpoint once the storage answers again. Workers ignore SIGTERM (train/signals.py), so torch's fallback
+(terminate) cannot end them: the ones still running when the loader is left are killed here (``Watch.close``,
+and at exit), so the process never waits on them.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ class Watch:
     """What the main process knows about its workers: their pids, the next step owed, each one's shards."""
 
     def __init__(self, stream, iterator, timeout_s: float):
+        self.workers = list(getattr(iterator, "_workers", []))  # torch keeps them there
+        _WORKERS.update(self.workers)
         self.stream, self.timeout_s = stream, timeout_s
-        self.pids = [int(w.pid) for w in getattr(iterator, "_workers", [])]  # torch keeps them there
+        self.pids = [int(w.pid) for w in self.workers]
         self.iterator_id = id(iterator)  # not the iterator: holding it would keep its workers past the run
-        _LIVE.add(iterator)
-        self.next_step = stream.start
+        self.next_step = getattr(stream, "start", 0)
         self.killed: dict[int, str] = {}
         global CURRENT
         CURRENT = self
@@ -51,20 +53,23 @@ class Watch:
 
     def _owed_by(self, worker: int) -> int:
         """The first step not delivered yet that worker ``worker`` makes (worker w makes start + w + k * streams)."""
-        n, start = self.stream.streams, self.stream.start
+        n, start = self.stream.streams, getattr(self.stream, "start", 0)
         s = self.next_step
         return s + ((start + worker - s) % n)
 
     def describe(self, worker: int) -> str:
-        step = self._owed_by(worker)
-        b = self.stream.shards.buckets[int(self.stream.bucket_of_steps(np.array([step]))[0])]
-        urls = self.stream._urls_for(self.stream.shards.urls[b.name], step % self.stream.streams)
-        shown = ", ".join(urls[:3]) + (f" (+{len(urls) - 3} more)" if len(urls) > 3 else "")
         pid = f" (pid {self.pids[worker]})" if worker < len(self.pids) else ""
+        try:
+            step = self._owed_by(worker)
+            b = self.stream.shards.buckets[int(self.stream.bucket_of_steps(np.array([step]))[0])]
+            urls = self.stream._urls_for(self.stream.shards.urls[b.name], step % self.stream.streams)
+        except AttributeError:  # a dataset that is not a BatchStream: no steps to name
+            return f"data worker {worker}{pid}"
+        shown = ", ".join(urls[:3]) + (f" (+{len(urls) - 3} more)" if len(urls) > 3 else "")
         return f"data worker {worker}{pid}, making step {step} (bucket {b.name}; its shards: {shown})"
 
     def stalled(self) -> WorkerFailure:
-        worker = (self.next_step - self.stream.start) % self.stream.streams
+        worker = (self.next_step - getattr(self.stream, "start", 0)) % max(1, len(self.workers))
         what = self.describe(worker)
         msg = (f"{what} produced no batch for {self.timeout_s:g} s (data.worker_timeout_s): it is stopped or blocked "
                f"(a hung read of those shards, a dead mount or object store); the run stops, resume it with "
@@ -73,17 +78,29 @@ class Watch:
             self._kill(self.pids[worker], msg)
         return WorkerFailure(msg)
 
-    def _kill(self, pid: int, msg: str) -> None:
-        self.killed[pid] = msg
-        try:  # torch must not report this death as a crash of its own: it is ours
+    def _forget_pids(self) -> None:
+        try:  # torch must not report the deaths of workers we end as crashes of its own
             from torch.utils.data import _utils
             _utils.signal_handling._remove_worker_pids(self.iterator_id)
-        except Exception:  # private API moved: the death is then explained through self.killed
+        except Exception:  # private API moved: a death is then explained through self.killed
             pass
+
+    def _kill(self, pid: int, msg: str) -> None:
+        self.killed[pid] = msg
+        self._forget_pids()
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def close(self) -> None:
+        """End the workers still running when the loader is left (an early stop, an error): they ignore SIGTERM,
+        so torch's own fallback (terminate) would leave one that waits on a full queue or a ring slot running,
+        and the process would wait on it forever at exit. Killed: their batches are not wanted any more."""
+        alive = [w for w in self.workers if w.is_alive()]
+        if alive:
+            self._forget_pids()
+            _kill_all(alive)
 
     def died(self, error: BaseException) -> WorkerFailure | None:
         m = _PID.search(str(error))
@@ -103,25 +120,34 @@ class Watch:
 
 
 CURRENT: Watch | None = None
-_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with workers, while they live
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # every DataLoader worker process a Watch saw, while referenced
 
 
-@atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut down
-def _end_workers() -> None:
-    """Workers ignore SIGTERM (train/signals.py), so multiprocessing's exit (terminate, then join) would wait
-    forever on one an error left running: shut the workers of every live iterator down, then kill the rest."""
-    for it in list(_LIVE):
+def _kill_all(workers) -> None:
+    for w in workers:
         try:
-            it._shutdown_workers()
-        except Exception:  # private API, or a worker already gone: the kill below is enough
+            os.kill(w.pid, signal.SIGKILL)
+        except (OSError, TypeError):
             pass
-        for w in getattr(it, "_workers", []):
-            try:
-                if w.is_alive():
-                    os.kill(w.pid, signal.SIGKILL)
-                    w.join(1.0)
-            except (OSError, AssertionError, ValueError):
-                pass
+    for w in workers:
+        try:
+            w.join(5.0)
+        except (AssertionError, ValueError, OSError):  # not our child (a forked copy of this module)
+            pass
+
+
+@atexit.register  # registered after torch's own exit hook, so it runs first
+def _end_workers() -> None:
+    """multiprocessing's exit terminates daemonic children, then joins them: a worker that ignores SIGTERM and is
+    still running would make it wait forever. Kill what is left."""
+    _kill_all([w for w in list(_WORKERS) if _is_alive(w)])
+
+
+def _is_alive(w) -> bool:
+    try:
+        return w.is_alive()
+    except (AssertionError, ValueError):  # is_alive of another process's child
+        return False
 
 
 def is_timeout(error: BaseException) -> bool:
