@@ -228,9 +228,8 @@ def _run_build(cfg: BuildConfig) -> BuildSummary:
     quarantine.extend(cap.quarantine)
     secs["captions"] = time.perf_counter() - t0
     if clips.num_rows and not cap.captions:  # every caption failed: no shard can be planned, say so (exit 3)
-        summary.complete = False
         first = cap.quarantine[0] if cap.quarantine else None
-        summary.stop_reason = f"no clip was captioned of {clips.num_rows}" + (
+        summary.complete, summary.stop_reason = False, f"no clip of {clips.num_rows} was captioned" + (
             f"; first failure: {first.reason} ({first.detail[:200]})" if first else "")
         write_quarantine(cfg.out, _dedupe(quarantine))
         summary.quarantined = len(_dedupe(quarantine))
@@ -264,13 +263,7 @@ def _run_build(cfg: BuildConfig) -> BuildSummary:
     for r in records.values():
         summary.samples[r.bucket] = summary.samples.get(r.bucket, 0) + r.samples
         summary.bytes[r.bucket] = summary.bytes.get(r.bucket, 0) + r.bytes
-    # whatever stopped it (a failed shard, a full disk, --max-shards), the end is judged by the manifests
-    summary.shards_missing = sum(p.path not in records for p in plans)
-    summary.complete = summary.complete and summary.shards_missing == 0
-    if not summary.complete and not summary.stop_reason:
-        failed = [q for q in quarantine if q.reason == "shard_failed"]
-        summary.stop_reason = (f"{len(failed)} shards failed, e.g. {failed[0].item}: {failed[0].detail[:200]}"
-                               if failed else "stopped early")
+    summary.judge([p.path for p in plans], records, quarantine)  # by the manifests, whatever stopped it
     dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
         "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
         "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
@@ -456,9 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(e, "cause", None) or e
         if cli.debug_requested(argv):
             raise
-        print(f"error: {cli.one_line(cause)}", file=sys.stderr)
-        print(f"the build stopped; rerun the same command to resume ({os.path.join(str(cfg.out), '')})",
-              file=sys.stderr)
+        print(f"error: {cli.one_line(cause)}; the build stopped: rerun the same command to resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     finally:
         t1 = time.perf_counter()

@@ -234,3 +234,27 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     assert codes and set(codes) == {"4"}, err[-2000:]  # torchrun itself exits 1; its summary names each rank's 4
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == stopped and ckpt.load_state(cfg.out)["data"]["world"] == 2
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_dead_peer_is_one_line_and_exit_5_on_the_survivor(data):
+    cfg = config(data, "ddp-peer", 200)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    proc = _start(_argv(cfg, 200), launcher=launcher)
+    try:
+        _wait_for_steps(Path(cfg.out) / "log.jsonl", 2, proc)
+        ranks = {}
+        for pid in _children(proc.pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[rank] = pid
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "error: a peer rank failed (" in err, err[-3000:]
+    codes = {line.split(":", 1)[1].split()[0] for line in err.splitlines() if line.strip().startswith("exitcode")}
+    assert codes == {"5", "-9"}, err[-2000:]

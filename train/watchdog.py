@@ -1,4 +1,5 @@
-"""A DataLoader worker that stops producing, or dies, ends the run with one line naming it: exit 5.
+"""A DataLoader worker that stops producing, or dies, ends the run with one line naming it: exit 5 (and so
+does a peer rank that died: its collective fails here).
 
 Without this a stopped worker (SIGSTOP, a read blocked on a dead mount or object store, a deadlock)
 hangs the run silently once the prefetched batches are used, and a dead one surfaces as torch's
@@ -154,12 +155,32 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "DataLoader timed out after" in str(error)
 
 
+_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|gloo/transport|NCCL")
+
+
+def peer_failure(error: BaseException) -> WorkerFailure | None:
+    """Another rank died or hung (its collective fails here: gloo 'Connection closed by peer', an NCCL abort or
+    watchdog timeout): the same exit 5, one line."""
+    import torch.distributed as dist
+    if not (isinstance(error, getattr(dist, "DistError", ())) or _PEER.search(str(error))):
+        return None
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    first = re.sub(r"^\[[^\]]*\] ", "", first)[:300]  # gloo prefixes its source file and line
+    return WorkerFailure(f"a peer rank failed ({first}); the run stops on every rank: see the first failing rank's "
+                         f"log, then resume with --resume")
+
+
 def explain(error: BaseException) -> WorkerFailure | None:
-    """The one-line WorkerFailure for a torch DataLoader error about a worker (stall or death), else None."""
+    """The one-line WorkerFailure for a torch DataLoader error about a worker (stall or death) or for a failed
+    peer rank, else None."""
     if isinstance(error, WorkerFailure):
         return error
-    if CURRENT is None or not isinstance(error, RuntimeError):
+    if not isinstance(error, RuntimeError):
         return None
-    if is_timeout(error):
-        return CURRENT.stalled()
-    return CURRENT.died(error)
+    if CURRENT is not None:
+        if is_timeout(error):
+            return CURRENT.stalled()
+        died = CURRENT.died(error)
+        if died is not None:
+            return died
+    return peer_failure(error)

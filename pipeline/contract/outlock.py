@@ -125,7 +125,8 @@ class OutputLock:
                     f"for {self.stale_after_s:.0f} s is taken over)")
             print(f"warning: taking over the stale lock {self.uri} of host {holder.get('host')}, pid "
                   f"{holder.get('pid')} ({why})", file=sys.stderr)
-            storage.remove(self.uri)
+            if (self._read() or {}).get("token") == holder.get("token"):  # not one another taker wrote meanwhile
+                storage.remove(self.uri)
         raise OutputLocked(f"--out {self.out}: could not take the lock {self.uri} (another command took it first)")
 
     def _beat(self) -> None:

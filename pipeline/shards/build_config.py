@@ -74,12 +74,22 @@ class BuildSummary:
     shards_missing: int = 0                            # planned shards not in a manifest at the end
     stop_reason: str = ""                              # why the build stopped early or is incomplete
 
+    def judge(self, planned: list[str], records: dict, quarantine: list) -> None:
+        """Complete only when every planned shard is in a manifest (records: path -> ShardRecord), whatever
+        stopped the build (a failed shard, a full disk, --max-shards); the reason when it is not."""
+        self.shards_missing = sum(p not in records for p in planned)
+        self.complete = self.complete and self.shards_missing == 0
+        if not self.complete and not self.stop_reason:
+            failed = [q for q in quarantine if q.reason == "shard_failed"]
+            self.stop_reason = (f"{len(failed)} shards failed, e.g. {failed[0].item}: {failed[0].detail[:200]}"
+                                if failed else "stopped early")
+
     def status(self) -> str:
         """'complete', or 'INCOMPLETE: ...' with the counts and the reason (the summary and the dataset card)."""
         if self.complete:
             return "complete"
-        missing = f"{self.shards_missing} of {self.shards_total} planned shards missing"
-        return f"INCOMPLETE: {missing}" + (f" ({self.stop_reason})" if self.stop_reason else "") + \
+        what = [f"{self.shards_missing} of {self.shards_total} planned shards missing"] if self.shards_total else []
+        return "INCOMPLETE: " + "; ".join(what + [self.stop_reason] if self.stop_reason else what) + \
             "; rerun the same command to complete it"
 
     def text(self) -> str:
