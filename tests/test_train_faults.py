@@ -195,25 +195,30 @@ def test_a_stopped_or_dead_worker_ends_the_run_with_one_line_exit_5(data, how):
         assert "died (killed by signal" in line, line
 
 
-@pytest.mark.slow
-def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(data):
-    cfg = config(data, "ddp-term", 200)
+def _torchrun_then_signal_rank_1(cfg, sig: int) -> str:
+    """torchrun, 2 ranks; after 2 steps signal rank 1 (found by its RANK variable) only; torchrun's stderr."""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
-    env_proc = _start(_argv(cfg, 200), launcher=launcher)
+    proc = _start(_argv(cfg, 200), launcher=launcher)
     try:
-        _wait_for_steps(Path(cfg.out) / "log.jsonl", 2, env_proc)
+        _wait_for_steps(Path(cfg.out) / "log.jsonl", 2, proc)
         ranks = {}
-        for pid in _children(env_proc.pid):
+        for pid in _children(proc.pid):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
             if rank is not None:
                 ranks[rank] = pid
-        os.kill(ranks[1], signal.SIGTERM)   # rank 1 only: rank 0 must learn it through the per-step all-reduce
-        _, err = env_proc.communicate(timeout=240)
+        os.kill(ranks[1], sig)
+        return proc.communicate(timeout=240)[1]
     finally:
-        if env_proc.poll() is None:
-            env_proc.kill()
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(data):
+    cfg = config(data, "ddp-term", 200)
+    err = _torchrun_then_signal_rank_1(cfg, signal.SIGTERM)  # rank 0 must learn it through the per-step all-reduce
     stopped = ckpt.load_state(cfg.out)["step"]
     assert err.count("got SIGTERM") == 1, err[-3000:]                             # one rank got the signal...
     assert err.count(f"stopped by SIGTERM after step {stopped}") == 2, err[-3000:]  # ...both stopped after it
@@ -226,22 +231,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
 @pytest.mark.slow
 def test_under_torchrun_a_dead_peer_is_one_line_and_exit_5_on_the_survivor(data):
     cfg = config(data, "ddp-peer", 200)
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
-    proc = _start(_argv(cfg, 200), launcher=launcher)
-    try:
-        _wait_for_steps(Path(cfg.out) / "log.jsonl", 2, proc)
-        ranks = {}
-        for pid in _children(proc.pid):
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-            if rank is not None:
-                ranks[rank] = pid
-        os.kill(ranks[1], signal.SIGKILL)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = _torchrun_then_signal_rank_1(cfg, signal.SIGKILL)
     assert "error: a peer rank failed (" in err, err[-3000:]
     codes = {line.split(":", 1)[1].split()[0] for line in err.splitlines() if line.strip().startswith("exitcode")}
     assert codes == {"5", "-9"}, err[-2000:]
