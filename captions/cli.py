@@ -56,6 +56,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpm", type=float, help="requests-per-minute ceiling (default: none)")
     g.add_argument("--timeout", type=float, dest="timeout_s", help="seconds per request (default 60)")
     g.add_argument("--max-retries", type=int, help="retries per item on 429/5xx/timeout/bad answer (default 5)")
+    g.add_argument("--fail-fast", type=int, metavar="N",
+                   help="stop (exit 3) when the first N requests all fail the same way, e.g. nothing listening or "
+                        "a server that never answers (default 8; 0 = never)")
     g.add_argument("--backoff-base", type=float, dest="backoff_base_s",
                    help="first retry wait in seconds, doubled each retry, with jitter (default 1)")
     g.add_argument("--price-input", type=float, dest="price_input_per_mtok",
@@ -68,7 +71,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 OVERRIDES = ("mode", "base_url", "model", "api_key_env", "prompt_version", "layout", "tile_width", "detail",
-             "max_tokens", "temperature", "concurrency", "rpm", "timeout_s", "max_retries", "backoff_base_s",
+             "max_tokens", "temperature", "concurrency", "rpm", "timeout_s", "max_retries", "fail_fast", "backoff_base_s",
              "price_input_per_mtok", "price_output_per_mtok", "flush_every")
 
 
@@ -136,21 +139,37 @@ def main(argv: list[str] | None = None) -> int:
             return _clips(args, config_from_args(args), progress)
         if args.command == "shards":
             from captions.regenerate import recaption_shards
-            res = recaption_shards(args.out, config_from_args(args), args.dataroot, args.split, progress)
+            from pipeline.contract.outlock import OutputLock
+            with OutputLock(args.out, "mdv2-caption shards"):  # it rewrites shards: not beside a build
+                res = recaption_shards(args.out, config_from_args(args), args.dataroot, args.split, progress)
             print(res.summary())
-            return 0
+            return _exit(res.captions)
         if args.command == "folder":
             from captions.videos import caption_folder
             res = caption_folder(args.root, args.out, config_from_args(args, default_mode="mllm"), progress)
             print(res.summary())
-            return 0
+            return _exit(res)
     except Exception as e:
-        from captions.client import CaptionFatal
+        from captions.config import CaptionFatal
         if isinstance(e, CaptionFatal) and not cli.debug_requested(argv):  # the server refused: exit code 3
             print(f"error: {cli.one_line(e)}", file=sys.stderr)
-            return 3
+            return EXIT_NOTHING
         raise
     return 1
+
+
+EXIT_NOTHING = 3  # nothing captioned, or the server failed the run (docs/cluster.md)
+
+
+def _exit(res) -> int:
+    """0 when something was captioned (or nothing needed it); 3 with one line when every item failed."""
+    if res.items and not res.captions:
+        first = res.quarantine[0] if res.quarantine else None
+        print(f"error: nothing captioned: all {res.items} items failed"
+              + (f" (first: {first.reason}: {first.detail[:200]})" if first else "")
+              + "; see the quarantine table, fix the cause and rerun", file=sys.stderr)
+        return EXIT_NOTHING
+    return 0
 
 
 def _clips(args: argparse.Namespace, cfg: CaptionConfig, progress: bool) -> int:
@@ -166,7 +185,7 @@ def _clips(args: argparse.Namespace, cfg: CaptionConfig, progress: bool) -> int:
     write_quarantine_file(storage.join(args.out, schema.QUARANTINE_FILE), res.quarantine,
                           set(clips.column("key").to_pylist()))
     print(res.summary())
-    return 0
+    return _exit(res)
 
 
 if __name__ == "__main__":

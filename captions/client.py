@@ -7,7 +7,11 @@ connection errors, malformed responses, and answers that fail validation. Attemp
 (0-based) waits ``min(backoff_max, backoff_base * 2**k) * U(0.5, 1.5)`` (jitter spreads a
 storm of clients) or the server's Retry-After if that is longer. Not retried: 400 (the
 item is bad: quarantine it). Fatal for the whole run: 401/403/404 (wrong key, no access,
-unknown model): every item would fail the same way.
+unknown model): every item would fail the same way; and, before any request succeeded, the
+first ``fail_fast`` requests all failing with one reason (nothing listening, a server that
+accepts and never answers, a model that cannot see images): :class:`CaptionsFailing`. 429s
+do not count towards that (they are the server pacing us). Once the run is stopped, no thread
+starts another attempt and the ones waiting to retry wake up.
 """
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ from dataclasses import dataclass
 
 import openai
 
-from captions.config import CaptionConfig
+from captions.config import CaptionConfig, CaptionFatal  # noqa: F401  (CaptionFatal: re-exported)
 from captions.images import View, data_url, request_images
 from captions.validate import InvalidAnswer, check_answer
 
 log = logging.getLogger(__name__)
+
+
+class CaptionsFailing(CaptionFatal):
+    """The first requests of the run all failed the same way: the server is down or wrong, not the items."""
 
 
 class CaptionFailure(Exception):
@@ -33,10 +41,6 @@ class CaptionFailure(Exception):
     def __init__(self, reason: str, detail: str = "", attempts: int = 0):
         self.reason, self.detail, self.attempts = reason, detail, attempts
         super().__init__(f"{reason}: {detail}")
-
-
-class CaptionFatal(RuntimeError):
-    """A failure that every request would hit (authentication, unknown model): stop the run."""
 
 
 @dataclass
@@ -113,6 +117,32 @@ class CaptionClient:
         self.retries = 0        # attempts beyond each item's first
         self.rate_limited = 0   # 429 answers received
         self._lock = threading.Lock()
+        self.answered = 0                     # successful answers
+        self._first_failures: list[CaptionFailure] = []  # failed attempts before any success (fail_fast)
+        self.stopped = threading.Event()     # set when the run is stopped: no new attempts, retries wake up
+        self.stop_reason: CaptionFatal | None = None
+
+    def stop(self, reason: CaptionFatal) -> None:
+        with self._lock:
+            self.stop_reason = self.stop_reason or reason
+        self.stopped.set()
+
+    def _note_failure(self, failure: CaptionFailure) -> None:
+        """Fail fast: the first ``fail_fast`` attempts of the run, all failed with one reason, stop it."""
+        n = self.cfg.fail_fast
+        if not n or failure.reason == "rate_limited":
+            return
+        with self._lock:
+            if self.answered or len(self._first_failures) >= n:
+                return
+            self._first_failures.append(failure)
+            first = self._first_failures
+            if len(first) < n or len({f.reason for f in first}) != 1:
+                return
+        self.stop(CaptionsFailing(
+            f"the first {n} caption requests all failed the same way ({failure.reason}: {failure.detail}) at "
+            f"{self.cfg.endpoint()} for model {self.cfg.model!r}; nothing more is sent: check that the server is up "
+            f"and answers (or raise --caption-timeout / fail_fast), then rerun: answers so far are kept"))
 
     def _count(self, attempt: int) -> None:
         with self._lock:
@@ -135,6 +165,8 @@ class CaptionClient:
         retries_429 = 0
         last: CaptionFailure | None = None
         for attempt in range(cfg.max_retries + 1):
+            if self.stopped.is_set():
+                raise self.stop_reason or CaptionFatal("the caption run was stopped")
             self.limiter.acquire()
             self._count(attempt)
             wait = None
@@ -146,12 +178,15 @@ class CaptionClient:
                 text = check_answer(choice.message.content, choice.finish_reason, min_chars=cfg.min_chars,
                                     max_chars=cfg.max_chars, reject_object_lists=cfg.reject_object_lists)
                 usage = resp.usage
+                with self._lock:
+                    self.answered += 1
                 return Answer(text, int(getattr(usage, "prompt_tokens", 0) or 0),
                               int(getattr(usage, "completion_tokens", 0) or 0), attempt + 1, retries_429)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise CaptionFatal(f"the caption server refused the request with HTTP {e.status_code} "
-                                   f"({type(e).__name__}) at {cfg.endpoint()} for model {cfg.model!r}: check the "
-                                   f"key in ${cfg.api_key_env}, the model name and the base URL") from None
+                self.stop(CaptionFatal(f"the caption server refused the request with HTTP {e.status_code} "
+                                       f"({type(e).__name__}) at {cfg.endpoint()} for model {cfg.model!r}: check the "
+                                       f"key in ${cfg.api_key_env}, the model name and the base URL"))
+                raise self.stop_reason from None
             except openai.RateLimitError as e:
                 retries_429 += 1
                 with self._lock:
@@ -165,7 +200,11 @@ class CaptionClient:
                 last = CaptionFailure("server_error", f"HTTP {e.status_code}")
                 wait = retry_after_s(e)
             except openai.BadRequestError as e:
-                raise CaptionFailure("bad_request", f"HTTP 400: {str(e)[:200]}", attempt + 1) from None
+                bad = CaptionFailure("bad_request", f"HTTP 400: {str(e)[:200]}", attempt + 1)
+                self._note_failure(bad)
+                if self.stopped.is_set():
+                    raise self.stop_reason from None
+                raise bad from None
             except openai.APITimeoutError:
                 last = CaptionFailure("timeout", f"no answer within {cfg.timeout_s} s")
             except openai.APIConnectionError as e:
@@ -177,11 +216,14 @@ class CaptionClient:
             except (ValueError, TypeError, AttributeError, openai.APIResponseValidationError) as e:
                 # 200 with a body that is not JSON or not a chat completion
                 last = CaptionFailure("malformed", f"{type(e).__name__}: {str(e)[:120]}")
+            self._note_failure(last)
+            if self.stopped.is_set():
+                raise self.stop_reason from None
             if attempt == cfg.max_retries:
                 break
             delay = max(self._backoff(attempt), wait or 0.0)
             log.debug("caption attempt %d failed (%s); retrying in %.2f s", attempt + 1, last.reason, delay)
-            time.sleep(delay)
+            self.stopped.wait(delay)  # a stopped run wakes every waiting retry at once
         assert last is not None
         raise CaptionFailure(last.reason, f"{last.detail} (gave up after {cfg.max_retries + 1} attempts)",
                              cfg.max_retries + 1)

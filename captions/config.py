@@ -28,6 +28,11 @@ class CaptionConfigError(UserError, ValueError):
     """A caption configuration that cannot work; the message says what to set."""
 
 
+class CaptionFatal(RuntimeError):
+    """A failure that every request would hit (authentication, unknown model, a server that fails the first
+    requests all the same way): stop the run (exit 3, docs/cluster.md)."""
+
+
 @dataclass
 class CaptionConfig:
     mode: str = "dataset"                 # mllm | dataset (nuScenes scene.description) | none (empty)
@@ -46,6 +51,7 @@ class CaptionConfig:
     rpm: float | None = None              # requests per minute ceiling (None = unlimited)
     timeout_s: float = 60.0
     max_retries: int = 5                  # extra attempts per item after the first
+    fail_fast: int = 8                    # stop the run when the first N requests all fail the same way (0: never)
     backoff_base_s: float = 1.0           # attempt k waits base * 2**k * jitter, capped by backoff_max_s
     backoff_max_s: float = 60.0
     max_retry_after_s: float = 300.0      # a server asking to wait longer than this is an error
@@ -64,6 +70,9 @@ class CaptionConfig:
             raise CaptionConfigError(f"image layout {self.layout!r} is not one of {LAYOUTS}")
         if self.detail not in DETAILS:
             raise CaptionConfigError(f"image detail {self.detail!r} is not one of {DETAILS}")
+        if self.fail_fast < 0 or self.max_retries < 0 or self.timeout_s <= 0:
+            raise CaptionConfigError(f"fail_fast >= 0, max_retries >= 0 and timeout_s > 0 please, got {self.fail_fast}, "
+                                     f"{self.max_retries}, {self.timeout_s}")
         if self.concurrency < 1:
             raise CaptionConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.rpm is not None and self.rpm <= 0:

@@ -43,7 +43,13 @@ def read_scene_descriptions(dataroot: str) -> dict[str, str]:
     """scene name -> description (and token -> description) from every <version>/scene.json under dataroot."""
     out: dict[str, str] = {}
     for uri in storage.glob(storage.join(dataroot, "*", "scene.json")):
-        for rec in json.loads(storage.read_bytes(uri)):
+        try:
+            recs = json.loads(storage.read_bytes(uri))
+        except ValueError as e:
+            raise BadInput(f"{uri}: not valid JSON ({e}); fix or regenerate the table") from None
+        if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+            raise BadInput(f"{uri}: expected a JSON array of scene records")
+        for rec in recs:
             desc = rec.get("description") or ""
             if "name" in rec:
                 out[rec["name"]] = desc
@@ -67,6 +73,22 @@ def clip_items(clips: pa.Table, dataroot: str) -> list[CaptionItem]:
                                  scene_name=(cols.get("scene_name") or [""] * (i + 1))[i] or "",
                                  scene_token=(cols.get("scene_token") or [""] * (i + 1))[i] or ""))
     return items
+
+
+def stage_caption_config(stage: str, mode: str | None = None, **overrides) -> CaptionConfig:
+    """The build's CaptionConfig: defaults + environment, then the stage config's ``captions:`` block (same fields
+    as a ``mdv2-caption --config`` file), then the command line (``overrides`` that are not None)."""
+    import yaml
+    from pipeline.scenes.buckets import STAGES_DIR
+    s = str(stage)
+    path = s if ("/" in s or s.endswith((".yaml", ".yml"))) else str(STAGES_DIR / f"{s}.yaml")
+    with open(path) as f:
+        block = (yaml.safe_load(f) or {}).get("captions")
+    if mode is not None:
+        overrides["mode"] = mode
+    if block is not None:
+        return CaptionConfig.from_file(path, **overrides)
+    return CaptionConfig.from_env(**overrides)
 
 
 def caption_clips(clips: pa.Table, dataroot: str, cfg: CaptionConfig, out: str,

@@ -43,6 +43,9 @@ from pipeline.shards.write import shard_is_complete  # noqa: E402
 from pipeline.shards.rebuild import input_fingerprint, noop_summary, record_build  # noqa: E402
 from pipeline.scenes.clipyield import YieldReport  # noqa: E402
 from pipeline.shards.yieldcard import build_yield  # noqa: E402
+from captions.config import CaptionFatal  # noqa: E402
+
+EXIT_INCOMPLETE = 3  # finished, but planned shards are missing (docs/cluster.md): rerun to complete
 
 
 # ---- Ray task bodies (top-level so workers import them by name) ---------------------------------
@@ -75,7 +78,11 @@ def scene_task(dataroot: str, version: str, scene_name: str, out: str, index: st
             nusc = _NUSC[(dataroot, version)]
         uri = build_scene_store(dataroot, version, scene_name, out, nusc=nusc, nusc_map=map_crop)
         return scene_name, uri, None
-    except Exception as e:  # one broken scene must not stop the others
+    except Exception as e:  # one broken scene must not stop the others; a full or broken disk stops the build
+        disk = None if storage.is_remote(out) else storage.local_io_error(
+            e, getattr(e, "filename", None) or out, f"writing the scene store of {scene_name}")
+        if disk is not None:
+            raise disk from e
         return scene_name, None, f"{type(e).__name__}: {e}"
 
 
@@ -110,9 +117,10 @@ def _bar(cfg: BuildConfig, total: int, desc: str):
 
 def _scene_names(cfg: BuildConfig) -> list[str]:
     from pipeline.scenes.nuscenes import check_tables
-    path = os.path.join(check_tables(cfg.dataroot, cfg.version), "scene.json")
-    with open(path) as f:
-        names = sorted(s["name"] for s in json.load(f))
+    from pipeline.scenes.tableindex import read_scenes
+    tables = check_tables(cfg.dataroot, cfg.version)
+    path = os.path.join(tables, "scene.json")
+    names = sorted(s["name"] for s in read_scenes(tables))  # checked: a bad scene.json is one line naming it
     if cfg.scenes:
         unknown = sorted(set(cfg.scenes) - set(names))
         if unknown:
@@ -172,12 +180,13 @@ def _vae_digest(vae_dir: str) -> str:
 
 def _content(cfg: BuildConfig):
     """(vae meta, caption config, caption source, content hash): what decides the shards' bytes."""
-    from captions.config import CaptionConfig
+    from captions.stage import stage_caption_config
     cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
     cfg.encode.vae = cfg.vae
     vae = vae_meta(cfg.vae)
-    overrides = {k: v for k, v in (("base_url", cfg.caption_base_url), ("model", cfg.caption_model)) if v}
-    ccfg = CaptionConfig.from_env(mode=cfg.captions, **overrides)
+    ccfg = stage_caption_config(cfg.stage, cfg.captions, base_url=cfg.caption_base_url, model=cfg.caption_model,
+                                timeout_s=cfg.caption_timeout, max_retries=cfg.caption_retries,
+                                concurrency=cfg.caption_concurrency)
     captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
     return vae, ccfg, captions, config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
 
@@ -196,6 +205,13 @@ def nothing_to_do(cfg: BuildConfig) -> BuildSummary | None:
 
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
+    """The build, holding the lock of --out (pipeline/contract/outlock.py): a second build there is refused."""
+    from pipeline.contract.outlock import OutputLock
+    with OutputLock(cfg.out, "build"):
+        return _run_build(cfg)
+
+
+def _run_build(cfg: BuildConfig) -> BuildSummary:
     from pipeline.scenes.buckets import load_stage, make_clip_index, write_clip_index
     from pipeline.scenes.scenestore import open_scene_store
     from captions.stage import caption_clips
@@ -235,6 +251,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                         progress=cfg.progress)
     quarantine.extend(cap.quarantine)
     secs["captions"] = time.perf_counter() - t0
+    if clips.num_rows and not cap.captions:  # every caption failed: no shard can be planned, say so (exit 3)
+        first = cap.quarantine[0] if cap.quarantine else None
+        summary.complete, summary.stop_reason = False, f"no clip of {clips.num_rows} was captioned" + (
+            f"; first failure: {first.reason} ({first.detail[:200]})" if first else "")
+        write_quarantine(cfg.out, _dedupe(quarantine))
+        summary.quarantined = len(_dedupe(quarantine))
+        summary.seconds = secs
+        return summary
 
     rows = clips.to_pylist()
     frames_of = {r["key"]: r["frames"] for r in rows}
@@ -265,14 +289,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         summary.bytes[r.bucket] = summary.bytes.get(r.bucket, 0) + r.bytes
     summary.yield_report = build_yield(report, {r["key"]: r["bucket"] for r in rows}, set(cap.captions),
                                        records.values(), _dedupe(quarantine))
+    summary.judge([p.path for p in plans], records, quarantine)  # by the manifests, whatever stopped it
+    dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
+        "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
+        "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
+        "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
+        "captions": captions, "config_hash": cfg_hash, "status": summary.status(), "yield": summary.yield_report})
     if summary.complete:
-        dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
-            "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
-            "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
-            "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
-            "captions": captions, "config_hash": cfg_hash, "yield": summary.yield_report})
-        if all(p.path in records for p in plans):
-            record_build(cfg.out, cfg_hash, fingerprint, [p.path for p in plans], summary)
+        record_build(cfg.out, cfg_hash, fingerprint, [p.path for p in plans], summary)
     return summary
 
 
@@ -368,6 +392,12 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
             try:
                 record, q, _ = ray.get(r)
             except Exception as e:  # e.g. storage down after retries: not in the manifest, a rerun retries it
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, storage.LocalIOError):  # a full or broken disk: every shard would fail
+                    stop = True
+                    summary.stop_reason = str(cause)
+                    bar_w.update(1)
+                    continue
                 quarantine.append(QuarantineRecord("write", p.path, "shard_failed", f"{type(e).__name__}: {e}"[:2000]))
                 bar_w.update(1)
                 continue
@@ -411,6 +441,7 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
         collect(block=True)
     if stop:
         summary.complete = False
+        summary.stop_reason = summary.stop_reason or f"--max-shards {cfg.max_shards} reached"
         for r in list(shard_refs) + pending_calls:  # files may land, but no manifest row names them
             try:
                 ray.cancel(r)
@@ -442,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     ray_before = ray_running()
     try:
         summary = nothing_to_do(cfg) or run_build(cfg)
+    except (storage.LocalIOError, CaptionFatal) as e:  # a full disk, a caption server that fails every request
+        cause = getattr(e, "cause", None) or e
+        if cli.debug_requested(argv):
+            raise
+        print(f"error: {cli.one_line(cause)}; the build stopped: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INCOMPLETE
     finally:
         t1 = time.perf_counter()
         if not ray_before and ray_running():
@@ -452,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.text())
     print(f"shards: {os.path.abspath(cfg.out) if not storage.is_remote(cfg.out) else cfg.out}/<split>/<bucket>/; "
           f"manifests: <split>/{os.path.basename(schema.manifest_path('x'))}; quarantine: {schema.QUARANTINE_FILE}")
-    return 0 if summary.complete else 3
+    if not summary.complete:
+        print(f"error: {summary.status()}", file=sys.stderr)
+    return 0 if summary.complete else EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

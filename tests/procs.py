@@ -32,3 +32,11 @@ def cluster_processes(marker: str) -> dict[int, str]:
         grew = bool(kids)
         mine |= kids
     return {pid: table[pid][1] for pid in mine}
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 nobody listens on (bound, then released)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -286,3 +286,103 @@ def test_build_command_stops_the_ray_it_started(synth_dataset, vae_dir, tmp_path
         for pid in cluster_processes(ray_tmp):
             os.kill(pid, 9)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ---- exit codes a scheduler can trust (issue 23): a full disk, a caption server that fails every request ----------
+
+def _build_cmd(data, vae, out, *extra) -> list[str]:
+    """`python pipeline/build.py` with the arguments of `_build` (the same config hash as the reference)."""
+    return [sys.executable, str(ROOT / "pipeline" / "build.py"), "--config", STAGE, "--dataroot", str(data.root),
+            "--version", data.version, "--out", str(out), "--vae", str(vae), "--samples-per-shard", "4",
+            "--no-progress", "--encode-cpus", "0.5", "--captions", "dataset", *extra]
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _run_isolated(script: list[str], env: dict, ray_tmp: str) -> None:
+    """Run `script` (argv) with its own Ray under ray_tmp, and stop whatever of that Ray is left afterwards."""
+    from procs import cluster_processes
+    try:
+        subprocess.run(script, env={**env, "RAY_TMPDIR": ray_tmp}, cwd=ROOT, timeout=1200, check=True)
+    finally:
+        for pid in cluster_processes(ray_tmp):
+            os.kill(pid, 9)
+
+
+def test_a_full_disk_exits_3_marks_the_card_and_the_rerun_equals_a_clean_build(ref, synth_dataset, vae_dir,
+                                                                               tmp_path):
+    """A tmpfs of 6 MB holds the tables and scene stores (copied from the reference build) and some of the 12 MB of
+    shards: the build stops at the first ENOSPC (not retried as a network error) with one line naming the path and
+    the free space, exits 3, and the dataset card says INCOMPLETE with the counts; after the tmpfs grows the same
+    command completes the build, byte for byte the reference. Without mount rights (a CI container) every process
+    of the build sees a 6 MB disk through tests/faultfs/sitecustomize.py: write() past it raises the real
+    OSError(ENOSPC), through the same write path."""
+    out, _ = ref
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1", "MDV2_DEBUG": "",
+                                                                          "PYTHONPATH": str(ROOT)}
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    res = tmp_path / "res"
+    res.mkdir()
+    try:
+        if not os.environ.get("MDV2_TEST_NO_TMPFS") and _can_mount_tmpfs():  # MDV2_TEST_NO_TMPFS=1: the other way
+            mnt = tmp_path / "mnt"
+            mnt.mkdir()
+            q = " ".join(f"'{a}'" for a in _build_cmd(synth_dataset, vae_dir, mnt / "out"))
+            work = f"{out}/{schema.WORK_DIR}"
+            script = (f"mount -t tmpfs -o size=6m tmpfs {mnt} && mkdir -p {mnt}/out && cp -a {work} {mnt}/out/ && "
+                      f"{{ {q} > {res}/1.out 2> {res}/1.err; echo $? > {res}/1.rc; cp -a {mnt}/out {res}/first; "
+                      f"mount -o remount,size=64m {mnt}; {q} > {res}/2.out 2> {res}/2.err; echo $? > {res}/2.rc; "
+                      f"cp -a {mnt}/out {res}/full; }}")
+            _run_isolated(["unshare", "-rm", "sh", "-c", script], env, ray_tmp)
+        else:
+            shutil.copytree(out / schema.WORK_DIR, res / "full" / schema.WORK_DIR)
+            for n, extra in (("1", {"PYTHONPATH": f"{ROOT / 'tests' / 'faultfs'}{os.pathsep}{ROOT}",
+                                    "MDV2_TEST_DISK": f"{res / 'full'}:{6 * 10**6}"}), ("2", {})):
+                with open(res / f"{n}.out", "w") as o, open(res / f"{n}.err", "w") as e:
+                    r = subprocess.run(_build_cmd(synth_dataset, vae_dir, res / "full"), stdout=o, stderr=e, cwd=ROOT,
+                                       env={**env, **extra, "RAY_TMPDIR": ray_tmp}, timeout=600)
+                (res / f"{n}.rc").write_text(str(r.returncode))
+                if n == "1":
+                    shutil.copytree(res / "full", res / "first")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    err = (res / "1.err").read_text()
+    assert int((res / "1.rc").read_text()) == 3, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "No space left on device (ENOSPC)" in errors[0] and "MB free of" in errors[0] \
+        and "shard-0" in errors[0], errors
+    assert "still failing after" not in err and "network" not in errors[0]          # not retried as a network error
+    card = (res / "first" / schema.DATASET_CARD_FILE).read_text()
+    assert "**Status: INCOMPLETE: " in card and " of 12 planned shards missing" in card, card[:600]
+    assert int((res / "2.rc").read_text()) == 0, (res / "2.err").read_text()[-3000:]
+    assert _digests(res / "full") == _digests(out)   # shards, manifests, quarantine: byte-identical
+    assert (res / "full" / schema.DATASET_CARD_FILE).read_bytes() == (out / schema.DATASET_CARD_FILE).read_bytes()
+
+
+def test_a_caption_server_that_fails_every_request_stops_the_build_with_exit_3(ref, synth_dataset, vae_dir, tmp_path):
+    from procs import free_port
+    out, _ = ref
+    shutil.copytree(out / schema.WORK_DIR, tmp_path / "out" / schema.WORK_DIR)  # tables and stores: the captions fail
+    cmd = _build_cmd(synth_dataset, vae_dir, tmp_path / "out", "--caption-base-url",
+                     f"http://127.0.0.1:{free_port()}/v1", "--caption-timeout", "2", "--caption-retries", "1",
+                     "--caption-concurrency", "2")
+    cmd[cmd.index("dataset")] = "mllm"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1", "MDV2_DEBUG": "",
+                                                                          "RAY_TMPDIR": ray_tmp}
+    try:
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        from procs import cluster_processes
+        for pid in cluster_processes(ray_tmp):
+            os.kill(pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the first 8 caption requests all failed the same way (connection_error" in errors[0]

@@ -41,7 +41,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     right (nothing loads the weights before the mistake is found), broken YAML files, a caption table."""
     d = tmp_path_factory.mktemp("cli")
     (d / "data" / "v1.0-synth").mkdir(parents=True)
-    (d / "data" / "v1.0-synth" / "scene.json").write_text(json.dumps([{"name": "scene-0001"}]))
+    (d / "data" / "v1.0-synth" / "scene.json").write_text(json.dumps([{  # a whole record: the build checks scene.json
+        "token": "t" * 32, "log_token": "l" * 32, "nbr_samples": 1, "first_sample_token": "s" * 32,
+        "last_sample_token": "s" * 32, "name": "scene-0001", "description": ""}]))
     (d / "vae").mkdir()
     (d / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX",
                                                        "scaling_factor": 1.15, "block_out_channels": [8] * 4}))

@@ -174,9 +174,10 @@ def test_truncated_shard_is_skipped_and_counted(shards, tmp_path, caplog):
         batches = list(BatchStream(ss, cfg, seed=0, stop_step=25))
     assert len(batches) == 25 and all(len(b.keys) == 4 for b in batches)
     stats = batches[-1].stats
-    assert stats["corrupt_shards"] >= 2, stats     # the truncated one and the garbage one, each time drawn
-    assert stats["bad_samples"] >= 1, stats        # the partial sample before the cut
-    assert any("skipping unreadable shard" in r.message for r in caplog.records)
+    # counted per shard and per sample, however often the chunks re-read them (25 batches read each shard often)
+    assert stats["corrupt_shards"] == 2, stats     # the truncated one and the garbage one
+    assert stats["bad_samples"] == 1, stats        # the partial sample before the cut
+    assert sum("damaged or unreadable shard" in r.message for r in caplog.records) == 2
     good = {k for b in batches for k in b.keys}
     assert len(good) == 7  # 8 samples, one lost in the cut
 

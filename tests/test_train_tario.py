@@ -1,5 +1,6 @@
 """train/tario.py: the loader's shard reader gives tarfile's members, hands arrays out without copies,
-keeps the samples before a truncation, and reads non-ustar tars through tarfile."""
+keeps the samples before a truncation, reads pax and GNU tars, and hands damage to the caller
+(the reader itself, pipeline/contract/tarscan.py, is tested in tests/test_tarscan.py)."""
 from __future__ import annotations
 
 import io
@@ -11,8 +12,9 @@ import torch
 
 from pipeline.contract import schema
 from pipeline.contract.shardio import tar_bytes
+from pipeline.contract.tarscan import Member, iter_samples, scan
 from tests.factories import make_sample
-from train.tario import _members_of, parse_members, read_all, tar_members
+from train.tario import read_all, tar_samples
 
 VIEWS = ["CAM_FRONT", "CAM_BACK"]
 
@@ -33,49 +35,56 @@ def test_members_equal_tarfiles_and_arrays_are_views_into_the_shard(tmp_path):
     path.write_bytes(_shard())
     with open(path, "rb") as f:
         data = read_all(f)
-    got = list(_members_of(str(path), data))
-    assert [(m["fname"], bytes(m["data"])) for m in got] == _tarfile_members(path.read_bytes())
-    mean = next(m for m in got if m["fname"].endswith(".latent_mean.npy"))
-    arr = schema.npy_load(mean["data"])
+    got = [(s["__key__"] + "." + k, v) for s in iter_samples(data, str(path)) for k, v in s.items()
+           if not k.startswith("__")]
+    assert [(n, bytes(v)) for n, v in got] == _tarfile_members(path.read_bytes())
+    mean = next(v for n, v in got if n.endswith(".latent_mean.npy"))
+    arr = schema.npy_load(mean)
     assert np.shares_memory(arr, np.frombuffer(data, np.uint8))  # no copy between the read and the array
-    own = schema.npy_load(bytes(mean["data"]))                    # bytes in: an array of its own, as np.load
+    own = schema.npy_load(bytes(mean))                           # bytes in: an array of its own, as np.load
     assert np.array_equal(arr, own) and not np.shares_memory(own, np.frombuffer(data, np.uint8))
 
 
-def test_truncated_shard_keeps_the_members_before_the_cut():
+def test_truncated_shard_keeps_the_samples_before_the_cut():
     data = _shard()
-    full = parse_members(data)[0]
-    cut = data[: full[-5][1] + 10]  # inside the 5th member from the end
-    members, error = parse_members(cut)
-    assert members == full[:-5] and "needs" in str(error)
-    members, error = parse_members(data[:full[1][1] - 400])  # inside the second header
-    assert len(members) == 1 and "ends inside a header" in str(error)
-    bad = bytearray(data)
-    bad[512 * 0 + 10] ^= 0xFF  # a flipped byte in the first header name
-    assert "checksum" in str(parse_members(bytes(bad))[1])
+    members = [m for m in scan(data) if isinstance(m, Member)]
+    assert [(m.name, bytes(data[m.start:m.start + m.size])) for m in members] == _tarfile_members(data)
+    cut = data[: members[-5].start + 10]  # inside the 5th member from the end: the third sample
+    damage = []
+    keys = [s["__key__"] for s in iter_samples(cut, "cut", damage.append)]
+    assert keys == [m.name.split(".")[0] for m in members[::len(members) // 3]][:2]
+    assert "needs" in damage[0].reason and damage[-1].dropped and damage[-1].key == members[-5].name.split(".")[0]
+    damage = []
+    (first,) = iter_samples(data[:members[1].start - 400], "cut", damage.append)  # inside the second header
+    assert [k for k in first if not k.startswith("__")] == ["meta.json"] and "ends inside a header" in damage[0].reason
+    with pytest.raises(schema.SchemaError, match="missing"):  # incomplete: the contract's check rejects it
+        schema.decode_sample(first)
 
 
-def test_pax_tars_go_through_tarfile_and_errors_reach_the_handler(tmp_path):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, payload in (("k" * 120 + ".meta.json", b"{}"), ("x.caption.txt", b"hi")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    assert parse_members(buf.getvalue()) is None
-    (tmp_path / "pax.tar").write_bytes(buf.getvalue())
+def test_pax_and_gnu_tars_are_read_and_errors_reach_the_handler(tmp_path):
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, payload in (("k" * 120 + ".meta.json", b"{}"), ("x.caption.txt", b"hi")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        (tmp_path / f"{fmt}.tar").write_bytes(buf.getvalue())
     (tmp_path / "cut.tar").write_bytes(_shard()[:3000])
-    sources = iter([{"url": str(tmp_path / n), "stream": open(tmp_path / n, "rb")} for n in ("pax.tar", "cut.tar")])
-    errors = []
-    out = list(tar_members(sources, handler=lambda e: errors.append(e) or True))
-    names = [m.get("fname") for m in out]
-    assert names[:3] == ["k" * 120 + ".meta.json", "x.caption.txt", None]  # {} ends each shard
-    assert len(errors) == 1 and str(tmp_path / "cut.tar") in errors[0].args
+    names = [f"{tarfile.PAX_FORMAT}.tar", "cut.tar", f"{tarfile.GNU_FORMAT}.tar", "missing.tar"]
+    sources = iter([{"url": str(tmp_path / n), "stream": open(tmp_path / n, "rb")} if n != "missing.tar"
+                    else {"url": str(tmp_path / n), "error": FileNotFoundError("gone")} for n in names])
+    damage = []
+    out = list(tar_samples(sources, damage.append))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in out] == \
+        [("k" * 120, ["meta.json"]), ("x", ["caption.txt"])] * 2
+    assert {d.url for d in damage} == {str(tmp_path / "cut.tar"), str(tmp_path / "missing.tar")}
+    assert any("gone" in d.reason for d in damage)
     with pytest.raises(RuntimeError, match="boom"):  # an error of the shard draw itself is not swallowed
         def draws():
             raise RuntimeError("boom")
             yield
-        list(tar_members(draws(), handler=lambda e: True))
+        list(tar_samples(draws(), lambda d: None))
 
 
 def test_collate_pads_boxes_with_zeros_to_the_batch_maximum():
@@ -126,7 +135,7 @@ class _SharedInWorker(torch.utils.data.IterableDataset):
 
 
 def test_per_shard_runs_ahead_in_another_thread_and_keeps_the_order(tmp_path):
-    """tar_members hands each shard's members to per_shard in its decode thread, up to ``ahead`` shards
+    """tar_samples hands each shard's samples to per_shard in its decode thread, up to ``ahead`` shards
     before the consumer, and yields the results in draw order; the reads fill the page cache (sendfile)
     and the mapping gives the file's exact bytes."""
     import threading
@@ -137,14 +146,14 @@ def test_per_shard_runs_ahead_in_another_thread_and_keeps_the_order(tmp_path):
     order = [3, 0, 4, 4, 1, 2]
     seen_threads = set()
 
-    def per_shard(members):
+    def per_shard(samples):
         seen_threads.add(threading.get_ident())
-        return [len([m for m in members if m])]  # members per shard ({} excluded)
+        return [len(list(samples))]  # samples per shard
 
     for ahead in (1, 3):
         sources = iter([{"url": urls[i], "stream": open(urls[i], "rb")} for i in order])
-        got = list(tar_members(sources, handler=lambda e: False, per_shard=per_shard, ahead=ahead))
-        assert got == [len(parse_members(_shard(1 + i % 2))[0]) for i in order]
+        got = list(tar_samples(sources, lambda d: None, per_shard=per_shard, ahead=ahead))
+        assert got == [1 + i % 2 for i in order]
     assert threading.get_ident() not in seen_threads
     with open(urls[1], "rb") as f:
         assert bytes(read_all(f)) == (tmp_path / "1.tar").read_bytes()

@@ -33,6 +33,8 @@ class DataConfig:
     samples_per_chunk: int = 256       # resample/shuffle unit; bounds the skip work on resume
     shuffle_buffer: int = 32           # samples held for shuffling inside a chunk
     read_ahead_shards: int = 2         # shards read and decoded ahead of the one being batched (train/tario.py)
+    worker_timeout_s: float = 300.0    # a DataLoader worker that makes no batch this long ends the run (exit 5,
+                                       # train/watchdog.py); 0 = wait forever
     worker_ring_mb: int = 256          # reused shared memory per DataLoader worker for its batches; a batch
                                        # larger than a quarter of it goes the slower default way (0: always)
     text_cache: str | None = None      # model.text.TextEmbeddingCache folder (caption hash -> T5 states)

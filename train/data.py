@@ -14,9 +14,12 @@ twice only when it needs more shards than there are), and shuffles samples with 
 consumed before step N follows from the schedule alone, so a resumed run re-opens the
 right chunk and skips the samples already used (reading, not decoding, them).
 
-Failure policy: a shard that cannot be opened or is truncated/corrupt is skipped with a
-counted warning; a sample that breaks the contract is skipped and counted; a shard of
-another schema *major* version stops the run with a clear message (training on a
+Failure policy: damage costs only what it touches. A shard that cannot be opened is skipped; a
+damaged one (truncated, a bad header, a member whose size lies, train/tario.py + pipeline/contract/
+tarscan.py) gives every intact sample and drops the damaged ones; a sample that breaks the contract
+is dropped. Each is a warning, counted per shard (``corrupt_shards``: shards, however often they
+are re-read) and per sample (``bad_samples``). A bucket whose every shard gives nothing stops the run
+(``no readable sample``); a shard of another schema *major* version stops it too (training on a
 different contract would be silently wrong).
 """
 from __future__ import annotations
@@ -33,7 +36,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from pipeline.contract import manifest as manifest_mod
 from pipeline.contract import cli, schema, storage
@@ -42,7 +44,9 @@ from train.buckets import (Bucket, bucket_indices, bucket_of_url, bucket_sort_ke
 from train.config import DataConfig
 from train.batch import Batch, collate, unpack_bev  # noqa: F401  (Batch, unpack_bev: re-exported)
 from train.batchring import BatchRing, RingBatch, ring_batch
-from train.tario import tar_members  # one read per shard, read ahead, members as views (no copies)
+from pipeline.contract.tarscan import Damage
+from train import signals, watchdog
+from train.tario import tar_samples  # one read per shard, read ahead, members as views (no copies)
 
 log = logging.getLogger("train.data")
 
@@ -128,10 +132,27 @@ def find_shards(cfg: DataConfig, split: str, explicit: list[str]) -> ShardSet:
 
 @dataclass
 class LoaderStats:
-    corrupt_shards: int = 0   # shards that could not be opened or read to the end
-    bad_samples: int = 0      # samples that broke the contract (incl. partial samples of a truncated shard)
+    corrupt_shards: int = 0   # distinct shards found damaged or unreadable (re-reads of one shard count once)
+    bad_samples: int = 0      # distinct samples dropped: damaged in the tar, or breaking the contract
     samples: int = 0          # samples decoded
     bytes: int = 0            # raw member bytes read
+
+    def __post_init__(self):
+        self._shards: set[str] = set()
+        self._samples: set[tuple[str, str]] = set()
+
+    def shard_damaged(self, url: str) -> bool:
+        """Count a damaged shard; True the first time it is seen."""
+        new = url not in self._shards
+        self._shards.add(url)
+        self.corrupt_shards = len(self._shards)
+        return new
+
+    def sample_dropped(self, url: str | None, key: str | None) -> bool:
+        new = (url or "", key or "") not in self._samples
+        self._samples.add((url or "", key or ""))
+        self.bad_samples = len(self._samples)
+        return new
 
     def as_dict(self) -> dict:
         return dict(corrupt_shards=self.corrupt_shards, bad_samples=self.bad_samples,
@@ -191,41 +212,51 @@ class BucketStream:
             next(self._it)
         self.index = skip
 
-    def _handler(self, exn: Exception) -> bool:
-        self.stats.corrupt_shards += 1
-        log.warning("skipping unreadable shard (%d so far): %s", self.stats.corrupt_shards, exn)
-        return True
+    def _on_damage(self, d: Damage) -> None:
+        """A damaged region, a dropped sample or an unreadable shard (pipeline/contract/tarscan.py), counted once
+        per shard and per sample however often a chunk re-reads them; warned about the first time."""
+        first = self.stats.shard_damaged(d.url)
+        if d.dropped:
+            if self.stats.sample_dropped(d.url, d.key):
+                log.warning("skipping damaged sample %s (%d so far): %s", d.key, self.stats.bad_samples, d)
+        elif first:
+            log.warning("damaged or unreadable shard (%d so far): %s", self.stats.corrupt_shards, d)
 
     def _chunk_iter(self, chunk: int) -> Iterator[dict]:
         rng = np.random.default_rng((*self.key, chunk))
-        empty = {"draws": 0}
+        bound = 2 * len(self.urls) + 10
+        empty = {"reads": 0}
 
         def shard_draws():  # runs in the read-ahead thread (train/tario.py), after the shuffle seed is drawn
             while True:
                 for i in rng.permutation(len(self.urls)):  # without replacement: no shard twice in a round
-                    empty["draws"] += 1
-                    if empty["draws"] > 2 * len(self.urls) + 10:
-                        raise RuntimeError(f"no readable sample in {empty['draws']} shard draws of "
-                                           f"{self.urls[:3]}...: the shards of this bucket are all unreadable "
-                                           f"(see warnings above)")
                     url = self.urls[int(i)]
                     try:
                         yield dict(url=url, stream=open_url(url))
-                    except Exception as e:  # missing object, failing pipe: counted, not fatal
-                        self._handler(e)
+                    except Exception as e:  # missing object, failing pipe: the decode thread counts it, in order
+                        yield dict(url=url, error=e)
 
-        def per_shard(members: Iterator[dict]) -> list[tuple[int, str | None, dict | Exception]]:
-            return [_decoded(raw) for raw in group_by_keys(members, handler=self._handler)]
+        def per_shard(samples: Iterator[dict]) -> list[tuple[int, str | None, dict | Exception]]:
+            # the guard counts shard reads that gave no readable sample, in a row, in shard order (this runs in
+            # the one decode thread): not draws, which the shuffle buffer and the read-ahead make while filling
+            out = [_decoded(raw) for raw in samples]
+            if any(not isinstance(o[2], Exception) for o in out):
+                empty["reads"] = 0
+            else:
+                empty["reads"] += 1
+                if empty["reads"] > bound:
+                    raise RuntimeError(f"no readable sample in {empty['reads']} shard reads in a row of the "
+                                       f"{len(self.urls)} shards {self.urls[:3]}{'...' if len(self.urls) > 3 else ''}"
+                                       f": every one is damaged or unreadable (see the warnings above)")
+            return out
 
         # samples leave the read-ahead thread decoded (or as the error that rejected them), in shard order
-        samples = tar_members(shard_draws(), handler=self._handler, per_shard=per_shard,
-                              ahead=self.cfg.read_ahead_shards)
+        samples = tar_samples(shard_draws(), self._on_damage, per_shard=per_shard, ahead=self.cfg.read_ahead_shards)
         shuffled = wds.filters._shuffle(samples, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
                                         rng=random.Random(int(rng.integers(2**62))))
         for n, sample in enumerate(shuffled):
             if n >= self.cfg.samples_per_chunk:
                 return
-            empty["draws"] = 0
             yield sample
 
     def __next__(self) -> dict:
@@ -241,8 +272,8 @@ class BucketStream:
             self.index += 1
             nbytes, url, out = raw
             if isinstance(out, schema.SchemaError):
-                self.stats.bad_samples += 1
-                log.warning("skipping bad sample (%d so far) from %s: %s", self.stats.bad_samples, url, out)
+                if self.stats.sample_dropped(url, out.key):
+                    log.warning("skipping bad sample (%d so far) from %s: %s", self.stats.bad_samples, url, out)
                 continue
             if isinstance(out, Exception):  # ShardVersionError, or a bug: raised here, in the consumer
                 raise out
@@ -324,8 +355,9 @@ class Loader:
         # pin_memory: batches land in page-locked memory, so the copy to the GPU is asynchronous
         kw = dict(num_workers=self.stream.streams if self.stream.cfg.num_workers > 0 else 0, batch_size=None,
                   pin_memory=torch.cuda.is_available())
-        if self.stream.cfg.num_workers > 0:
-            kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
+        if self.stream.cfg.num_workers > 0:  # workers leave SIGTERM/SIGINT to the main process (train/signals.py)
+            kw.update(prefetch_factor=PREFETCH, persistent_workers=False, worker_init_fn=signals.ignore_in_worker,
+                      timeout=max(0.0, float(self.stream.cfg.worker_timeout_s)))
         if fork:  # the workers inherit the ring's memory and semaphores
             kw.update(multiprocessing_context="fork")
         return torch.utils.data.DataLoader(self.stream, **kw)
@@ -336,10 +368,27 @@ class Loader:
             slots = PREFETCH + 2  # in flight per worker: PREFETCH queued, one being made, one being copied out
             ring = BatchRing(self.stream.streams, slots, cfg.worker_ring_mb * 2**20 // slots)
         self.stream.ring = ring
+        watch = None
         try:
-            for batch in self._dataloader(fork=ring is not None):
-                yield batch.unpack() if isinstance(batch, RingBatch) else batch
+            it = iter(self._dataloader(fork=ring is not None))
+            watch = watchdog.Watch(self.stream, it, cfg.worker_timeout_s) if cfg.num_workers > 0 else None
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except RuntimeError as e:  # a stalled or dead worker: one line naming it (train/watchdog.py)
+                    failure = watchdog.explain(e) if watch is not None else None
+                    if failure is None:
+                        raise
+                    raise failure from None
+                batch = batch.unpack() if isinstance(batch, RingBatch) else batch
+                if watch is not None and isinstance(batch, Batch):
+                    watch.delivered(batch.step)
+                yield batch
         finally:
+            if watch is not None:  # workers still running (left early): ended before the ring they write goes
+                watch.close()
             self.stream.ring = None
             if ring is not None:
                 ring.close()

@@ -6,36 +6,27 @@ disk for decoding. Here:
 - a background thread reads the NEXT shard into the page cache while the loader decodes the
   current one, so the disk and the CPU work overlap, and then maps it: the members are views of
   the page cache itself. Other streams (object stores, pipes) are read whole instead;
-- the 512-byte ustar headers are parsed by hand (name, size, type: the fields webdataset
-  uses), and ``.npy`` members are handed out as memoryviews into the mapping, which
+- the members are found by pipeline/contract/tarscan.py, the one tar reader of the project (the
+  trainer, ``mdv2-inspect`` and ``mdv2-stats`` share it): every header field is checked, damage is
+  skipped to the next valid header and reported per shard and per sample, and an intact sample is
+  never lost. ``.npy`` members are handed out as memoryviews into the mapping, which
   ``pipeline.contract.npyio.read_npy_fast`` turns into arrays without a copy. The only copy of a latent
   between the page cache and the batch is the collate's stack.
-Anything that is not a plain ustar member (pax/GNU long names, sparse files) makes the shard
-go through tarfile instead, so every tar that webdataset reads still reads. Shards are never
-rewritten in place (the pipeline writes a temp file and renames it), which is what makes the
-mapping safe: a file truncated while mapped would fault the reader.
+Shards are never rewritten in place (the pipeline writes a temp file and renames it), which is what
+makes the mapping safe: a file truncated while mapped would fault the reader.
 """
 from __future__ import annotations
 
 import io
 import mmap
 import os
-import re
 import sys
-import tarfile
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members
-_BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")           # ustar regular-file type flags
-_DIRLIKE = (b"5", b"1", b"2", b"3", b"4", b"6")  # directories, links, devices, fifos: no data, skipped
-
-
-class TruncatedShard(ValueError):
-    """The shard ends inside a header or a member."""
+from pipeline.contract.tarscan import Damage, iter_samples
 
 
 def read_all(stream) -> bytes | bytearray | mmap.mmap:
@@ -57,7 +48,7 @@ def read_all(stream) -> bytes | bytearray | mmap.mmap:
     pos = 0
     while pos < size:
         n = _into_page_cache(fd, pos, size - pos)
-        if n == 0:  # the file shrank: map what is there, parse_members reports the truncation
+        if n == 0:  # the file shrank: map what is there, the reader reports the truncation
             size = pos
             break
         pos += n
@@ -88,73 +79,17 @@ def _into_page_cache(fd: int, offset: int, count: int) -> int:
     return os.preadv(fd, [buf], offset)
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(field, 8) if field else 0
-
-
-def parse_members(data: bytes | bytearray) -> tuple[list[tuple[str, int, int]], Exception | None] | None:
-    """(name, offset, size) of each regular member of a ustar tar held in ``data``, and the
-    TruncatedShard error where the data stops early (the members before it are still good, as with
-    tarfile's stream mode). None when the tar uses something else (pax or GNU headers): the caller
-    falls back to tarfile."""
-    out: list[tuple[str, int, int]] = []
-    pos, end = 0, len(data)
-    while True:
-        if pos + _BLOCK > end:
-            return out, TruncatedShard(f"tar ends inside a header at byte {pos} of {end}")
-        header = data[pos:pos + _BLOCK]
-        if header.count(0) == _BLOCK:  # end-of-archive block
-            return out, None
-        kind = header[156:157]
-        if kind not in _REGULAR and kind not in _DIRLIKE:
-            return None
-        if (sum(header[:148]) + 256 + sum(header[156:])) != _octal(header[148:156]):
-            return out, TruncatedShard(f"bad tar header checksum at byte {pos}")
-        size = _octal(header[124:136])
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
-        start = pos + _BLOCK
-        if start + size > end:
-            return out, TruncatedShard(f"member {name.decode(errors='replace')} needs {size} bytes at {start}, "
-                                       f"the shard has {end}")
-        if kind in _REGULAR:
-            out.append((name.decode("utf-8"), start, size))
-        pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def _members_of(url: str, data: bytes | bytearray | mmap.mmap) -> Iterator[dict]:
-    parsed = parse_members(data)
-    view = memoryview(data)
-    if parsed is None:  # not plain ustar: tarfile knows every dialect
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if info.isreg() and not _SKIP_META.match(info.name):
-                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-        return
-    members, error = parsed
-    for name, start, size in members:
-        if _SKIP_META.match(name):
-            continue
-        # arrays stay views into the shard (read_npy_fast makes them arrays without a copy); the small
-        # members become bytes, which json and str need
-        data_ = view[start:start + size] if name.endswith(".npy") else bytes(data[start:start + size])
-        yield {"fname": name, "data": data_, "__url__": url}
-    if error is not None:
-        raise error
-
-
 def _next_shard(sources: Iterator[dict]):
     """Draw the next shard and read it whole, in the read-ahead thread. Opening AND reading happen
     there, one shard after the other: two draws of the same object (fsspec's memory files are one
-    shared object) never overlap. Errors of the draw itself propagate; read errors are returned."""
+    shared object) never overlap. Errors of the draw itself propagate; an open error the draw reports
+    (``{"url", "error"}``) and read errors are returned."""
     try:
         source = next(sources)
     except StopIteration:
         return None
+    if source.get("error") is not None:
+        return source, None, source["error"]
     stream = source["stream"]
     try:
         return source, read_all(stream), None
@@ -166,46 +101,41 @@ def _next_shard(sources: Iterator[dict]):
             close()
 
 
-def _shard_items(read, handler, per_shard: Callable[[Iterator[dict]], list]) -> list | None:
-    """The members ({} last) of the shard that ``read`` (a _next_shard future) brings, through
-    ``per_shard``. None when the draws are exhausted."""
+def _shard_items(read, on_damage: Callable[[Damage], None], per_shard: Callable[[Iterator[dict]], list]) -> list | None:
+    """The samples of the shard that ``read`` (a _next_shard future) brings, through ``per_shard``. None when
+    the draws are exhausted. A shard that cannot be opened or read is one Damage and no samples."""
     got = read.result()
     if got is None:
         return None
     source, data, error = got
     url = source["url"]
 
-    def members() -> Iterator[dict]:
-        try:
-            if error is not None:
-                raise error
-            yield from _members_of(url, data)
-        except Exception as exn:  # truncated or corrupt shard: the handler counts it, the stream goes on
-            exn.args = (*exn.args, url)
-            if not handler(exn):
-                raise
-        yield {}  # the shard's end: a sample cut by a truncation ends here too, and fails its schema check
+    def samples() -> Iterator[dict]:
+        if error is not None:
+            on_damage(Damage(url, 0, 0, f"cannot read the shard ({type(error).__name__}: {error})"))
+            return
+        yield from iter_samples(data, url, on_damage)
 
-    return per_shard(members())
+    return per_shard(samples())
 
 
-def tar_members(sources: Iterator[dict], handler, per_shard: Callable[[Iterator[dict]], list] = list,
-                ahead: int = 2) -> Iterator:
-    """{url, stream} per shard -> webdataset member dicts {fname, data, __url__}, then {} at the end of
-    each shard (group_by_keys never joins samples across shards): webdataset's tar_file_expander contract.
+def tar_samples(sources: Iterator[dict], on_damage: Callable[[Damage], None],
+                per_shard: Callable[[Iterator[dict]], list] = list, ahead: int = 2) -> Iterator:
+    """{url, stream} (or {url, error}) per shard -> what ``per_shard`` makes of each shard's webdataset samples
+    {__key__, __url__, suffix: data} (default: the samples themselves), shard after shard.
 
     Three stages overlap, one thread each: the next shards are drawn and read from the disk, their
-    members go through ``per_shard`` (and that is what is yielded instead of the members), and the
+    samples go through ``per_shard`` (and that is what is yielded instead of the samples), and the
     current one is consumed here; up to ``ahead`` shards are read and processed ahead of it, which
     absorbs the jitter between a disk and a decoder of about the same speed. The loader passes the
-    grouping and the decoding of its samples (train/data.py): the schema checks touch every byte, and
-    numpy releases the GIL on large arrays, so on two cores the disk, the checks and the batch assembly
-    all run at once."""
+    decoding of its samples (train/data.py): the schema checks touch every byte, and numpy releases
+    the GIL on large arrays, so on two cores the disk, the checks and the batch assembly all run at
+    once. ``on_damage`` is called in the decode thread, in shard order."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="shard-read")
     decoder = ThreadPoolExecutor(1, thread_name_prefix="shard-decode")
 
     def submit():
-        return decoder.submit(_shard_items, reader.submit(_next_shard, sources), handler, per_shard)
+        return decoder.submit(_shard_items, reader.submit(_next_shard, sources), on_damage, per_shard)
     try:
         queue = deque(submit() for _ in range(max(1, ahead)))
         while True:

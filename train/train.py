@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pipeline.contract import cli
 from train import checkpoint as ckpt
-from train import flow, sharding
+from train import flow, sharding, signals, watchdog
 from train.config import FlowConfig, TrainConfig, config_json, load_config
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
 from train.distributed import check_sp, make_topology, setup_distributed
@@ -201,7 +201,8 @@ class Validator:
 
 # ---- the loop -------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False,
+          stop: signals.GracefulStop | None = None) -> dict:
     # -- setup: processes, run folder, data, model, sharding, EMA, optimizer, resumed state
     rank, world, device = setup_distributed(cfg.device)
     topo = make_topology(rank, world, cfg.sp)     # world = dp x sp; an SP group shares one batch
@@ -323,8 +324,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
             if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.steps:
                 bar.set_postfix(loss=f"{lv:.4f}", bucket=batch.bucket, lr=f"{rec['lr']:.2e}")
         last = {"step": step + 1, "loss": float(loss.detach())}
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+        stopping = stop is not None and stop.agreed(device, world)  # SIGTERM/SIGINT: every rank stops here
+        if stopping or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
+        if stopping and step + 1 < cfg.steps:
+            last["stopped"] = stop.name
+            break
 
     # -- the summary
     held = sharding.gather_ints(list(sharding.state_bytes(model, opt, ema).values()), world)   # per rank: params, optimizer, ema
@@ -334,7 +339,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
     if world > 1:
         dist.barrier()
     return {"step": last["step"], "loader": total_stats(streams), "out": str(out), "sharding": mode,
-            "state_bytes_per_rank": {k: [r[i] for r in held] for i, k in enumerate(("params", "optimizer", "ema"))}}
+            "state_bytes_per_rank": {k: [r[i] for r in held] for i, k in enumerate(("params", "optimizer", "ema"))},
+            **({"stopped": last["stopped"]} if "stopped" in last else {})}
 
 
 @cli.entry
@@ -407,15 +413,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     from model.stages import StageInitError
+    stop = signals.GracefulStop().install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 4
     try:
-        summary = train(cfg, resume, progress=not a.no_progress, overwrite=a.overwrite)
+        summary = train(cfg, resume, progress=not a.no_progress, overwrite=a.overwrite, stop=stop)
     except StageInitError as e:
         ap.error(str(e))
+    except RuntimeError as e:  # a stalled or dead DataLoader worker: one line, exit 5 (train/watchdog.py)
+        failure = watchdog.explain(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return watchdog.EXIT_WORKER
+    finally:
+        stop.release(int(os.environ.get("WORLD_SIZE", 1)))
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
+    if "stopped" in summary:
+        print(f"train: stopped by {summary['stopped']} after step {summary['step']}, checkpoint written; "
+              f"continue with --resume", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return signals.EXIT_STOPPED if "stopped" in summary else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.contract import schema, storage
+from pipeline.contract.cli import BadInput
 
 MANIFEST_SCHEMA = pa.schema([
     ("path", pa.string()),            # relative to the output root
@@ -71,11 +72,29 @@ def write_table(uri: str, table: pa.Table) -> None:
     storage.atomic_write(uri, _table_bytes(table))
 
 
+class TableFileError(BadInput):
+    """A manifest, quarantine or clip table that cannot be read; the message names the file."""
+
+
 def read_table(uri: str) -> pa.Table:
     # read here, in this thread: pq.read_table's dataset scanner drops its Python file object on an Arrow
     # pool thread after returning, and when that happens while the interpreter exits (a command that read
     # a manifest and stops with an error line) the thread cannot take the GIL and the process aborts
-    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri))).read(use_threads=False)
+    data = storage.read_bytes(uri)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise TableFileError(f"{uri}: not a readable parquet table ({type(e).__name__}: {e}); delete it and rerun "
+                             f"the command that writes it (a build rewrites its manifests and quarantine)") from None
+
+
+def _records(uri: str, cls, table: pa.Table) -> list:
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise TableFileError(f"{uri}: columns {missing} are missing (has {table.column_names}); it was written by "
+                             f"another version: delete it and rerun the build")
+    return [cls(**{k: r[k] for k in names}) for r in table.select(names).to_pylist()]
 
 
 def write_manifest(out: str, split: str, records: list[ShardRecord]) -> str:
@@ -89,8 +108,7 @@ def read_manifest(out: str, split: str) -> list[ShardRecord]:
     uri = storage.join(out, schema.manifest_path(split))
     if not storage.exists(uri):
         return []
-    names = [f.name for f in fields(ShardRecord)]
-    return [ShardRecord(**{k: r[k] for k in names}) for r in read_table(uri).to_pylist()]
+    return _records(uri, ShardRecord, read_table(uri))
 
 
 def write_quarantine(out: str, records: list[QuarantineRecord]) -> str:
@@ -104,4 +122,4 @@ def read_quarantine(out: str) -> list[QuarantineRecord]:
     uri = storage.join(out, schema.QUARANTINE_FILE)
     if not storage.exists(uri):
         return []
-    return [QuarantineRecord(**r) for r in read_table(uri).to_pylist()]
+    return _records(uri, QuarantineRecord, read_table(uri))

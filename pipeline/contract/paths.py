@@ -13,6 +13,7 @@ SCENE_STORE_TEMPLATE = WORK_DIR + "/scenes/{scene_name}.zarr"
 CLIP_INDEX_FILE = WORK_DIR + "/clips.parquet"
 TABLE_INDEX_TEMPLATE = WORK_DIR + "/tables/{version}"          # per-scene columnar tables (pipeline/scenes/tableindex.py)
 DATASET_CARD_FILE = "README.md"                             # the dataset card (pipeline/shards/card.py)
+LOCK_FILE = WORK_DIR + "/lock.json"                          # the one writer of --out (pipeline/contract/outlock.py)
 DATASET_INFO_FILE = "info.json"                             # the same facts, machine-readable
 
 

@@ -106,7 +106,7 @@ def latent_frames(t: int) -> int:
 # ---- keys and paths (templates in pipeline/contract/paths.py) ---------------------
 
 from pipeline.contract.paths import (  # noqa: E402,F401
-                                     BUCKET_TEMPLATE, CAPTIONS_FILE, CLIP_INDEX_FILE, DATASET_CARD_FILE, DATASET_INFO_FILE, KEY_TEMPLATE, MANIFEST_TEMPLATE, QUARANTINE_FILE,
+                                     BUCKET_TEMPLATE, CAPTIONS_FILE, CLIP_INDEX_FILE, DATASET_CARD_FILE, DATASET_INFO_FILE, KEY_TEMPLATE, LOCK_FILE, MANIFEST_TEMPLATE, QUARANTINE_FILE,
                                      SCENE_STORE_TEMPLATE, SHARD_TEMPLATE, TABLE_INDEX_TEMPLATE, WORK_DIR,
                                      bucket_name, manifest_path, scene_store_path, shard_path, table_index_path)
 

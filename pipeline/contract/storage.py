@@ -20,7 +20,11 @@ manifest is written after its shards, so a crash between the two loses work, nev
 
 Transient failures (connection resets, timeouts, HTTP 5xx that the client's own retries
 did not absorb) are retried here with jittered exponential backoff; errors that retrying
-cannot fix (missing file, no permission) are raised at once.
+cannot fix (missing file, no permission) are raised at once. A local disk's errors are not
+network errors: a full disk or quota, a read-only or broken filesystem (ENOSPC, EDQUOT, EROFS,
+EIO, ...) raise :class:`LocalIOError` at once, naming the path and the free space there; only
+the errors a network filesystem (NFS, Lustre) gives transiently (ESTALE, ETIMEDOUT, EAGAIN) are
+retried on local paths.
 
 Endpoints and credentials come from the standard places: AWS_ENDPOINT_URL /
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an instance role) for s3://, for example
@@ -32,10 +36,12 @@ remote shards through it (see ``webdataset_url``).
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
 import random
+import shutil
 import sys
 import time
 import uuid
@@ -53,6 +59,45 @@ TMP_MARK = ".tmp-"   # in the names of local temporary files; never listed by gl
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
 )
+
+
+# On local paths, the only OSErrors worth a retry: a network filesystem's hiccups.
+LOCAL_TRANSIENT_ERRNOS = frozenset({errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET})
+
+
+class LocalIOError(OSError):
+    """A local filesystem refused a read or write (full, read-only, broken): retrying does not help. The
+    message names the path and the free space; ``errno`` is the original one."""
+
+    def __str__(self) -> str:  # the message already names the path: not OSError's "[Errno 28] ...: 'path'"
+        return str(self.strerror)
+
+
+def _free_space(path: str) -> str:
+    folder = os.path.abspath(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        du = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{du.free / 1e6:.1f} MB free of {du.total / 1e6:.1f} MB on the filesystem of {folder}"
+
+
+def local_io_error(e: BaseException, path: str, what: str) -> LocalIOError | None:
+    """The LocalIOError an OSError on local ``path`` means (None when it is a transient one, or not an OSError)."""
+    if isinstance(e, LocalIOError):
+        return e
+    if not isinstance(e, OSError) or isinstance(e, PERMANENT_ERRORS) or e.errno is None \
+            or e.errno in LOCAL_TRANSIENT_ERRNOS:
+        return None
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    hint = {errno.ENOSPC: "free space or use another --out", errno.EDQUOT: "raise the quota or free space",
+            errno.EROFS: "the filesystem is read-only: remount it or use another --out",
+            errno.EFBIG: "a file size limit (ulimit -f, or the filesystem's) was hit"}.get(e.errno, "check the disk")
+    err = LocalIOError(e.errno, f"{what}: {os.strerror(e.errno)} ({name}); {_free_space(path)}; {hint}")
+    err.filename = path
+    return err
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -96,8 +141,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> T:
-    """Run fn; retry transient failures with jittered exponential backoff, then raise OSError naming `what`."""
+def with_retries(fn: Callable[[], T], what: str, retries: int | None = None, local: str | None = None) -> T:
+    """Run fn; retry transient failures with jittered exponential backoff, then raise OSError naming `what`.
+    ``local``: the local path fn works on; its disk errors raise LocalIOError at once (no retry)."""
     retries = RETRIES if retries is None else retries
     for attempt in range(retries + 1):
         try:
@@ -105,7 +151,13 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
         except PERMANENT_ERRORS:
             raise
         except TRANSIENT_ERRORS as e:
+            disk = local_io_error(e, local, what) if local is not None else None
+            if disk is not None:
+                raise disk from e
             if attempt == retries:
+                if local is not None:
+                    raise OSError(f"{what}: still failing after {retries + 1} attempts ({type(e).__name__}: {e}); "
+                                  f"check the (network) filesystem of {local}") from e
                 raise OSError(f"{what}: still failing after {retries + 1} attempts ({type(e).__name__}: {e}); "
                               f"check the endpoint, credentials and network, or raise "
                               f"pipeline.contract.storage.RETRIES") from e
@@ -146,7 +198,7 @@ def atomic_write(uri: str, data: bytes) -> None:
     """Write bytes so that readers see either nothing (or the old bytes) or the whole new object."""
     uri = str(uri)
     if not is_remote(uri):
-        with_retries(lambda: _atomic_write_local(_local(uri), data), f"writing {uri}")
+        with_retries(lambda: _atomic_write_local(_local(uri), data), f"writing {uri}", local=_local(uri))
         return
     fs, path = filesystem(uri)
 
@@ -165,7 +217,7 @@ def read_bytes(uri: str) -> bytes:
         def read() -> bytes:
             with open(_local(uri), "rb") as f:
                 return f.read()
-        return with_retries(read, f"reading {uri}")
+        return with_retries(read, f"reading {uri}", local=_local(uri))
     fs, path = filesystem(uri)
     return with_retries(lambda: fs.cat_file(path), f"reading {uri}")
 
@@ -244,7 +296,7 @@ def open_file(uri: str, mode: str = "rb"):
     if mode != "rb":
         raise ValueError(f"open_file({uri!r}): mode {mode!r} is not supported; use 'rb' or 'wb'")
     if not is_remote(uri):
-        return with_retries(lambda: open(_local(uri), "rb"), f"opening {uri}")
+        return with_retries(lambda: open(_local(uri), "rb"), f"opening {uri}", local=_local(uri))
     fs, path = filesystem(uri)
     return with_retries(lambda: fs.open(path, "rb"), f"opening {uri}")
 

@@ -2,13 +2,22 @@
 
 Chunked reads + ``json.JSONDecoder.raw_decode`` on one element at a time: memory is one chunk plus
 the largest single element, never the whole file, whatever its formatting (pretty-printed or not).
+Errors say where in the file, not in the current chunk: the line and column, the record (element of
+the array, 1-based) and the line it starts on; a file that ends inside a record is called truncated.
+They are :class:`JsonError` (a user error: one ``error:`` line).
 """
 from __future__ import annotations
 
 import json
 from typing import Any, Iterator
 
+from pipeline.contract.cli import BadInput
+
 CHUNK = 1 << 22
+
+
+class JsonError(BadInput):
+    """A JSON file that does not parse; the message names the file, line, column and record."""
 
 
 class _Reader:
@@ -16,14 +25,33 @@ class _Reader:
         self.f, self.path, self.chunk = f, path, chunk
         self.buf, self.pos, self.eof = "", 0, False
         self.dec = json.JSONDecoder()
+        self.lines_before = 0     # newlines in the text already dropped from the buffer
+        self.record = 0           # elements of the current array started so far (1-based index of the last)
+        self.record_line = 0      # the line the last element starts on
 
     def _more(self) -> bool:
         if self.eof:
             return False
         more = self.f.read(self.chunk)
         self.eof = not more
+        self.lines_before += self.buf.count("\n", 0, self.pos)
         self.buf, self.pos = self.buf[self.pos:] + more, 0
         return bool(more)
+
+    def line_col(self, pos: int) -> tuple[int, int]:
+        """1-based line and column in the file of buffer position ``pos``."""
+        line = self.lines_before + self.buf.count("\n", 0, pos) + 1
+        return line, pos - (self.buf.rfind("\n", 0, pos) + 1) + 1
+
+    def where(self, pos: int) -> str:
+        line, col = self.line_col(pos)
+        rec = f" (record {self.record}, which starts at line {self.record_line})" if self.record else ""
+        return f"line {line}, column {col}{rec}"
+
+    def truncated(self) -> JsonError:
+        rec = f" inside record {self.record} (which starts at line {self.record_line})" if self.record else ""
+        return JsonError(f"{self.path}: the file ends{rec} at line {self.line_col(len(self.buf))[0]}: it is "
+                         f"truncated; re-download or regenerate it")
 
     def peek(self) -> str:
         """Next non-blank character ('' at the end of the file), not consumed."""
@@ -38,8 +66,10 @@ class _Reader:
     def expect(self, ch: str) -> None:
         got = self.peek()
         if got != ch:
-            raise ValueError(f"{self.path}: expected {ch!r} at character {self.pos} of the current chunk, got "
-                             f"{self.buf[self.pos:self.pos + 20]!r}; the file is not the JSON layout expected")
+            if not got:
+                raise self.truncated()
+            raise JsonError(f"{self.path}: expected {ch!r} at {self.where(self.pos)}, got "
+                            f"{self.buf[self.pos:self.pos + 20]!r}; the file is not the JSON layout expected")
         self.pos += 1
 
     def value(self) -> Any:
@@ -52,20 +82,25 @@ class _Reader:
                     return v
             except json.JSONDecodeError as e:
                 if self.eof:
-                    raise ValueError(f"{self.path}: malformed JSON near character {e.pos}: {e.msg}; re-download "
-                                     "or regenerate the file") from None
+                    if e.msg.startswith("Unterminated") or not self.buf[e.pos:].strip():
+                        raise self.truncated() from None
+                    raise JsonError(f"{self.path}: malformed JSON at {self.where(e.pos)}: {e.msg}; fix, re-download "
+                                    "or regenerate the file") from None
             if not self._more():
                 self.eof = True
 
     def separator(self, close: str) -> bool:
         """After an element: True if another follows (',' consumed), False at ``close`` (consumed)."""
         ch = self.peek()
+        if not ch:
+            raise self.truncated()
+        at = self.pos
         self.pos += 1
         if ch == ",":
             return True
         if ch == close:
             return False
-        raise ValueError(f"{self.path}: expected ',' or {close!r}, got {ch!r}; the file is truncated or malformed")
+        raise JsonError(f"{self.path}: expected ',' or {close!r} at {self.where(at)}, got {ch!r}; the file is malformed")
 
     def elements(self) -> Iterator[Any]:
         self.expect("[")
@@ -73,20 +108,34 @@ class _Reader:
             self.pos += 1
             return
         while True:
+            self.record += 1
+            self.peek()  # past the blanks: the record starts at its first character
+            self.record_line = self.line_col(self.pos)[0]
             yield self.value()
             if not self.separator("]"):
+                self.record = 0
                 return
 
 
 def iter_json_array(path: str, chunk: int = CHUNK) -> Iterator[dict]:
     """The elements of a file holding one JSON array, one at a time."""
-    with open(path, encoding="utf-8") as f:
-        r = _Reader(f, path, chunk)
-        if r.peek() != "[":
-            raise ValueError(f"{path}: not a JSON array (starts with {r.buf[r.pos:r.pos + 20]!r})")
-        yield from r.elements()
-        if r.peek():
-            raise ValueError(f"{path}: data after the array's end")
+    for _line, el in iter_json_records(path, chunk):
+        yield el
+
+
+def iter_json_records(path: str, chunk: int = CHUNK) -> Iterator[tuple[int, Any]]:
+    """(line the element starts on, element) for each element of a file holding one JSON array."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = _Reader(f, path, chunk)
+            if r.peek() != "[":
+                raise JsonError(f"{path}: not a JSON array (starts with {r.buf[r.pos:r.pos + 20]!r})")
+            for el in r.elements():
+                yield r.record_line, el
+            if r.peek():
+                raise JsonError(f"{path}: data after the array's end at {r.where(r.pos)}")
+    except UnicodeDecodeError as e:
+        raise JsonError(f"{path}: not UTF-8 text ({e.reason}); re-download or regenerate it") from None
 
 
 def iter_json_object(path: str, keys: set[str] | None = None, chunk: int = CHUNK) -> Iterator[tuple[str, Any]]:

@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract import schema, storage
-from pipeline.scenes.jsonstream import iter_json_array  # noqa: F401  (part of this module's API)
+from pipeline.scenes.jsonstream import iter_json_array, iter_json_records  # noqa: F401  (part of this module's API)
+from pipeline.scenes.tablecheck import TableError, check_record, duplicate_tokens
 
 INDEX_FORMAT = 1
 PER_SCENE = ("sample", "sample_data", "ego_pose", "sample_annotation", "instance")
@@ -42,18 +43,65 @@ BATCH = 50_000                # records per arrow batch while parsing (bounds th
 # ---- streaming JSON -> arrow ----------------------------------------------------------------------
 
 def read_table_json(path: str) -> pa.Table:
-    """One nuScenes table as arrow, parsed in batches of BATCH records (schemas unified across batches)."""
-    parts, batch = [], []
-    for rec in iter_json_array(path):
+    """One nuScenes table as arrow, parsed in batches of BATCH records (schemas unified across batches), every
+    record's fields checked and every token once (pipeline/scenes/tablecheck.py): a TableError names the file,
+    the record and the field of the first problem."""
+    table = os.path.basename(path).rsplit(".", 1)[0]
+    parts, batch, lines = [], [], []
+    for i, (line, rec) in enumerate(iter_json_records(path)):
+        check_record(table, path, i, line, rec)
         batch.append(rec)
+        lines.append(line)
         if len(batch) >= BATCH:
-            parts.append(pa.Table.from_pylist(batch))
+            parts.append(_arrow(batch, path, len(lines) - len(batch), lines))
             batch = []
     if batch or not parts:
-        parts.append(pa.Table.from_pylist(batch))
-    if len(parts) == 1:
-        return parts[0]
-    return pa.concat_tables(parts, promote_options="permissive")
+        parts.append(_arrow(batch, path, len(lines) - len(batch), lines))
+    try:
+        t = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise TableError(f"{path}: the records' fields do not have one type each ({e}); fix or regenerate the "
+                         f"table") from None
+    return duplicate_tokens(table, path, t, lines)
+
+
+def _arrow(batch: list[dict], path: str, first: int, lines: list[int]) -> pa.Table:
+    """A batch of checked records as arrow; a field that still mixes types (one the check does not know) is
+    named with the record where arrow gave up."""
+    def fails(n: int) -> bool:
+        try:
+            pa.Table.from_pylist(batch[:n])
+            return False
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return True
+    try:
+        return pa.Table.from_pylist(batch)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        lo, hi = 0, len(batch)  # bisect: the first record that arrow cannot take with the ones before it
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fails(mid) else (mid, hi)
+        k = hi - 1
+        raise TableError(f"{path}: record {first + k + 1} (line {lines[first + k]}), token {batch[k].get('token')}: "
+                         f"a field's type differs from the records before it ({e})") from None
+
+
+def _check_scenes(path: str, scenes: pa.Table) -> pa.Table:
+    if scenes.num_rows == 0:
+        raise TableError(f"{path} lists no scenes")
+    first: dict[str, str] = {}
+    for name, token in zip(scenes["name"].to_pylist(), scenes["token"].to_pylist()):
+        if name in first:
+            raise TableError(f"{path}: scene name {name!r} appears twice (tokens {first[name]} and {token}); scene "
+                             f"names must be unique: fix or regenerate the table")
+        first[name] = token
+    return scenes
+
+
+def read_scenes(table_dir: str) -> list[dict]:
+    """The records of TABLE_DIR/scene.json, checked like every table (fields, tokens) and with unique names."""
+    path = os.path.join(table_dir, "scene.json")
+    return _check_scenes(path, read_table_json(path)).to_pylist()
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -103,9 +151,7 @@ def build_table_index(dataroot: str, version: str, out: str, progress=None) -> s
             progress(name)
         return t
     whole = {name: read_table(name) for name in WHOLE}
-    scenes = whole["scene"]
-    if scenes.num_rows == 0:
-        raise ValueError(f"{d}/scene.json lists no scenes")
+    scenes = whole["scene"] = _check_scenes(os.path.join(d, "scene.json"), whole["scene"])
     scene_idx = pa.array(range(scenes.num_rows), pa.int32())
     tables: dict[str, pa.Table] = {}
 

@@ -22,6 +22,9 @@ class BuildConfig:
     captions: str | None = None      # dataset | mllm | none; None = mllm when $OPENAI_BASE_URL is set, else dataset
     caption_base_url: str | None = None
     caption_model: str | None = None
+    caption_timeout: float | None = None      # seconds per caption request (CaptionConfig.timeout_s)
+    caption_retries: int | None = None        # retries per caption item (CaptionConfig.max_retries)
+    caption_concurrency: int | None = None    # caption requests in flight (CaptionConfig.concurrency)
     samples_per_shard: int = 8
     encode_actors: int = 1
     encode_cpus: float = 1.0         # CPUs per encode actor on a CPU-only cluster
@@ -69,11 +72,31 @@ class BuildSummary:
     windows: dict = field(default_factory=dict)        # frame windows: calls, peak bytes (pipeline.shards.windows)
     complete: bool = True
     yield_report: dict = field(default_factory=dict)   # per bucket possible/kept/repaired/written/lost (yieldcard)
+    shards_missing: int = 0                            # planned shards not in a manifest at the end
+    stop_reason: str = ""                              # why the build stopped early or is incomplete
+
+    def judge(self, planned: list[str], records: dict, quarantine: list) -> None:
+        """Complete only when every planned shard is in a manifest (records: path -> ShardRecord), whatever
+        stopped the build (a failed shard, a full disk, --max-shards); the reason when it is not."""
+        self.shards_missing = sum(p not in records for p in planned)
+        self.complete = self.complete and self.shards_missing == 0
+        if not self.complete and not self.stop_reason:
+            failed = [q for q in quarantine if q.reason == "shard_failed"]
+            self.stop_reason = (f"{len(failed)} shards failed, e.g. {failed[0].item}: {failed[0].detail[:200]}"
+                                if failed else "stopped early")
+
+    def status(self) -> str:
+        """'complete', or 'INCOMPLETE: ...' with the counts and the reason (the summary and the dataset card)."""
+        if self.complete:
+            return "complete"
+        what = [f"{self.shards_missing} of {self.shards_total} planned shards missing"] if self.shards_total else []
+        return "INCOMPLETE: " + "; ".join(what + [self.stop_reason] if self.stop_reason else what) + \
+            "; rerun the same command to complete it"
 
     def text(self) -> str:
         lines = [f"scenes {self.scenes}; shards {self.shards_total} ({self.shards_written} written, "
                  f"{self.shards_skipped} already complete); quarantined {self.quarantined}"
-                 + ("" if self.complete else "; INCOMPLETE (stopped early, rerun to resume)"),
+                 + ("" if self.complete else f"; {self.status()}"),
                  f"{'bucket':<22}{'clips':>7}{'samples':>9}{'MB':>9}"]
         for b in sorted(self.clips):
             lines.append(f"{b:<22}{self.clips[b]:>7}{self.samples.get(b, 0):>9}{self.bytes.get(b, 0) / 1e6:>9.2f}")
@@ -102,6 +125,13 @@ def build_parser(description: str | None) -> _Parser:
                         "or --caption-base-url), or empty; default: mllm when OPENAI_BASE_URL is set, else dataset")
     p.add_argument("--caption-base-url", help="MLLM endpoint (default $OPENAI_BASE_URL)")
     p.add_argument("--caption-model", help="MLLM model name")
+    p.add_argument("--caption-timeout", type=float, metavar="S",
+                   help="seconds per caption request (default 60; the stage config's captions.timeout_s)")
+    p.add_argument("--caption-retries", type=int, metavar="N",
+                   help="retries per caption after the first attempt (default 5; captions.max_retries)")
+    p.add_argument("--caption-concurrency", type=int, metavar="N",
+                   help="caption requests in flight (default 8; captions.concurrency). The stage stops with one "
+                        "line when its first requests all fail the same way (captions.fail_fast, default 8)")
     p.add_argument("--samples-per-shard", type=int, default=8, help="clips per shard (fixed: decides the shard plan)")
     p.add_argument("--encode-actors", type=int, default=1, help="VAE actors (one GPU each on a GPU cluster)")
     p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per VAE actor on a CPU-only cluster")
@@ -135,10 +165,15 @@ def to_config(a: argparse.Namespace) -> BuildConfig:
     for flag in ("samples_per_shard", "encode_actors", "encode_cpus", "units_per_call", "max_inflight", "frame_batch"):
         if getattr(a, flag) <= 0:
             raise cli.BadInput(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    for flag, low in (("caption_timeout", 0), ("caption_concurrency", 0), ("caption_retries", -1)):
+        if getattr(a, flag) is not None and getattr(a, flag) <= low:
+            raise cli.BadInput(f"--{flag.replace('_', '-')} must be > {low}, got {getattr(a, flag)}")
     enc = EncodeConfig(vae=a.vae, device=a.device, views_per_batch=a.views_per_batch, tiling=a.tiling,
                        frame_batch=a.frame_batch, store_std=not a.mean_only, inject_nan_keys=tuple(a.inject_nan))
     return BuildConfig(stage=a.config, dataroot=a.dataroot, version=a.version, out=a.out, vae=a.vae,
                        captions=a.captions, caption_base_url=a.caption_base_url, caption_model=a.caption_model,
+                       caption_timeout=a.caption_timeout, caption_retries=a.caption_retries,
+                       caption_concurrency=a.caption_concurrency,
                        samples_per_shard=a.samples_per_shard, encode_actors=a.encode_actors,
                        encode_cpus=a.encode_cpus, units_per_call=a.units_per_call, max_inflight=a.max_inflight,
                        frame_budget_mb=a.frame_budget_mb, timeline=a.timeline,

@@ -141,10 +141,15 @@ def render(info: dict) -> str:
     first = next(iter(info["buckets"]), "<bucket>")
     grids = ", ".join(f"{g['cells']} x {g['cells']} cells of {g['cell_m']} m" for g in info["bev"]["grids"])
     yaml_text = yaml.safe_dump(front_matter(info), sort_keys=False, allow_unicode=True, width=1000)
+    status = b.get("status") or "complete"   # the build's BuildSummary.status(): complete, or INCOMPLETE: why
+    status = ("Status: complete (every planned shard is listed in its manifest)." if status == "complete" else
+              f"**Status: {status}.** The tables below count only the shards written so far.")
     return f"""---
 {yaml_text}---
 
 # {info['title']}
+
+{status}
 
 Webdataset shards of multi-view driving clips with CogVideoX-VAE latents and their conditions (3-D boxes per
 view, cameras, ego trajectory, BEV map, caption), written by `pipeline/build.py` (pipeline

@@ -110,7 +110,7 @@ def dataset_info(records: list[ShardRecord], build: dict[str, Any], quarantined:
         "title": build.get("title", "MagicDrive-V2 training shards"),
         "license": license_id, "license_note": LICENSE_NOTE.get(license_id, LICENSE_NOTE["other"]),
         "build": {k: build.get(k) for k in ("dataset", "version", "dataroot", "scenes", "stage", "vae", "tiny_vae",
-                                            "config_hash", "yield")},
+                                            "config_hash", "yield", "status")},
         "captions": captions if captions is not None else [{**_caption_source(build.get("captions")),
                                                              "samples": total}],
         "total_samples": total, "quarantined": quarantined, "fps": schema.FPS,

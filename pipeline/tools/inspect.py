@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from pipeline.contract import cli, geometry, schema, storage
-from pipeline.contract.shardio import iter_shard
+from pipeline.contract.tarscan import read_shard
 
 # Class colours (RGB) match the synthetic renderer's palette, so a preview of synthetic data shows each
 # outline in the colour of the object it should enclose.
@@ -46,17 +46,22 @@ BEV_PANEL = 400     # BEV panel side in pixels (2 px per cell of the 200 grid, 1
 
 
 def load_sample(uri: str, key: str | None = None) -> schema.Sample:
-    """The sample `key` (default: the first) of a shard at a local path or object-store URI."""
+    """The sample `key` (default: the first intact one) of a shard at a local path or object-store URI, read by
+    the loader's own reader (pipeline/contract/tarscan.py): a damaged shard still shows its intact samples."""
     if not storage.exists(uri):
         raise cli.InputNotFound(f"shard {uri} not found; pass a shard .tar (local path or s3://…)")
-    data = storage.read_bytes(uri)
-    keys = []
-    for k, members in iter_shard(data):
-        keys.append(k)
-        if key is None or k == key:
-            return schema.decode_sample(members, key=k)
+    samples, report = read_shard(storage.read_bytes(uri), uri)
+    for d in report.damage:
+        print(f"warning: {d}", file=sys.stderr)
+    keys = [s["__key__"] for s in samples]
+    for s in samples:
+        if key is None or s["__key__"] == key:
+            return schema.decode_sample(s, key=s["__key__"])
+    if key in report.damaged_keys:
+        raise cli.BadInput(f"{uri}: sample {key!r} is damaged in the shard ({report.damage[0].reason}); "
+                           f"rebuild the shard (rerun the build) or pick another --key")
     if not keys:
-        raise cli.BadInput(f"{uri}: the shard holds no samples")
+        raise cli.BadInput(f"{uri}: the shard holds no " + ("intact " if report.damage else "") + "samples")
     raise cli.UnknownName(f"{uri}: no sample {key!r}; the shard holds {len(keys)}: "
                           f"{keys[:5]}{' …' if len(keys) > 5 else ''}")
 

@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.contract import cli, manifest, schema, storage
-from pipeline.contract.shardio import iter_shard
+from pipeline.contract.shardio import sha256_bytes
+from pipeline.contract.tarscan import read_shard
 from pipeline.shards.card import refresh_card
 from pipeline.tools.viewstats import ViewStats
 
@@ -141,12 +142,17 @@ def collect(cfg: StatsConfig) -> DatasetStats:
             b.bytes += r.bytes
         todo += [(split, r) for r in records[:cfg.max_shards]]
     for split, r in tqdm(todo, desc="shards", unit="shard", disable=not cfg.progress):
-        n = 0
-        for key, members in iter_shard(storage.read_bytes(storage.join(cfg.out, r.path))):
-            samples.add(members, key)
-            n += 1
-        if n != r.samples:
-            mismatches.append(f"{r.path}: manifest says {r.samples} samples, shard holds {n}")
+        data = storage.read_bytes(storage.join(cfg.out, r.path))
+        got, report = read_shard(data, r.path)   # the loader's reader: intact samples of a damaged shard count
+        for s in got:
+            samples.add(s, s["__key__"])
+        if report.damage:
+            mismatches.append(f"{r.path}: damaged, {len(report.damaged_keys)} samples dropped "
+                              f"{report.damaged_keys[:3]}: {report.damage[0].reason}")
+        elif sha256_bytes(data) != r.sha256:   # flipped payload bytes keep the tar valid: the hash sees them
+            mismatches.append(f"{r.path}: sha256 differs from the manifest's (bytes changed since the build)")
+        if len(got) != r.samples:
+            mismatches.append(f"{r.path}: manifest says {r.samples} samples, shard holds {len(got)}")
     return DatasetStats(sorted(per_bucket.values(), key=lambda b: (b.split, b.bucket)), samples, splits, mismatches)
 
 
