@@ -381,18 +381,22 @@ def recalibrate(stages=("1", "2", "3"), preset: str | None = None, text_len: int
                 progress=print) -> dict:
     """Measure the coefficients of every (model, map grid) the stages use; write CALIBRATION."""
     table = json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else {}
+    used = set()
     for n in stages:
         st = read_stage(n)
         pre = preset or st["preset"]
         facts = model_facts(pre, st["overrides"])
         for cells in sorted({bev_cells(int(b["height"])) for b in st["buckets"]}):
             key = calibration_key(pre, st["overrides"], cells)
+            used.add(key)
             fp = fingerprint(facts, text_len, boxes, cells)
             if table.get(key, {}).get("fingerprint") == fp:
                 continue
             progress(f"calibrating {key} ...")
             table[key] = {"fingerprint": fp, "params": facts["params"], "text_len": text_len, "boxes": boxes,
                           "coefficients": calibrate(pre, st["overrides"], text_len, boxes, cells)}
+    if {"1", "2", "3"} <= set(map(str, stages)):   # all stages measured: entries of older models go
+        table = {k: v for k, v in table.items() if k in used}
     CALIBRATION.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
 

@@ -42,13 +42,13 @@ def _measured(preset, overrides, views, frames, h, w, ck):
     return memory.measure_saved_bytes(model, x, t, cond)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"temporal": False, "controlnet_cross_view": False}])
+@pytest.mark.parametrize("overrides", [{}, {"temporal": False, "control_temporal": False}])
 def test_calibration_predicts_the_saved_tensors_of_the_whole_model(overrides):
     """Coefficients measured on one block pair predict the full model (2 pairs + ControlNet) on
     another shape (3 views, 9 frames, 12 x 20 latent), with and without checkpointing."""
     torch.set_num_threads(1)
     coef = memory.calibrate("tiny", overrides, text_len=8, boxes=4, cells=200)
-    full = {**overrides, "controlnet_depth": 2}
+    full = {**overrides, "control_depth": 2}
     facts = memory.model_facts("tiny", full)
     for ck in (False, True):
         got = _measured("tiny", full, 3, 9, 12, 20, ck)

@@ -25,7 +25,7 @@ from train.config import TrainConfig
 
 
 SMALL = ("tiny",)                                   # the tiny model without ControlNet, one block pair:
-SMALL_KW = {"depth": 1, "controlnet_depth": 0}      # few tensors, so each save is quick
+SMALL_KW = {"depth": 1, "control_depth": 0}      # few tensors, so each save is quick
 
 
 class Killed(BaseException):
