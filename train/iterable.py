@@ -21,11 +21,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from pipeline.contract import cli, manifest, schema, storage
 from train.data import expand_urls, open_url
-from train.tario import tar_members
+from train.tario import tar_samples
 
 # what pad_collate fills padded objects with: masks False (absent), classes and tracks -1 (no object), else 0
 PAD_VALUES = {"box_class": -1, "box_track": -1, "box_class.npy": -1, "box_track.npy": -1}
@@ -68,14 +67,14 @@ class ShardDataset(IterableDataset):
         return order[self.rank * workers + worker::self.world * workers]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        def handler(exn: Exception) -> bool:  # a broken shard is an error here: nothing skips silently
-            return False
+        def on_damage(d) -> None:  # a damaged shard is an error here: nothing skips silently
+            raise ValueError(f"damaged shard {d}")
 
-        def per_shard(members):
-            return [sample_dict(raw) for raw in group_by_keys(members, handler=handler)]
+        def per_shard(samples):
+            return [sample_dict(raw) for raw in samples]
 
         sources = (dict(url=u, stream=open_url(u)) for u in self.my_urls())
-        for sample in tar_members(sources, handler=handler, per_shard=per_shard):
+        for sample in tar_samples(sources, on_damage, per_shard=per_shard):
             yield as_tensors(sample) if self.tensors else sample
 
 
