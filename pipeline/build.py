@@ -181,6 +181,8 @@ def _vae_digest(vae_dir: str) -> str:
 def _content(cfg: BuildConfig):
     """(vae meta, caption config, caption source, content hash): what decides the shards' bytes."""
     from captions.stage import stage_caption_config
+    from pipeline.scenes.buckets import load_stage
+    load_stage(cfg.stage)   # a wrong --config is its one error line before anything reads the stage file
     cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
     cfg.encode.vae = cfg.vae
     vae = vae_meta(cfg.vae)
@@ -207,8 +209,8 @@ def nothing_to_do(cfg: BuildConfig) -> BuildSummary | None:
 def run_build(cfg: BuildConfig) -> BuildSummary:
     """The build, holding the lock of --out (pipeline/contract/outlock.py): a second build there is refused."""
     from pipeline.contract.outlock import OutputLock
-    with OutputLock(cfg.out, "build"):
-        return _run_build(cfg)
+    with OutputLock(cfg.out, "build"):   # first: a second build on this --out is refused before any other check
+        return nothing_to_do(cfg) or _run_build(cfg)
 
 
 def _run_build(cfg: BuildConfig) -> BuildSummary:
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray_before = ray_running()
     try:
-        summary = nothing_to_do(cfg) or run_build(cfg)
+        summary = run_build(cfg)
     except (storage.LocalIOError, CaptionFatal) as e:  # a full disk, a caption server that fails every request
         cause = getattr(e, "cause", None) or e
         if cli.debug_requested(argv):

@@ -96,7 +96,7 @@ def data(tmp_path_factory):
 
 def _argv(cfg, steps: int, *extra: str) -> list[str]:
     return ["--no-progress", "--out", cfg.out, "--steps", str(steps), "--data-root", cfg.data.root,
-            "--stage", cfg.data.stage, "--text-cache", cfg.data.text_cache, "--set", "lr=2e-3", "--set", "warmup=3",
+            "--stage", cfg.data.stage, "--text-cache", cfg.data.text_cache, "--set", "lr=2e-3", "--set", "eps=1e-8", "--set", "warmup=3",
             "--set", "ema_decay=0.9", "--set", "val_every=0", "--set", "ckpt_every=1000",
             "--set", "data.samples_per_chunk=6", "--set", "data.shuffle_buffer=3", "--set", "data.text_max_length=16",
             *extra]

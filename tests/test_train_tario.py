@@ -54,8 +54,12 @@ def test_truncated_shard_keeps_the_samples_before_the_cut():
     keys = [s["__key__"] for s in iter_samples(cut, "cut", damage.append)]
     assert keys == [m.name.split(".")[0] for m in members[::len(members) // 3]][:2]
     assert "needs" in damage[0].reason and damage[-1].dropped and damage[-1].key == members[-5].name.split(".")[0]
-    damage = []
-    (first,) = iter_samples(data[:members[1].start - 400], "cut", damage.append)  # inside the second header
+    damage = []   # cut inside the second header, its name field whole: the sample it names is dropped
+    assert list(iter_samples(data[:members[1].start - 400], "cut", damage.append)) == []
+    assert "ends inside a header" in damage[0].reason and damage[-1].dropped
+    assert damage[-1].key == members[0].name.split(".")[0]
+    damage = []   # fewer than the name field's 100 bytes: the reader cannot tell whose header it was
+    (first,) = iter_samples(data[:members[1].start - 512 + 50], "cut", damage.append)
     assert [k for k in first if not k.startswith("__")] == ["meta.json"] and "ends inside a header" in damage[0].reason
     with pytest.raises(schema.SchemaError, match="missing"):  # incomplete: the contract's check rejects it
         schema.decode_sample(first)

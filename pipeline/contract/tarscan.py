@@ -238,8 +238,9 @@ def scan(data, url: str = "") -> Iterator[Member | Damage]:
     pax: dict[str, str] = {}
     while True:
         if pos + BLOCK > end:
-            if pos < end:
-                yield Damage(url, pos, end, f"the shard ends inside a header (byte {pos} of {end}): truncated")
+            if pos < end:   # the name field (100 bytes) may have survived: which sample the cut hit
+                key = _name_in(bytes(data[pos:end])) if end - pos >= 100 else None
+                yield Damage(url, pos, end, f"the shard ends inside a header (byte {pos} of {end}): truncated", key)
             else:
                 yield Damage(url, pos, end, "no end-of-archive blocks: truncated at a member boundary")
             return
