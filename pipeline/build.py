@@ -35,14 +35,15 @@ from tqdm import tqdm  # noqa: E402
 from pipeline.contract import cli, schema, storage  # noqa: E402
 from pipeline.shards.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
 from pipeline.shards.raysession import init_ray, ray_running, stop_ray  # noqa: E402
-from pipeline.shards.encode import EncodeConfig, plan_units, reuse_holds, vae_meta  # noqa: E402
+from pipeline.shards.encode import plan_units, reuse_holds  # noqa: E402
 from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
 from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
-from pipeline.shards.write import ClipRef, ShardInputs, config_hash, dataset_card, plan_shards  # noqa: E402
+from pipeline.shards.write import ClipRef, ShardInputs, dataset_card, plan_shards  # noqa: E402
 from pipeline.shards.write import shard_is_complete  # noqa: E402
-from pipeline.shards.rebuild import input_fingerprint, noop_summary, record_build  # noqa: E402
+from pipeline.shards.rebuild import input_fingerprint, record_build  # noqa: E402
 from pipeline.scenes.clipyield import YieldReport  # noqa: E402
 from pipeline.shards.yieldcard import build_yield  # noqa: E402
+from pipeline.shards.buildinputs import content, is_tiny_vae, nothing_to_do, scene_names, vae_digest  # noqa: E402,F401
 from captions.config import CaptionFatal  # noqa: E402
 
 EXIT_INCOMPLETE = 3  # finished, but planned shards are missing (docs/cluster.md): rerun to complete
@@ -115,20 +116,6 @@ def _bar(cfg: BuildConfig, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="", disable=not cfg.progress, dynamic_ncols=True, leave=True)
 
 
-def _scene_names(cfg: BuildConfig) -> list[str]:
-    from pipeline.scenes.nuscenes import check_tables
-    from pipeline.scenes.tableindex import read_scenes
-    tables = check_tables(cfg.dataroot, cfg.version)
-    path = os.path.join(tables, "scene.json")
-    names = sorted(s["name"] for s in read_scenes(tables))  # checked: a bad scene.json is one line naming it
-    if cfg.scenes:
-        unknown = sorted(set(cfg.scenes) - set(names))
-        if unknown:
-            raise cli.BadInput(f"--scenes {unknown} not in {path}")
-        names = [n for n in names if n in set(cfg.scenes)]
-    return names[:cfg.limit_scenes] if cfg.limit_scenes else names
-
-
 def _run_scenes(ray, cfg, names, quarantine, secs):
     from pipeline.scenes.mapcrop import MapCropper
     from pipeline.scenes.run import problem_records
@@ -165,47 +152,6 @@ def _run_scenes(ray, cfg, names, quarantine, secs):
     return dict(sorted(uris.items()))
 
 
-def _vae_digest(vae_dir: str) -> str:
-    """Content hash of the VAE folder (config + weights): other weights must never pass for a resume."""
-    import hashlib
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(vae_dir)):
-        if name.endswith((".json", ".safetensors")):
-            h.update(name.encode())
-            with open(os.path.join(vae_dir, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _content(cfg: BuildConfig):
-    """(vae meta, caption config, caption source, content hash): what decides the shards' bytes."""
-    from captions.stage import stage_caption_config
-    from pipeline.scenes.buckets import load_stage
-    load_stage(cfg.stage)   # a wrong --config is its one error line before anything reads the stage file
-    cfg.encode = cfg.encode or EncodeConfig(vae=cfg.vae)
-    cfg.encode.vae = cfg.vae
-    vae = vae_meta(cfg.vae)
-    ccfg = stage_caption_config(cfg.stage, cfg.captions, base_url=cfg.caption_base_url, model=cfg.caption_model,
-                                timeout_s=cfg.caption_timeout, max_retries=cfg.caption_retries,
-                                concurrency=cfg.caption_concurrency)
-    captions = ccfg.mode if ccfg.mode != "mllm" else f"mllm:{ccfg.model}:{ccfg.prompt_version}"
-    return vae, ccfg, captions, config_hash(cfg.content_config(vae, _vae_digest(cfg.vae), captions))
-
-
-def nothing_to_do(cfg: BuildConfig) -> BuildSummary | None:
-    """The early exit of a rebuild that would only skip shards (pipeline/shards/rebuild.py): the last complete
-    build's summary, without starting Ray; None = run the build. --timeline and --verify-resume always run it."""
-    if cfg.timeline or cfg.verify_resume:
-        return None
-    t0 = time.perf_counter()
-    *_, cfg_hash = _content(cfg)
-    summary = noop_summary(cfg.out, cfg_hash, input_fingerprint(cfg.dataroot, cfg.version, _scene_names(cfg)))
-    if summary is not None:
-        summary.seconds = {"noop_check": time.perf_counter() - t0}
-    return summary
-
-
 def run_build(cfg: BuildConfig) -> BuildSummary:
     """The build, holding the lock of --out (pipeline/contract/outlock.py): a second build there is refused."""
     from pipeline.contract.outlock import OutputLock
@@ -219,11 +165,11 @@ def _run_build(cfg: BuildConfig) -> BuildSummary:
     from captions.stage import caption_clips
 
     stage = load_stage(cfg.stage)
-    vae, ccfg, captions, cfg_hash = _content(cfg)
+    vae, ccfg, captions, cfg_hash = content(cfg)
     if ccfg.mode == "mllm":
         ccfg.require_endpoint()  # before any work
     summary, secs, quarantine = BuildSummary(), {}, []
-    names = _scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
+    names = scene_names(cfg)  # a wrong --dataroot / --version / --scenes fails before Ray starts
     fingerprint = input_fingerprint(cfg.dataroot, cfg.version, names)
     t0 = time.perf_counter()
     ray = init_ray(cfg.cpus, cfg.address)
@@ -295,18 +241,11 @@ def _run_build(cfg: BuildConfig) -> BuildSummary:
     dataset_card(cfg.out, sorted(records.values(), key=lambda r: r.path), summary.quarantined, {
         "dataset": scenes[0].dataset if scenes else cfg.version, "version": cfg.version,
         "dataroot": cfg.dataroot, "scenes": len(store_uris), "stage": json.dumps(cfg._stage_dict()),
-        "vae": vae, "tiny_vae": _is_tiny(cfg.vae),
+        "vae": vae, "tiny_vae": is_tiny_vae(cfg.vae),
         "captions": captions, "config_hash": cfg_hash, "status": summary.status(), "yield": summary.yield_report})
     if summary.complete:
         record_build(cfg.out, cfg_hash, fingerprint, [p.path for p in plans], summary)
     return summary
-
-
-def _is_tiny(vae_dir: str) -> bool:
-    from pipeline.shards.vae import TINY_VAE_CONFIG
-    with open(os.path.join(vae_dir, "config.json")) as f:
-        c = json.load(f)
-    return list(c.get("block_out_channels", [])) == list(TINY_VAE_CONFIG["block_out_channels"])
 
 
 def _dedupe(records: list[QuarantineRecord]) -> list[QuarantineRecord]:
@@ -327,7 +266,7 @@ def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
     opts.update(max_restarts=-1, max_task_retries=-1)
     threads = cfg.encode.torch_threads if has_gpu else max(1, int(cfg.encode_cpus))
     enc = replace(cfg.encode, torch_threads=threads, inject_nan_keys=())  # injection travels with the units
-    key = (repr(enc), _vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())
+    key = (repr(enc), vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())
     pool = _ACTORS.setdefault(key, [])
     while len(pool) < cfg.encode_actors:
         pool.append(ray.remote(**opts)(EncodeActor).remote(enc))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.interop.make_fixture import decode_args, load
+from model.interop.fixture_io import decode_args, load
 
 FOLDER = Path(__file__).parent / "data" / "magicdrivedit"
 FILES = ("FORMAT.md", "fixture.json", "config.json", "weights.safetensors", "cases.safetensors", "stage3_keys.json")

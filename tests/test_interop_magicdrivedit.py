@@ -1,5 +1,5 @@
 """Parity with the authors' MagicDriveSTDiT3 (issue 21): their tiny model's weights, inputs and outputs
-(tests/data/magicdrivedit, made from their code by model/interop/make_fixture.py; FORMAT.md there) run
+(tests/data/magicdrivedit, made from their code by tools/make_magicdrivedit_fixture.py; FORMAT.md there) run
 through this project's MVDiT after `convert`; the full stage-3 key set on the meta device; the
 converter's inputs and errors; a swapped block or a flipped sign fails the comparison."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from model.interop import magicdrivedit as mdd
 from model.interop.authors_config import read_model_kwargs, to_model_config
-from model.interop.make_fixture import decode_args, load
+from model.interop.fixture_io import decode_args, load
 from model.layers import reference_attention
 from model.registry import PRESETS, build_from_config
 from train import checkpoint as ckpt
@@ -78,7 +78,7 @@ def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted):
     fp64 by 2e-3 of max |z| after 3 steps), so only the same arithmetic can meet TOL; SDPA lands
     at ~5e-4 here."""
     meta, _, tensors = fixture
-    assert "sample" in meta and "sample/output" in tensors, "the fixture lacks the sampling loop (make_fixture.py)"
+    assert "sample" in meta and "sample/output" in tensors, "the fixture lacks the sampling loop (tools/make_magicdrivedit_fixture.py)"
     model, _ = converted
     from model import native
     entry = meta["sample"]

@@ -2,7 +2,7 @@
 
 Three sources give their model's keyword arguments:
 - a MagicDriveDiT config .py (configs/magicdrive/{train,test,inference}/*.py): its top-level
-  `model = dict(...)`, read with `ast` (never executed; model/interop/make_fixture.read_config);
+  `model = dict(...)`, read with `ast` (never executed; model/interop/fixture_io.read_config);
   their scripts add in_channels (the VAE's 16), caption_channels 4096 and model_max_length 300,
   and "MagicDriveSTDiT3-XL/2" fixes depth 28, hidden 1152, 16 heads, patch (1, 2, 2);
 - the config.json of a model folder (their save_pretrained: every MagicDriveSTDiT3Config field
@@ -38,7 +38,7 @@ def read_model_kwargs(path: str | Path) -> dict:
         raise BadInput(f"--config {path}: no such file (give their config .py, a model folder's config.json "
                        "or a JSON of the config's model dict)")
     if p.suffix == ".py":
-        from model.interop.make_fixture import read_config
+        from model.interop.fixture_io import read_config
         try:
             env = read_config(p)
         except SyntaxError as e:

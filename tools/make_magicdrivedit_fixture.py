@@ -2,7 +2,7 @@
 
 Run it with the scratch venv of docs/model.md ("Rebuilding the parity fixtures"), never with this project's venv:
 
-    /work/scratch/mdd-venv/bin/python model/interop/make_fixture.py --mdd /work/ref/MagicDriveDiT \\
+    /work/scratch/mdd-venv/bin/python tools/make_magicdrivedit_fixture.py --mdd /work/ref/MagicDriveDiT \\
         --out tests/data/magicdrivedit
 
 It imports their modules from the checkout given (nothing of theirs is copied, nothing of this project is
@@ -18,21 +18,21 @@ Outputs: weights.safetensors, cases.safetensors, fixture.json, config.json, stag
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
-import importlib.machinery
 import json
 import math
-import os
 import re
 import subprocess
 import sys
-import types
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this repo: the fixture format, the stubs
+from model.interop.fixture_io import _dtype, decode_args, encode_args, read_config  # noqa: E402
+from tools.magicdrivedit_stubs import install_stubs  # noqa: E402
 
 STAGE3 = "configs/magicdrive/train/stage3_higher-b-v3.1-12Hz_stdit3_CogVAE_boxTDS_wCT_xCE_wSST_bs4_lr1e-5_sp4simu8.py"
 TINY = dict(hidden_size=64, depth=3, control_depth=2, num_heads=4)  # their XL/2: 1152, 28, 13, 16
@@ -41,137 +41,8 @@ FULL = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=(1, 2, 2))  # w
 BUILD_ARGS = dict(in_channels=16, caption_channels=4096, model_max_length=300)
 VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT")
 VIEW_YAW_DEG = (55.0, 0.0, -55.0, -110.0, 180.0, 110.0)  # rough nuScenes rig, their view order
-FP16_ARGS = ("x", "y", "box_latent")  # continuous and large: rounded to fp16 before the forward, stored fp16
 SEED = 21
 CAPTION_STD = 0.2  # random stand-ins for T5-XXL outputs
-
-
-# ---- stubs -------------------------------------------------------------------------------------------------
-def _module(name: str, package_path: Path | None = None, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__dict__.update(attrs)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package_path is not None)
-    if package_path is not None:  # a package shell: submodules load from their files, its __init__ never runs
-        mod.__path__ = [str(package_path)]
-        mod.__spec__.submodule_search_locations = [str(package_path)]
-    sys.modules[name] = mod
-    return mod
-
-
-class _Unavailable:
-    """Stands for a class of a stubbed package: importing it works, using it is a bug of this script."""
-
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError(f"{type(self).__name__} comes from a stub module; the fixture must not need it")
-
-
-class _Registry:  # mmengine.registry.Registry, as far as their registry.py and decorators use it
-    def __init__(self, *args, **kwargs):
-        self.modules = {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def add(obj):
-            self.modules[name or obj.__name__] = obj
-            return obj
-        return add if module is None else add(module)
-
-
-def _ast_constant(path: Path, name: str):
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise KeyError(f"{name} not found in {path}")
-
-
-def install_stubs(mdd: Path) -> None:
-    os.environ.update(USE_XFORMERS="False", DEVICE_TYPE="gpu", USE_WRONG="False")  # read at import time
-    import transformers  # noqa: F401  (before the torchvision stub: it probes for torchvision itself)
-    from transformers import PreTrainedModel  # noqa: F401
-
-    # blocks.py imports torch_npu when CUDA is absent (flash_attn otherwise); only their fused kernels use them
-    _module("torch_npu")
-    _module("flash_attn", flash_attn_func=_Unavailable)
-    # timm imports torchvision (transforms, datasets, FrozenBatchNorm2d) for parts their model never touches;
-    # the PyPI torchvision wheel does not load beside this torch. No InterpolationMode: timm falls back to PIL.
-    _module("torchvision", package_path=Path("/nonexistent/torchvision"))
-    for sub in ("ops", "ops.misc", "transforms", "transforms.functional", "datasets", "models",
-                "models.feature_extraction", "utils", "io"):
-        _module(f"torchvision.{sub}")
-    sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (_Unavailable,), {})
-    for name in ("CIFAR100", "CIFAR10", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder", "Places365",
-                 "INaturalist", "QMNIST", "ImageNet"):
-        setattr(sys.modules["torchvision.datasets"], name, type(name, (_Unavailable,), {}))
-    sys.modules["torchvision.transforms.functional"].__getattr__ = _no_attr
-    sys.modules["torchvision.transforms"].__getattr__ = _placeholder
-    sys.modules["torchvision.models.feature_extraction"].create_feature_extractor = _Unavailable
-    # ColossalAI (their utils/misc.py logger helpers), the mmengine registry, their checkpoint I/O
-    _module("colossalai", package_path=Path("/nonexistent/colossalai"))
-    _module("colossalai.cluster", package_path=Path("/nonexistent/colossalai/cluster"))
-    _module("colossalai.cluster.dist_coordinator", DistCoordinator=type("DistCoordinator", (_Unavailable,), {}))
-    _module("mmengine", package_path=Path("/nonexistent/mmengine"))
-    _module("mmengine.registry", Registry=_Registry)
-    sys.path.insert(0, str(mdd))
-    _module("magicdrivedit.utils.ckpt_utils", load_checkpoint=_Unavailable)
-    # package shells: their __init__ files import the T5 encoder, diffusers' VAE and the mmcv datasets
-    src = mdd / "magicdrivedit"
-    _module("magicdrivedit.models", package_path=src / "models")
-    _module("magicdrivedit.models.vae", package_path=src / "models" / "vae")
-    _module("magicdrivedit.datasets", IMG_FPS=_ast_constant(src / "datasets" / "utils.py", "IMG_FPS"))
-
-
-def _no_attr(name):
-    raise AttributeError(name)
-
-
-def _placeholder(name):  # any class name of a stub module; never dunders (inspect walks sys.modules)
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return type(name, (_Unavailable,), {})
-
-
-# ---- their config, read with ast -------------------------------------------------------------------------
-def read_config(path: Path) -> dict:
-    """Top-level names of a MagicDriveDiT config file, evaluated without executing it (literals, dict(...),
-    names defined above, and/or/not, comparisons, subscripts); names it cannot evaluate are left out."""
-    env: dict = {}
-
-    def ev(n):
-        if isinstance(n, ast.Constant):
-            return n.value
-        if isinstance(n, ast.Name):
-            return env[n.id]
-        if isinstance(n, (ast.List, ast.Tuple)):
-            return (list if isinstance(n, ast.List) else tuple)(ev(e) for e in n.elts)
-        if isinstance(n, ast.Dict):
-            return {ev(k): ev(v) for k, v in zip(n.keys, n.values)}
-        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "dict" and not n.args:
-            out = {}
-            for kw in n.keywords:
-                out.update(ev(kw.value) if kw.arg is None else {kw.arg: ev(kw.value)})
-            return out
-        if isinstance(n, ast.BoolOp):
-            vals = [ev(v) for v in n.values]
-            return all(vals) and vals[-1] if isinstance(n.op, ast.And) else next((v for v in vals if v), vals[-1])
-        if isinstance(n, ast.UnaryOp):
-            v = ev(n.operand)
-            return {ast.USub: lambda: -v, ast.Not: lambda: not v, ast.UAdd: lambda: v}[type(n.op)]()
-        if isinstance(n, ast.Compare) and len(n.ops) == 1:
-            a, b = ev(n.left), ev(n.comparators[0])
-            return {ast.Gt: a > b, ast.Lt: a < b, ast.GtE: a >= b, ast.LtE: a <= b, ast.Eq: a == b,
-                    ast.NotEq: a != b}[type(n.ops[0])]
-        if isinstance(n, ast.IfExp):
-            return ev(n.body) if ev(n.test) else ev(n.orelse)
-        if isinstance(n, ast.Subscript):
-            return ev(n.value)[ev(n.slice)]
-        raise ValueError(ast.dump(n)[:80])
-
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                env[node.targets[0].id] = ev(node.value)
-            except (ValueError, KeyError, TypeError):
-                pass
-    return env
 
 
 def model_kwargs(model_dict: dict, tiny: bool) -> dict:
@@ -372,63 +243,6 @@ SAMPLE = dict(B=1, T=5, size=(64, 112), boxes=[4], captions=[6], t=[1000.0], ste
 
 
 # ---- storage (FORMAT.md) -----------------------------------------------------------------------------------
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def encode_args(prefix: str, args: dict, stored: int, tensors: dict) -> dict:
-    """Store one call's kwargs under prefix/<arg> (bbox members as bbox/<member>); returns the sidecar's
-    "args" (tensors: key, shape and dtype in the call, stored dtype, encoding) and "values" (the rest)."""
-    flat = {f"bbox/{k}": v for k, v in args.get("bbox", {}).items()}
-    flat.update({k: v for k, v in args.items() if torch.is_tensor(v)})
-    entries = {}
-    for name, t in flat.items():
-        e = {"key": f"{prefix}/{name}", "shape": list(t.shape), "dtype": _dtype(t), "encoding": "none"}
-        if name == "y":  # tokens >= `tokens` are zero in the call (or never reach the model: see FORMAT.md)
-            s, e["encoding"], e["tokens"] = t[:, :, :stored].half(), "y_prefix", stored
-        elif name == "maps":  # binary maps, bit-packed along the last axis
-            s, e["encoding"] = torch.from_numpy(np.packbits(t.numpy().astype(np.uint8), axis=-1)), "packbits"
-        elif name.split("/")[-1] in FP16_ARGS:
-            s, e["encoding"] = t.half(), "fp16"
-        else:
-            s = t
-        e["stored_dtype"] = _dtype(s)
-        tensors[e["key"]] = s.contiguous()
-        entries[name] = e
-    values = {k: v for k, v in args.items() if k != "bbox" and not torch.is_tensor(v)}
-    return {"args": entries, "values": json.loads(json.dumps(values))}
-
-
-def decode_args(tensors: dict, entry: dict) -> dict:
-    """The call's kwargs back from a case's sidecar entry and the stored tensors (inverse of encode_args)."""
-    args: dict = {"bbox": {}} if any(n.startswith("bbox/") for n in entry["args"]) else {}
-    for name, e in entry["args"].items():
-        s = tensors[e["key"]]
-        if e["encoding"] == "y_prefix":
-            t = torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"]))
-            t[:, :, : e["tokens"]] = s.to(t.dtype)
-        elif e["encoding"] == "packbits":
-            t = torch.from_numpy(np.unpackbits(s.numpy(), axis=-1, count=e["shape"][-1]).astype(np.float32))
-        else:
-            t = s.to(getattr(torch, e["dtype"]))
-        assert list(t.shape) == e["shape"], (name, t.shape, e["shape"])
-        if name.startswith("bbox/"):
-            args["bbox"][name[5:]] = t
-        else:
-            args[name] = t
-    for k, v in entry["values"].items():
-        args[k] = {int(a): b for a, b in v.items()} if k == "mv_order_map" and v is not None else v
-    return args
-
-
-def load(folder: Path) -> tuple[dict, dict, dict]:
-    """(sidecar, weights, tensors) of a fixture folder: what a parity test starts from."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    meta = json.loads((folder / "fixture.json").read_text())
-    return meta, load_file(str(folder / "weights.safetensors")), load_file(str(folder / "cases.safetensors"))
-
-
 def forward(model, args: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**copy.deepcopy(args))
@@ -559,7 +373,7 @@ def main(argv=None) -> int:
     model = build(tiny).eval().requires_grad_(False)  # no autograd: null inputs copy parameters
     randomize(model, torch.Generator().manual_seed(SEED))
     tensors: dict = {}
-    meta = {"format": 1, "generator": "model/interop/make_fixture.py", "seed": SEED, "views": list(VIEWS),
+    meta = {"format": 1, "generator": "tools/make_magicdrivedit_fixture.py", "seed": SEED, "views": list(VIEWS),
             "magicdrivedit": {"commit": git_commit(a.mdd), "config": STAGE3}, "packages": versions(),
             "model": {"kwargs": tiny, "config_model_dict": cfg["model"], "tiny": TINY},
             "forward_args": ["x", "timestep", "y", "maps", "bbox", "cams", "rel_pos", "fps", "height", "width",
