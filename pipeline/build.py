@@ -267,10 +267,24 @@ def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
     threads = cfg.encode.torch_threads if has_gpu else max(1, int(cfg.encode_cpus))
     enc = replace(cfg.encode, torch_threads=threads, inject_nan_keys=())  # injection travels with the units
     key = (repr(enc), vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())
+    # An idle actor still holds its CPUs (or GPU): actors of another VAE/config, or beyond this build's count,
+    # would starve this build's scene and frame tasks on a small cluster (2 CPUs: a deadlock), so they go.
+    for other in [k for k in _ACTORS if k != key]:
+        _kill(ray, _ACTORS.pop(other))
     pool = _ACTORS.setdefault(key, [])
+    _kill(ray, pool[cfg.encode_actors:])
+    del pool[cfg.encode_actors:]
     while len(pool) < cfg.encode_actors:
         pool.append(ray.remote(**opts)(EncodeActor).remote(enc))
-    return pool[:cfg.encode_actors]
+    return pool
+
+
+def _kill(ray, actors: list) -> None:
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - an actor of a Ray that has since shut down is already gone
+            pass
 
 
 def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_hash, has_gpu, records, splits,

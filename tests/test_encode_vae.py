@@ -67,3 +67,32 @@ def test_encode_units_reports_bad_frames_and_injected_nan(vae_dir):
     out = encode_units(enc, fs, [EncodeUnit("k-ok", rows, ["k-ok"]), EncodeUnit("k-nan", rows[:1], ["k-nan"])])
     assert out["k-ok"]["bad_frames"] == {"f8_1.jpg": "corrupt"} and non_finite(out["k-ok"]["mean"]) == 0
     assert out["k-nan"]["mean"].shape == (2, 16, 1, 4, 8) and non_finite(out["k-nan"]["mean"]) > 0
+
+
+def test_actors_of_an_earlier_build_do_not_starve_the_next_one(ray_local, vae_dir, tmp_path):
+    """Builds in one driver keep their VAE actors for the next build of the same VAE; an actor of another VAE
+    (or beyond the build's count) still holds its CPU, and three such held 3 of a 2-CPU Ray's CPUs: every
+    later build waited forever for a CPU for its scene tasks (the CI run that never finished)."""
+    import time
+    from dataclasses import replace
+    from pipeline.build import _ACTORS, _actor_pool
+    from pipeline.shards.build_config import BuildConfig
+    ray = ray_local
+    other = tmp_path / "other-vae"
+    assert tiny_vae_main(["--out", str(other), "--seed", "1"]) == 0
+    base = BuildConfig(stage="demo", dataroot="", version="v1.0-synth", out=str(tmp_path / "out"), vae=vae_dir,
+                       encode_cpus=0.5,
+                       encode=EncodeConfig(vae=vae_dir, device="cpu"))
+    first = _actor_pool(ray, replace(base, encode_actors=2), has_gpu=False)
+    second = _actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), has_gpu=False)
+    again = _actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), has_gpu=False)
+    assert len(first) == 2 and len(second) == 1 and again == second  # same VAE: the actor is reused
+    assert sum(len(p) for p in _ACTORS.values()) == 1
+    deadline = time.time() + 60  # ray.kill is asynchronous: the killed actors' CPUs come back shortly
+    while ray.available_resources().get("CPU", 0) < 2 - 0.5 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(1.5)
+    for pool in _ACTORS.values():  # leave the session's Ray as it was for the tests after this one
+        for a in pool:
+            ray.kill(a, no_restart=True)
+    _ACTORS.clear()
