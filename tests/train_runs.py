@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from train import checkpoint as ckpt
 from train.data import BatchStream, find_shards
 from train.sharding import EMA
-from train.train import TextSource, build_model, compute_loss, lr_at, make_optimizer, seed_step, step_generator
+from train.train import TextSource, build_model, compute_loss, lr_at, make_optimizer, seed_step, step_rng
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def reference(cfg, dp: int) -> tuple[dict, dict, dict]:
         opt.zero_grad()
         for rank in range(dp):
             seed_step(cfg.seed, step, rank)
-            loss = compute_loss(model, next(streams[rank]), text, cfg, step_generator(cfg.seed, step, rank),
+            loss = compute_loss(model, next(streams[rank]), text, cfg, step_rng(cfg.seed, step, rank),
                                 torch.device("cpu"), False)
             (loss / dp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
