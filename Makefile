@@ -35,10 +35,12 @@ demo: demo-data
 	$(PY) -m pipeline.tools.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
 	    --dataroot $(DEMO)/nuscenes --png $(DEMO)/preview.png > /dev/null
 	$(PY) -m train.train --config demo --data-root $(DEMO)/shards \
-	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS) --overwrite
+	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS) --overwrite \
+	    --vae $(DEMO)/tiny-cogvae --set sample_every=$(DEMO_STEPS)
 	$(PY) -m train.sample --ckpt $(DEMO)/run --vae $(DEMO)/tiny-cogvae --out $(DEMO)/sample --bucket 64x128_t9
 	@echo "demo: shards in $(DEMO)/shards (README.md = dataset card), preview $(DEMO)/preview.png,"
-	@echo "      training log $(DEMO)/run/log.jsonl, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"
+	@echo "      training log $(DEMO)/run/log.jsonl (TensorBoard: $(DEMO)/run/tb), clip sampled during training"
+	@echo "      $(DEMO)/run/samples/, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"
 
 # The paper's three-stage recipe on the demo shards (docs/train.md): spatial-only images -> + temporal
 # blocks, short clips -> every bucket; each stage starts from the last one's weights (--init-from).
