@@ -139,3 +139,25 @@ def test_an_installed_package_finds_its_configs_from_another_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     steps, where = r.stdout.split()
     assert steps == "40000" and Path(where).is_relative_to(tmp_path / "site")
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_sample_together(data):
+    """torchrun, 2 ranks, FSDP2: every rank runs the sampler's forwards (guided_velocity registered as an
+    FSDP forward method), rank 0 writes the clip: the sampler's latents on the checkpoint's EMA weights."""
+    from model.registry import build_from_config
+    from tests.train_runs import cli_args, torchrun
+    from train import checkpoint as ckpt
+    from train.livesample import fixed_conditions
+    from train.sample import generate
+    from train.textsource import TextSource
+    cfg = config(data, "fsdp_live", 1, sample_every=1, sample_steps=2, sample_bucket="32x64_t9")
+    torchrun(2, cli_args(cfg) + ["--set", "sample_every=1", "--set", "sample_steps=2", "--set",
+                                 "sample_bucket=32x64_t9"])
+    run = data / "fsdp_live"
+    lat = load_file(str(run / "samples" / "step-0000001" / "latents.safetensors"))["latents"]
+    model = build_from_config(ckpt.load_config(run)["model"])
+    model.load_state_dict(ckpt.load_weights(run, "ema"))
+    want = generate(model.eval(), TextSource(cfg.data.text_cache, None, 16), cfg, fixed_conditions(cfg)[0], cfg.seed,
+                    2, cfg.flow.cfg_scale, torch.device("cpu"), False)
+    assert torch.allclose(lat, want, atol=1e-4), float((lat - want).abs().max())

@@ -77,6 +77,7 @@ class LiveSampler:
                            autocast)                                              # (V, 16, T', h, w)
         finally:
             model.train(was)
+            _reshard(model)
             if backup is not None:
                 _restore(model, backup)
         if self.rank != 0:
@@ -106,6 +107,15 @@ def _swap_in(model, ema) -> dict[str, torch.Tensor]:
     for k, p in params.items():
         p.detach().copy_(ema.shadow[k])
     return backup
+
+
+def _reshard(model) -> None:
+    """FSDP2 leaves the root's weights gathered after a forward without backward: shard them again, so the
+    parameters are the DTensor shards the EMA and the optimizer hold."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _restore(model, backup: dict[str, torch.Tensor]) -> None:
