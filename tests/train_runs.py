@@ -55,13 +55,15 @@ def reference(cfg, dp: int) -> tuple[dict, dict, dict]:
     """One process: each step averages the gradients of the dp data-parallel ranks' batches.
     -> (model state, EMA state, initial state)."""
     torch.set_num_threads(1)
+    from model.text import prepare_text_embeddings
     model = build_model(cfg)
+    text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
+    prepare_text_embeddings(model, text.embed)   # as the trainer does from scratch, before the EMA copies them
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ema = EMA(model)
     opt = make_optimizer(cfg, model)
     shards = find_shards(cfg.data, "train", [])
     streams = [iter(BatchStream(shards, cfg.data, cfg.seed, rank=r, world=dp, stop_step=cfg.steps)) for r in range(dp)]
-    text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
