@@ -34,11 +34,13 @@ demo-data: setup
 demo: demo-data
 	$(PY) -m pipeline.tools.inspect $(DEMO)/shards/train/64x128_t9/shard-000000.tar \
 	    --dataroot $(DEMO)/nuscenes --png $(DEMO)/preview.png > /dev/null
-	$(PY) -m train.train --config configs/train/demo.yaml --data-root $(DEMO)/shards \
-	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS) --overwrite
+	$(PY) -m train.train --config demo --data-root $(DEMO)/shards \
+	    --text-cache $(DEMO)/text_cache --out $(DEMO)/run --steps $(DEMO_STEPS) --overwrite \
+	    --vae $(DEMO)/tiny-cogvae --set sample_every=$(DEMO_STEPS)
 	$(PY) -m train.sample --ckpt $(DEMO)/run --vae $(DEMO)/tiny-cogvae --out $(DEMO)/sample --bucket 64x128_t9
 	@echo "demo: shards in $(DEMO)/shards (README.md = dataset card), preview $(DEMO)/preview.png,"
-	@echo "      training log $(DEMO)/run/log.jsonl, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"
+	@echo "      training log $(DEMO)/run/log.jsonl (TensorBoard: $(DEMO)/run/tb), clip sampled during training"
+	@echo "      $(DEMO)/run/samples/, sampled clip $(DEMO)/sample (grid.mp4, contact_sheet.png)"
 
 # The paper's three-stage recipe on the demo shards (docs/train.md): spatial-only images -> + temporal
 # blocks, short clips -> every bucket; each stage starts from the last one's weights (--init-from).
@@ -48,11 +50,11 @@ STAGES      = $(DEMO)/stages
 STAGE_ARGS  = --data-root $(DEMO)/shards --text-cache $(DEMO)/text_cache --no-progress
 stages: demo-data
 	rm -rf $(STAGES)
-	$(PY) -m train.train --config configs/train/demo_stage1.yaml $(STAGE_ARGS) --out $(STAGES)/stage1
-	$(PY) -m train.train --config configs/train/demo_stage2.yaml $(STAGE_ARGS) --out $(STAGES)/stage2 \
+	$(PY) -m train.train --config demo_stage1 $(STAGE_ARGS) --out $(STAGES)/stage1
+	$(PY) -m train.train --config demo_stage2 $(STAGE_ARGS) --out $(STAGES)/stage2 \
 	    --init-from $(STAGES)/stage1
 	$(PY) -m train.stage_check --prev $(STAGES)/stage1 --next $(STAGES)/stage2 --bucket 64x128_t1
-	$(PY) -m train.train --config configs/train/demo_stage3.yaml $(STAGE_ARGS) --out $(STAGES)/stage3 \
+	$(PY) -m train.train --config demo_stage3 $(STAGE_ARGS) --out $(STAGES)/stage3 \
 	    --init-from $(STAGES)/stage2
 	$(PY) -m train.stage_check --prev $(STAGES)/stage2 --next $(STAGES)/stage3
 	@echo "stages: runs in $(STAGES)/stage{1,2,3} (log.jsonl, checkpoints/), checks in $(STAGES)/stage{2,3}/stage_check.json"

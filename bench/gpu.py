@@ -19,7 +19,7 @@
     memory (torch.cuda.max_memory_allocated, next to model/memory.py's estimate for the same
     step), MFU = FLOPs counted by torch's FlopCounterMode on the meta device / step time / peak.
 
-(c) The sharded step of the `paper` preset as configs/train/stage3.yaml builds it (FSDP2 on a
+(c) The sharded step of the `paper` preset as train/configs/stage3.yaml builds it (FSDP2 on a
     one-rank mesh: bf16 compute weights from fp32 masters, fp32 gradient reduction, gradient
     checkpointing, the recipe's AdamW / clipping / EMA / CFG drops) on 424x800 T=33 and
     848x1600 T=17 at `--batch-size` (default 1): step time, peak memory and MFU, with the memory

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from train.config import DataConfig, TrainConfig
     from train.data import BatchStream, find_shards
     from train.train import (TextSource, build_model, compute_loss, make_optimizer, peak_tflops, setup_distributed,
-                             step_flops, step_generator, train)
+                             step_flops, step_rng, train)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         times = []
         for i in range(a.steps):
             t0 = time.perf_counter()
-            loss = compute_loss(model, batch, text, cfg, step_generator(0, i, 0), device, autocast)
+            loss = compute_loss(model, batch, text, cfg, step_rng(0, i, 0), device, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

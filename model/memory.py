@@ -4,7 +4,7 @@
     python -m model.memory --json --gpus 8 --gpu-gb 80      # one object per (stage, bucket)
     python -m model.memory calibrate                        # re-measure the coefficients (after a model change)
 
-A stage is its train config (configs/train/stageN.yaml: preset, model_overrides, checkpointing,
+A stage is its train config (train/configs/stageN.yaml: preset, model_overrides, checkpointing,
 sp, sharding) and its buckets (configs/stages/stageN.yaml: batch size per SP group). Per GPU:
 
 Static state (`static_bytes`), P parameters, world W = dp x sp GPUs:
@@ -313,9 +313,10 @@ def estimate(coef: dict, facts: dict, batch: int, height: int, width: int, frame
 # ---- stages --------------------------------------------------------------------------------------------
 
 def read_stage(n: str, root: Path = REPO) -> dict:
-    """configs/train/stage{n}.yaml + its buckets (configs/stages/...): what the plan needs."""
+    """train config stage{n} (train/configs/stage{n}.yaml) + its buckets (configs/stages/...): what the plan needs."""
     import yaml
-    train = yaml.safe_load((root / "configs" / "train" / f"stage{n}.yaml").read_text())
+    from train.config import config_path
+    train = yaml.safe_load(config_path(f"stage{n}").read_text())
     stage = train.get("data", {}).get("stage", f"stage{n}")
     spath = Path(stage) if stage.endswith(".yaml") else root / "configs" / "stages" / f"{stage}.yaml"
     buckets = yaml.safe_load(spath.read_text())["buckets"]
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", nargs="?", choices=["plan", "calibrate"], default="plan",
                     help="plan (default): the table; calibrate: re-measure the coefficients (minutes on a CPU)")
-    ap.add_argument("--stages", nargs="+", default=["1", "2", "3"], help="stage numbers (configs/train/stageN.yaml)")
+    ap.add_argument("--stages", nargs="+", default=["1", "2", "3"], help="stage numbers (train configs stageN: train/configs/stageN.yaml)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs of the run: world = dp x sp (default 8)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU; fits = peak <= this - 8 GB")
     ap.add_argument("--preset", help="model preset instead of each stage config's")

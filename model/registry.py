@@ -27,7 +27,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 # Their stage-1 config (images only): no temporal blocks, box / ego-pose tokens averaged over
-# time, no per-box latent. configs/train/*stage1.yaml apply these as model_overrides.
+# time, no per-box latent. train/configs/*stage1.yaml apply these as model_overrides.
 STAGE1_OVERRIDES = {"temporal": False, "control_temporal": False, "box_sample_id": False, "cond_time_down": "mean"}
 
 

@@ -118,7 +118,7 @@ MISTAKES = [
     ("mdv2-train", ["--config", "{d}/nope.yaml"], "train config"),
     ("mdv2-train", ["--config", "{d}/keys.yaml"], "unknown train config keys ['optimiser']"),
     ("mdv2-train", ["--resume", "{d}/empty"], "not a checkpoint folder"),
-    ("mdv2-train", ["--config", "configs/train/demo.yaml", "--data-root", "{d}/old", "--text-cache", "{d}/empty",
+    ("mdv2-train", ["--config", "demo", "--data-root", "{d}/old", "--text-cache", "{d}/empty",
                     "--out", "{out}/run", "--steps", "1", "--no-progress"], "rebuild the shards"),
     # mdv2-sample
     ("mdv2-sample", ["--ckpt", "{d}/empty", "--vae", "{vae}", "--out", "{out}"], "not a checkpoint folder"),

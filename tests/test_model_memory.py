@@ -95,7 +95,7 @@ def test_every_stage_bucket_fits_8_gpus_of_80_gb():
         assert r["sp"] * r["dp"] == 8 and r["sp"] <= 4
         assert r["peak_gb"] <= 72 and r["fits"] is not None and r["fits"] <= r["sp"], r
     stage3 = [r for r in rows if r["stage"] == "stage3"]
-    assert {r["sp"] for r in stage3} == {4}          # configs/train/stage3.yaml: sp 4
+    assert {r["sp"] for r in stage3} == {4}          # train/configs/stage3.yaml: sp 4
     # more SP never costs more per GPU
     for r in rows:
         v = [r["peak_gb_by_sp"][s] for s in ("1", "2", "4")]

@@ -75,6 +75,9 @@ def test_train_then_resume_equals_uninterrupted(data):
     assert [r["step"] for r in log_b] == list(range(1, 7))
     assert [(r["loss"], r["drop_all"], r["drop_frames"]) for r in log_b] == [
         (r["loss"], r["drop_all"], r["drop_frames"]) for r in log]
+    # the smoothed per-bucket losses go on across --resume (their state is in the checkpoint's state.json)
+    assert log_b[-1]["loss_by_bucket"] == pytest.approx(log[-1]["loss_by_bucket"], rel=1e-12)
+    assert log_b[3]["loss_by_bucket"].keys() == log[3]["loss_by_bucket"].keys()
     assert log[0]["lr"] == pytest.approx(2e-3 / 3)  # linear warm-up
 
 

@@ -17,7 +17,7 @@ from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.data import BatchStream, find_shards
-from train.train import TextSource, compute_loss, main, seed_step, step_generator, train
+from train.train import TextSource, compute_loss, main, seed_step, step_rng, train
 
 STAGE = """name: t
 buckets:
@@ -73,7 +73,7 @@ def test_stage2_first_step_loss_equals_stage1_final_weights(runs):
     seed_step(cfg.seed, 0, 0)
     text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
     with torch.no_grad():
-        want = float(compute_loss(s1.train(), batch, text, cfg, step_generator(cfg.seed, 0, 0), torch.device("cpu"),
+        want = float(compute_loss(s1.train(), batch, text, cfg, step_rng(cfg.seed, 0, 0), torch.device("cpu"),
                                   False))
     assert log[0]["bucket"] == batch.bucket
     assert log[0]["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)

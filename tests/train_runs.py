@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from train import checkpoint as ckpt
 from train.data import BatchStream, find_shards
 from train.sharding import EMA
-from train.train import TextSource, build_model, compute_loss, lr_at, make_optimizer, seed_step, step_generator
+from train.train import TextSource, build_model, compute_loss, lr_at, make_optimizer, seed_step, step_rng
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,20 +55,22 @@ def reference(cfg, dp: int) -> tuple[dict, dict, dict]:
     """One process: each step averages the gradients of the dp data-parallel ranks' batches.
     -> (model state, EMA state, initial state)."""
     torch.set_num_threads(1)
+    from model.text import prepare_text_embeddings
     model = build_model(cfg)
+    text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
+    prepare_text_embeddings(model, text.embed)   # as the trainer does from scratch, before the EMA copies them
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ema = EMA(model)
     opt = make_optimizer(cfg, model)
     shards = find_shards(cfg.data, "train", [])
     streams = [iter(BatchStream(shards, cfg.data, cfg.seed, rank=r, world=dp, stop_step=cfg.steps)) for r in range(dp)]
-    text = TextSource(cfg.data.text_cache, None, cfg.data.text_max_length)
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         opt.zero_grad()
         for rank in range(dp):
             seed_step(cfg.seed, step, rank)
-            loss = compute_loss(model, next(streams[rank]), text, cfg, step_generator(cfg.seed, step, rank),
+            loss = compute_loss(model, next(streams[rank]), text, cfg, step_rng(cfg.seed, step, rank),
                                 torch.device("cpu"), False)
             (loss / dp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

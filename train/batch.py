@@ -53,13 +53,18 @@ class Batch:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.latent_mean.shape)
 
-    def sample_latents(self, gen: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """z = s * (mean + std * eps), a fresh posterior draw -> (B, V, 16, T', H/8, W/8) float32 on device."""
+    def sample_latents(self, gen: torch.Generator | list[torch.Generator] | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+        """z = s * (mean + std * eps), a fresh posterior draw -> (B, V, 16, T', H/8, W/8) float32 on device.
+        ``gen`` one generator for the batch, or one per sample (train/loss.py: sample i's eps from gen[i])."""
         mean = self.latent_mean.to(device).float()
         s = self.scaling_factor.to(device).float().view(-1, *([1] * (mean.dim() - 1)))
         if self.latent_std is None:
             return s * mean
-        eps = torch.randn(mean.shape, generator=gen).to(device)
+        if isinstance(gen, (list, tuple)):
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gen]).to(device)
+        else:
+            eps = torch.randn(mean.shape, generator=gen).to(device)
         return s * (mean + self.latent_std.to(device).float() * eps)
 
     def conditions(self, text: torch.Tensor, text_mask: torch.Tensor, device: torch.device | str = "cpu"):

@@ -1,6 +1,8 @@
 """The trainer's typed configuration: dataclasses, read from YAML and overridden on the CLI.
 
-One file describes a run: ``configs/train/demo.yaml``. Any field can be overridden with
+One file describes a run: ``train/configs/demo.yaml``, named ``--config demo`` (the files ship
+with the package: `config_path` finds a bare name there, installed or not; anything with a '/'
+or ending in .yaml is a path). Any field can be overridden with
 ``--set section.field=value`` (the value is parsed as YAML, so ``--set data.schedule=balanced``
 and ``--set flow.cfg_scale=2.5`` both work). A checkpoint stores the resolved config as JSON,
 so a run can always be re-created from its checkpoint.
@@ -18,6 +20,7 @@ import yaml
 from pipeline.contract.cli import BadInput, InputNotFound, yaml_problem
 
 SHARDINGS = ("fsdp", "ddp")   # train/sharding.py
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"   # the named train configs (package data)
 
 
 @dataclass
@@ -87,7 +90,16 @@ class TrainConfig:
                                        # them to the backward, ZeRO-2: one all-gather a step, more memory)
     precision: str = "auto"            # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
+    grad_accum: int = 1                # micro-batches per optimizer step (each weighs 1/grad_accum); the
+                                       # global batch is micro batch x grad_accum x data-parallel groups
     log_every: int = 10                # console refresh; the JSONL log gets every step
+    tensorboard: Any = "auto"          # OUT/tb/ beside log.jsonl: auto (if installed) | true (required) | false
+    # clips sampled during training from fixed conditions (train/livesample.py) -> OUT/samples/step-N/
+    sample_every: int = 0              # steps between samples; 0 = never
+    sample_steps: int = 10             # Euler steps of those samples (flow.sample_steps is for mdv2-sample)
+    sample_weights: str = "ema"        # ema | model
+    sample_bucket: str | None = None   # bucket of the conditioning sample (default: the split's first)
+    vae: str | None = None             # CogVAE folder to decode them (--vae); none: latent previews only
     val_every: int = 100
     val_batches: int = 4
     ckpt_every: int = 100
@@ -118,6 +130,14 @@ class TrainConfig:
         cfg.betas = tuple(cfg.betas)
         if cfg.init_weights not in ("model", "ema"):
             raise ValueError(f"init_weights {cfg.init_weights!r}: use 'model' or 'ema'")
+        if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
+            raise BadInput(f"grad_accum {cfg.grad_accum!r}: an integer >= 1 (1 = no accumulation)")
+        if cfg.tensorboard not in ("auto", True, False):
+            raise BadInput(f"tensorboard {cfg.tensorboard!r}: use auto, true or false")
+        if cfg.sample_weights not in ("model", "ema"):
+            raise BadInput(f"sample_weights {cfg.sample_weights!r}: use 'ema' or 'model'")
+        if cfg.sample_every < 0 or cfg.sample_steps < 1:
+            raise BadInput(f"sample_every {cfg.sample_every} (>= 0) / sample_steps {cfg.sample_steps} (>= 1)")
         if cfg.sharding not in SHARDINGS:
             raise BadInput(f"sharding {cfg.sharding!r}: use one of {list(SHARDINGS)}")
         for name in ("drop_all", "drop_frames_ratio"):
@@ -134,12 +154,28 @@ def _known(klass, d: dict, where: str) -> dict:
     return d
 
 
+def config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str) -> Path:
+    """'demo' -> train/configs/demo.yaml (shipped with the package); anything with a '/' or ending in
+    .yaml/.yml is a path. A name or path that is not there: InputNotFound naming the known names."""
+    s = str(name_or_path)
+    is_path = "/" in s or s.endswith((".yaml", ".yml"))
+    path = Path(s) if is_path else CONFIGS_DIR / f"{s}.yaml"
+    if not path.is_file():
+        what = f"train config file {s} not found" if is_path else f"train config {s!r} is not a known name"
+        raise InputNotFound(f"{what}; known names: {', '.join(config_names())} (or give a YAML path)")
+    return path
+
+
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
-    """YAML file (or a ``base`` dict, e.g. a checkpoint's config) + ``section.field=value`` overrides."""
+    """YAML file or config name (or a ``base`` dict, e.g. a checkpoint's config) + ``section.field=value``
+    overrides."""
     d: dict = json.loads(json.dumps(base)) if base else {}
     if path:
-        if not Path(path).is_file():
-            raise InputNotFound(f"train config {path} not found; pass a YAML file such as configs/train/demo.yaml")
+        path = config_path(path)
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as e:

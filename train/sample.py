@@ -132,7 +132,8 @@ def run_config(path: str, data_root: str | None = None, text_encoder: str | None
 
 def split_urls(cfg: TrainConfig, split: str) -> dict[str, list[str]]:
     """bucket name -> shard URLs of a split, found as the trainer finds them (manifest, globs, URLs)."""
-    shards = find_shards(cfg.data, split, cfg.data.val_shards if split == cfg.data.val_split else [])
+    explicit = cfg.data.val_shards if split == cfg.data.val_split else cfg.data.shards if split == cfg.data.split else []
+    shards = find_shards(cfg.data, split, explicit)
     return {b.name: shards.urls[b.name] for b in shards.buckets}
 
 
@@ -183,6 +184,27 @@ def load_model(path: str, weights: str = "ema"):
     return model.eval(), TrainConfig.from_dict(conf["train"])
 
 
+@torch.no_grad()
+def generate(model, text, cfg: TrainConfig, s: dict, seed: int, steps: int, cfg_scale: float, device: torch.device,
+             autocast: bool, progress: bool = False) -> torch.Tensor:
+    """Generate the latents of one decoded sample -> (V, 16, T', h, w) float32 on the CPU, in the model's
+    (scaled) latent space: decoding divides by the VAE's scaling factor. The noise comes from a CPU generator
+    seeded with `seed`: the same on every device, rank and world size (so every rank of a sharded model runs
+    the same forwards: the trainer's samples, train/livesample.py, call this on all ranks)."""
+    batch = collate([s], 0, schema.bucket_name(*s["shape"]))
+    cond = batch.conditions(*text.embed(batch.captions), device)
+    # the authors' sampler: each box's latent drawn once per sample (CPU generator: the same on every rank)
+    cond = model.draw_box_latent(cond, torch.Generator().manual_seed(seed + 1))
+    shape = batch.latent_shape                                                      # (1, V, 16, T', h, w)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    v = velocity_fn(model, cond, cfg_scale)
+    shift = flow.shift_factor(cfg.flow, shape[4] * 8, shape[5] * 8, shape[3])
+    bar = (lambda r: tqdm(r, desc="sample", leave=False, dynamic_ncols=True)) if progress else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        x = flow.euler_sample(lambda x, t, _drop: v(x, t), noise, steps=steps, shift=shift, progress=bar)
+    return x[0].float().cpu()
+
+
 class Sampler:
     """A checkpoint ready to sample on this rank: the model (hooked into the SP group when sp > 1), its
     text source and the CogVAE decoder."""
@@ -202,24 +224,10 @@ class Sampler:
         self.text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
         self.vae = load_decoder(vae, rt.device, decode_cfg)
 
-    @torch.no_grad()
     def latents(self, s: dict, seed: int, steps: int, cfg_scale: float, progress: bool = False) -> torch.Tensor:
-        """Generate the latents of one decoded sample -> (V, 16, T', h, w) float32 on the CPU, in the
-        model's (scaled) latent space: decoding divides by the VAE's scaling factor. The noise comes from a CPU generator seeded with `seed`:
-        the same on every device, rank and world size."""
-        rt = self.rt
-        batch = collate([s], 0, schema.bucket_name(*s["shape"]))
-        cond = batch.conditions(*self.text.embed(batch.captions), rt.device)
-        # the authors' sampler: each box's latent drawn once per sample (CPU generator: the same on every rank)
-        cond = self.model.draw_box_latent(cond, torch.Generator().manual_seed(seed + 1))
-        shape = batch.latent_shape                                                      # (1, V, 16, T', h, w)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(rt.device)
-        v = velocity_fn(self.model, cond, cfg_scale)
-        shift = flow.shift_factor(self.cfg.flow, shape[4] * 8, shape[5] * 8, shape[3])
-        bar = (lambda r: tqdm(r, desc="sample", leave=False, dynamic_ncols=True)) if progress and rt.main else None
-        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
-            x = flow.euler_sample(lambda x, t, _drop: v(x, t), noise, steps=steps, shift=shift, progress=bar)
-        return x[0].float().cpu()
+        """Generate the latents of one decoded sample (`generate`) -> (V, 16, T', h, w) float32 on the CPU."""
+        return generate(self.model, self.text, self.cfg, s, seed, steps, cfg_scale, self.rt.device, self.rt.autocast,
+                        progress and self.rt.main)
 
     def decode(self, latents: torch.Tensor, views: list[int], scaling_factor: float) -> dict[int, np.ndarray]:
         """{view index: (T, H, W, 3) uint8} for the views listed."""

@@ -44,6 +44,9 @@ def shard_fsdp(model: nn.Module, topo: Topology, bf16: bool, reshard_after_forwa
         fully_shard(unit, mesh=topo.shard_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # the root keeps its weights from forward to backward (FSDP's default for the root)
     fully_shard(model, mesh=topo.shard_mesh, mp_policy=mp, reshard_after_forward=None if reshard_after_forward else False)
+    if hasattr(model, "guided_velocity"):   # the samples during training call it, not forward: gather the root too
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(model, "guided_velocity")
     gloo = dist.get_backend() == "gloo"
     for m in model.modules():
         if isinstance(m, FSDPModule):

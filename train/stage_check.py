@@ -50,7 +50,7 @@ def same_batch_loss(prev_run: str | Path, next_run: str | Path) -> float:
     from train import checkpoint as ckpt
     from train.config import TrainConfig
     from train.data import BatchStream, find_shards
-    from train.train import TextSource, compute_loss, seed_step, step_generator
+    from train.train import TextSource, compute_loss, seed_step, step_rng
 
     cfg = TrainConfig.from_dict(json.loads((Path(next_run) / "config.json").read_text()))
     src = ckpt.resolve(prev_run)
@@ -64,7 +64,7 @@ def same_batch_loss(prev_run: str | Path, next_run: str | Path) -> float:
     seed_step(cfg.seed, 0, 0)
     text = TextSource(cfg.data.text_cache, cfg.data.text_encoder, cfg.data.text_max_length)
     with torch.no_grad():
-        return float(compute_loss(model.train(), batch, text, cfg, step_generator(cfg.seed, 0, 0),
+        return float(compute_loss(model.train(), batch, text, cfg, step_rng(cfg.seed, 0, 0),
                                   torch.device("cpu"), False))
 
 

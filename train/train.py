@@ -1,21 +1,23 @@
 """The lean trainer: MVDiT + rectified flow on bucketed webdataset shards.
 
-    python -m train.train --config configs/train/demo.yaml --set data.root=demo_out/shards --out runs/demo
-    torchrun --nproc_per_node 8 -m train.train --config ... --out runs/stage2     # FSDP2 (NCCL on GPUs)
+    python -m train.train --config demo --set data.root=demo_out/shards --out runs/demo     # train/configs/demo.yaml
+    torchrun --nproc_per_node 8 -m train.train --config stage2 ... --out runs/stage2  # FSDP2 (NCCL on GPUs)
     python -m train.train --out runs/demo --resume                                # continue exactly
 
 One step: the schedule picks this step's bucket (train/buckets.py), the stream gives a
 batch of it (train/data.py), the classifier-free-guidance drops are drawn (all conditions
 of a sample together, or boxes and trajectory of some frames: `condition_drops`), t is drawn
 logit-normal + shifted, the model predicts the velocity of x_t and the MSE is minimised
-(train/flow.py). AdamW at a constant LR after a linear warm-up, gradient clipping, an fp32
+(train/flow.py; train/loss.py: every draw per sample, so `grad_accum` micro-batches make the
+same step as one batch). AdamW at a constant LR after a linear warm-up, gradient clipping, an fp32
 EMA of the weights. On several processes the training state is sharded (FSDP2) or
 replicated (DDP): train/sharding.py. Every random draw of step s on data-parallel rank r
 comes from a generator seeded with (seed, s, r), and the data order is a function of
 (seed, step), so training N steps and resuming N more gives the same weights as training 2N.
 
 The shape of `train()`: setup (process groups, run folder, shards, model, sharding, EMA,
-optimizer, resume) -> `for batch in loader: one_step(...); log; maybe save` -> summary.
+optimizer, resume) -> `for step: grad_accum micro-batches; update; log (log.jsonl, OUT/tb/:
+train/tblog.py); maybe validate, sample (train/livesample.py), save` -> summary.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ from tqdm import tqdm
 
 from pipeline.contract import cli
 from train import checkpoint as ckpt
-from train import flow, sharding, signals, watchdog
-from train.config import FlowConfig, TrainConfig, config_json, load_config
+from train import sharding, signals, tblog, watchdog
+from train.config import TrainConfig, config_json, load_config
+from train.loss import StepRNG, compute_loss, condition_drops, seed_step, step_generator, step_rng  # noqa: F401 (re-exported)
 from train.data import Batch, BatchStream, ShardSet, find_shards, make_loader, total_stats
 from train.distributed import check_sp, make_topology, setup_distributed
 from train.textsource import TextSource  # noqa: F401  (train.train.TextSource: the sampler's import)
@@ -51,39 +54,11 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
 
 # ---- small pure pieces (the tests call these) -----------------------------------------
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The one RNG of a (step, rank): timesteps, noise and condition drops all come from it."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + rank * 7_919) % (2 ** 63))
-
-
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed torch's global RNG per (step, rank), for any randomness inside the model (dropout)."""
-    torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2 ** 63))
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up over cfg.warmup steps, then constant (paper Appendix E). `step` counts from
     the start of the stage: an --init-from run starts at step 0, so every stage gets the warm-up
     of its own config (and --resume continues the stage's count)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-
-
-def condition_drops(batch: int, frames: int, cfg: FlowConfig, gen: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CFG drops of one batch, as the authors train (scripts/train_magicdrive.py):
-    -> drop_cond (B,) bool: text, camera, boxes and trajectory all replaced by their nulls,
-       for a `cfg.drop_all` share of the samples (the map is never dropped);
-       drop_frames (B, T) bool over pixel frames: boxes and trajectory of that frame masked.
-    A sample with everything dropped has every frame masked too; each other sample masks
-    int(drop_frames_ratio * (T - 2)) interior frames drawn without replacement (never the first
-    or the last frame: the authors' `random.sample(range(1, T - 1), int(0.4 * (T - 2)))`)."""
-    drop_cond = torch.rand(batch, generator=gen) < cfg.drop_all
-    drop_frames = drop_cond[:, None].repeat(1, frames)
-    k = int(cfg.drop_frames_ratio * (frames - 2)) if frames > 2 else 0
-    for i in range(batch):
-        if k and not drop_cond[i]:
-            drop_frames[i, 1 + torch.randperm(frames - 2, generator=gen)[:k]] = True
-    return drop_cond, drop_frames
 
 
 def latent_tokens(model_cfg, latents_shape) -> int:
@@ -102,29 +77,6 @@ def step_flops(model_cfg, n_params: int, latents_shape) -> float:
     pairs = model_cfg.depth + model_cfg.control_depth
     attn = 12 * d * pairs * (b * v * tl * s * s + b * v * s * tl * tl)
     return 6.0 * n_params * b * v * tl * s + attn
-
-
-def compute_loss(model, batch: Batch, text: TextSource, cfg: TrainConfig, gen: torch.Generator,
-                 device: torch.device, autocast: bool, drops: bool = True, stats: dict | None = None) -> torch.Tensor:
-    """The rectified-flow v-prediction loss of one batch; every random draw comes from ``gen``.
-    ``drops`` False: no condition dropped (validation). ``stats`` gets the drop counts."""
-    x0 = batch.sample_latents(gen)                                        # (B, V, 16, T', H', W')
-    b, _, _, tl, h, w = x0.shape
-    emb, mask = text.embed(batch.captions)
-    cond = batch.conditions(emb, mask, device)
-    shift = flow.shift_factor(cfg.flow, h * 8, w * 8, tl)
-    t = flow.sample_timesteps(b, cfg.flow, shift, gen)                    # (B,)
-    noise = torch.randn(x0.shape, generator=gen)
-    drop_cond, drop_frames = condition_drops(b, cond.num_frames, cfg.flow if drops else
-                                             FlowConfig(drop_all=0.0, drop_frames_ratio=0.0), gen)  # (B,), (B, T)
-    if stats is not None:
-        stats.update(drop_all=int(drop_cond.sum()), drop_frames=int(drop_frames[~drop_cond].sum()), batch=b)
-    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-    xt = flow.interpolate(x0, noise, t)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(xt, t, cond, drop_cond=drop_cond.to(device), drop_frames=drop_frames.to(device))
-    weight = flow.fill_weights(batch.fill_mask, tl, cfg.flow.fill_weight)   # (B, V, T') or None: repaired drops
-    return flow.flow_loss(pred, x0, noise, weight)
 
 
 # ---- setup --------------------------------------------------------------------------
@@ -191,8 +143,8 @@ class Validator:
         model.eval()
         per: dict[str, list[float]] = {}
         for i, batch in enumerate(self.batches):
-            gen = step_generator(self.cfg.seed, 10**9 + i, 0)
-            loss = compute_loss(model, batch, text, self.cfg, gen, device, autocast, drops=False)
+            rng = step_rng(self.cfg.seed, 10**9 + i, 0)
+            loss = compute_loss(model, batch, text, self.cfg, rng, device, autocast, drops=False)
             per.setdefault(batch.bucket, []).append(float(loss))
         model.train(was)
         allv = [v for vs in per.values() for v in vs]
@@ -214,6 +166,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
     # the shards first: a wrong --data-root or an old schema is a one-line error before any model is built
     shards = find_shards(cfg.data, cfg.data.split, cfg.data.shards)
     say = (lambda m: print(f"train: {m}", file=sys.stderr)) if rank == 0 else (lambda m: None)
+    use_tb = tblog.check(cfg.tensorboard, say)   # every rank: `tensorboard: true` without the package stops them all
+    ga = cfg.grad_accum
     model = build_model(cfg, resume, report=say)
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -229,107 +183,142 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
     mode = cfg.sharding if world > 1 else "none"
     ema = sharding.EMA(model)      # laid out like the (sharded) parameters
     opt = make_optimizer(cfg, model)
-    start = 0
+    start, smooth = 0, {}
     if resume:
         pos = ckpt.load_training_state(resume, model, opt, ema)
         start = int(pos["step"])
+        smooth = {k: float(v) for k, v in pos.get("smooth", {}).items()}   # the smoothed losses go on as they were
         data = pos["data"]
-        if (data["world"], data["streams"]) != (topo.dp, max(1, cfg.data.num_workers)):
-            log.warning("resuming with dp=%d, streams=%d (checkpoint: %d, %d): the data order differs from an "
-                        "uninterrupted run", topo.dp, max(1, cfg.data.num_workers), data["world"], data["streams"])
+        if (data["world"], data["streams"], data.get("grad_accum", 1)) != (topo.dp, max(1, cfg.data.num_workers), ga):
+            log.warning("resuming with dp=%d, streams=%d, grad_accum=%d (checkpoint: %d, %d, %d): the data order "
+                        "differs from an uninterrupted run", topo.dp, max(1, cfg.data.num_workers), ga,
+                        data["world"], data["streams"], data.get("grad_accum", 1))
         if rank == 0 and (n := ckpt.truncate_log(out / "log.jsonl", start)):
             say(f"log.jsonl: {n} records after step {start} dropped (this run redoes those steps)")
 
-    stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start, stop_step=cfg.steps)
+    # the stream counts micro-batches: optimizer step s takes micro-batches s*ga .. s*ga + ga - 1
+    stream = BatchStream(shards, cfg.data, cfg.seed, topo.dp_rank, topo.dp, start_step=start * ga,
+                         stop_step=cfg.steps * ga)
     validator = None
     if cfg.val_every > 0:  # every rank: a sharded model needs all of them for each forward
         try:
             validator = Validator(cfg, find_shards(cfg.data, cfg.data.val_split, cfg.data.val_shards))
         except FileNotFoundError as e:
             log.warning("no validation: %s", e)
+    live = None
+    if cfg.sample_every > 0:   # every rank, as the validator
+        from train.livesample import LiveSampler
+        live = LiveSampler(cfg, out, rank)
     n_params = sum(p.numel() for p in model.parameters())
     peak = peak_tflops(cfg, device)
+    tb = None
     if rank == 0:
         (out / "config.json").write_text(config_json(cfg))
         logf = open(out / "log.jsonl", "a")
+        tb = tblog.TBLog(out, purge_step=start + 1 if resume else None) if use_tb else None
         bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
         print(f"train: {n_params:,} parameters on {device} x{world} (sp {topo.sp}, {mode}"
               + (", bf16" if bf16 else "") + "); buckets "
               + ", ".join(f"{b.name}(bs {b.batch_size}, {len(shards.urls[b.name])} shards)" for b in shards.buckets)
-              + f"; steps {start}->{cfg.steps}", file=sys.stderr)
+              + (f"; grad_accum {ga}" if ga > 1 else "") + f"; steps {start}->{cfg.steps}", file=sys.stderr)
 
     def save(step: int) -> None:   # a collective: every rank writes its shards
-        meta = {"world": world, "sp": topo.sp, "sharding": mode, "rng": {"seed": cfg.seed},
+        meta = {"world": world, "sp": topo.sp, "sharding": mode, "rng": {"seed": cfg.seed}, "smooth": dict(smooth),
                 "data": {"step": step, "seed": cfg.seed, "world": topo.dp, "streams": max(1, cfg.data.num_workers),
-                         "buckets": [b.name for b in shards.buckets], "weights": stream.weights.tolist()}}
+                         "grad_accum": ga, "buckets": [b.name for b in shards.buckets],
+                         "weights": stream.weights.tolist()}}
         ckpt.save_checkpoint(out, step, model, opt, ema, meta, {"train": cfg.to_dict(), "model": model.config.to_dict()},
                              cfg.keep_last, cfg.export, rank)
 
     # -- the steps
-    smooth: dict[str, float] = {}
     streams: dict[int, dict] = {}
     last = {"step": start}
     t_prev = time.perf_counter()
-    for batch in make_loader(stream):
-        step = batch.step
-        seed_step(cfg.seed, step, topo.dp_rank)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        drops: dict = {}
-        loss = compute_loss(net, batch, text, cfg, step_generator(cfg.seed, step, topo.dp_rank), device, bf16,
-                            stats=drops)
-        if not torch.isfinite(loss):  # before the update: the weights and the last checkpoint stay clean
-            raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr or "
-                                     f"check the latents of {batch.keys}; resume from {out}/checkpoints/latest")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = sharding.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model, cfg.ema_decay)
+    batches = iter(make_loader(stream))
+    try:
+        for step in range(start, cfg.steps):
+            seed_step(cfg.seed, step, topo.dp_rank)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            opt.zero_grad(set_to_none=True)
+            rng = step_rng(cfg.seed, step, topo.dp_rank)
+            micro: list[tuple[str, float]] = []        # (bucket, loss) of each micro-batch
+            # batch, tokens, flops, drop counts, summed over the micro-batches
+            sums = dict(batch=0, tokens=0, flops=0.0, drop_all=0, drop_frames=0)
+            for _ in range(ga):
+                batch = next(batches)
+                drops: dict = {}
+                loss = compute_loss(net, batch, text, cfg, rng, device, bf16, stats=drops)
+                if not torch.isfinite(loss):  # before the update: the weights and the last checkpoint stay clean
+                    raise FloatingPointError(f"step {step}: loss is {float(loss)} on bucket {batch.bucket}; lower lr "
+                                             f"or check the latents of {batch.keys}; resume from {out}/checkpoints/latest")
+                (loss / ga).backward()   # the accumulated gradient: the mean of the micro-batches' gradients
+                rng = rng.after(drops["batch"])
+                micro.append((batch.bucket, float(loss.detach())))
+                for k in ("batch", "drop_all", "drop_frames"):
+                    sums[k] += drops[k]
+                sums["tokens"] += latent_tokens(model.config, batch.latent_shape)
+                sums["flops"] += step_flops(model.config, n_params, batch.latent_shape)
+                streams[batch.stats.get("stream", 0)] = batch.stats
+            gnorm = sharding.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model, cfg.ema_decay)
 
-        # -- the record of the step: sums over data parallel (an SP group counts once)
-        tokens = latent_tokens(model.config, batch.latent_shape)
-        flops = step_flops(model.config, n_params, batch.latent_shape)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        dt, t_prev = now - t_prev, now
-        vals = torch.tensor([float(loss.detach()), drops["batch"], tokens, flops, drops["drop_all"],
-                             drops["drop_frames"]], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(vals)
-            vals[1:] /= topo.sp  # the ranks of an SP group share one batch
-        val = None
-        if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            val = validator(net, text, device, bf16)
-        streams[batch.stats.get("stream", 0)] = batch.stats
-        if rank == 0:
-            lv = float(loss.detach())
-            smooth[batch.bucket] = lv if batch.bucket not in smooth else 0.9 * smooth[batch.bucket] + 0.1 * lv
-            rec = {"step": step + 1, "bucket": batch.bucket, "loss": lv, "loss_mean_ranks": float(vals[0]) / world,
-                   "loss_by_bucket": dict(smooth), "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
-                   "batch": int(round(float(vals[1]))), "drop_all": int(round(float(vals[4]))),
-                   "drop_frames": int(round(float(vals[5]))),
-                   "step_s": dt, "samples_per_s": float(vals[1]) / dt, "latent_tokens_per_s": float(vals[2]) / dt,
-                   "loader": total_stats(streams)}
-            if peak:
-                rec["mfu"] = float(vals[3]) / dt / (peak * 1e12 * world)
+            # -- the record of the step: sums over data parallel (an SP group counts once)
             if device.type == "cuda":
-                rec["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-            if val is not None:
-                rec.update(val)
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            bar.update(1)
-            if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.steps:
-                bar.set_postfix(loss=f"{lv:.4f}", bucket=batch.bucket, lr=f"{rec['lr']:.2e}")
-        last = {"step": step + 1, "loss": float(loss.detach())}
-        stopping = stop is not None and stop.agreed(device, world)  # SIGTERM/SIGINT: every rank stops here
-        if stopping or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save(step + 1)
-        if stopping and step + 1 < cfg.steps:
-            last["stopped"] = stop.name
-            break
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            lv = float(np.mean([v for _, v in micro]))
+            vals = torch.tensor([lv, sums["batch"], sums["tokens"], sums["flops"], sums["drop_all"],
+                                 sums["drop_frames"]], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(vals)
+                vals[1:] /= topo.sp  # the ranks of an SP group share one batch
+            val = None
+            if validator is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+                val = validator(net, text, device, bf16)
+            clip = live(model, ema, text, device, bf16, step + 1) if live is not None and live.due(step + 1) else None
+            if rank == 0:
+                for bucket, v in micro:
+                    smooth[bucket] = v if bucket not in smooth else 0.9 * smooth[bucket] + 0.1 * v
+                rec = {"step": step + 1, "bucket": micro[0][0], "loss": lv, "loss_mean_ranks": float(vals[0]) / world,
+                       "loss_by_bucket": dict(smooth), "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
+                       "batch": int(round(float(vals[1]))), "grad_accum": ga, "drop_all": int(round(float(vals[4]))),
+                       "drop_frames": int(round(float(vals[5]))),
+                       "step_s": dt, "samples_per_s": float(vals[1]) / dt, "latent_tokens_per_s": float(vals[2]) / dt,
+                       "loader": total_stats(streams)}
+                if ga > 1:
+                    rec["buckets"] = [b for b, _ in micro]
+                if peak:
+                    rec["mfu"] = float(vals[3]) / dt / (peak * 1e12 * world)
+                if device.type == "cuda":
+                    rec["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                if val is not None:
+                    rec.update(val)
+                if clip is not None:
+                    rec["sample"] = str(clip["dir"])
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                if tb is not None:
+                    tb.record(rec)
+                    if clip is not None:
+                        tb.clip(clip, step + 1)
+                    tb.flush()
+                bar.update(1)
+                if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.steps:
+                    bar.set_postfix(loss=f"{lv:.4f}", bucket=micro[0][0], lr=f"{rec['lr']:.2e}")
+            last = {"step": step + 1, "loss": lv}
+            stopping = stop is not None and stop.agreed(device, world)  # SIGTERM/SIGINT: every rank stops here
+            if stopping or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                save(step + 1)
+            if stopping and step + 1 < cfg.steps:
+                last["stopped"] = stop.name
+                break
+    finally:
+        batches.close()   # the loader's workers and shared memory go now, also after an error
+        if tb is not None:
+            tb.close()
 
     # -- the summary
     held = sharding.gather_ints(list(sharding.state_bytes(model, opt, ema).values()), world)   # per rank: params, optimizer, ema
@@ -347,7 +336,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, ov
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="mdv2-train", formatter_class=argparse.RawDescriptionHelpFormatter,
                             description=__doc__)
-    ap.add_argument("--config", help="train config YAML (e.g. configs/train/demo.yaml); default: built-in defaults "
+    ap.add_argument("--config", help="train config: a name (demo, stage1, stage2, stage3, ...: train/configs/NAME.yaml, "
+                                     "shipped with the package) or a YAML path; default: built-in defaults "
                                      "or, with --resume, the checkpoint's own config")
     ap.add_argument("--out", help="run folder: log.jsonl, config.json, checkpoints/ (overrides config 'out')")
     ap.add_argument("--data-root", help="the pipeline's output folder or bucket (data.root)")
@@ -371,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --init-from: allow the new config to drop trained modules (init_allow_drop)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config field, e.g. --set flow.cfg_scale=2.5 --set data.num_workers=2")
+    ap.add_argument("--vae", help="CogVAE folder to decode the clips sampled during training (vae; sample_every)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -401,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.init_from = a.init_from
     if a.init_allow_drop:
         cfg.init_allow_drop = True
-    for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed"), ("sp", "sp")):
+    for flag, key in (("out", "out"), ("steps", "steps"), ("model", "model"), ("seed", "seed"), ("sp", "sp"),
+                      ("vae", "vae")):
         if getattr(a, flag) is not None:
             setattr(cfg, key, getattr(a, flag))
     for flag, key in (("data_root", "root"), ("stage", "stage"), ("text_encoder", "text_encoder"),

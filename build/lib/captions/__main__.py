@@ -1,0 +1,6 @@
+"""python -m captions ... == mdv2-caption ..."""
+import sys
+
+from captions.cli import main
+
+sys.exit(main())
