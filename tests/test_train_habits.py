@@ -3,6 +3,7 @@ configs by name. (The smoothed losses across --resume: tests/test_train_loop.py,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -126,8 +127,12 @@ def test_configs_by_name_and_an_unknown_name(capsys):
 @pytest.mark.slow
 def test_an_installed_package_finds_its_configs_from_another_folder(tmp_path):
     """A non-editable install (wheel) run from elsewhere: the yaml files ship as package data."""
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "demo_out", "build", "dist", "tests",
+                                                             "bench", "docs", "__pycache__", "*.egg-info"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
