@@ -294,6 +294,7 @@ def bench_steps(tr: Trainer, shape, checkpointing: bool, batch: int, repeats: in
     import torch
     from train.train import step_flops
     _, h, w, f = shape
+    text_len = min(text_len, tr.model.config.text_len)  # a caption never exceeds the null caption (tiny: 64)
     est = planned_peak_gb(tr, batch, h, w, f, checkpointing, text_len, boxes)
     tr.model.enable_gradient_checkpointing(checkpointing)
     try:
