@@ -91,10 +91,13 @@ def test_the_defaults_check_can_fail():
 
 def test_piping_into_head_ends_quietly():
     """`mdv2-describe --json | head`: the reader goes away; no BrokenPipeError traceback, exit 141 as SIGPIPE."""
-    p = subprocess.Popen([sys.executable, "-m", "model.registry", "--json"], stdout=subprocess.PIPE,
+    # the reader's end is closed before the command writes (it is still importing): its output (3 kB) would
+    # otherwise fit in the pipe's buffer and the command could finish before any reader went away
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "model.registry", "--json"], stdout=w,
                          stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "MDV2_DEBUG": ""})
-    p.stdout.read(10)
-    p.stdout.close()  # like head after its lines
+    os.close(w)
+    os.close(r)  # like head after its lines
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == cli.EXIT_PIPE
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
