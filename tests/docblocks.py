@@ -5,7 +5,8 @@ Marker kinds (the HTML comment on the line before the fence, invisible on GitHub
   make T [T2 ...]          every command of the block is in the recipe of T (or its prerequisites);
                            a line `make X` needs only the target X
   tests/test_x.py::name    that test runs these commands (or reads the block itself)
-  doc-test [slow]          tests/test_docs.py runs the block on a small synthetic table set
+  doc-test [slow]          tests/test_docs.py runs the block (demo_out/ and /tmp/ moved to a test folder;
+                           demo_out/nuscenes = the tables of the Makefile's synth line); slow: in the slow set
   sketch — reason          a python fragment with names from elsewhere: its import lines run
   real-data — reason       needs what no test has (nuScenes trainval, CogVideoX weights, GPUs, a cluster)
   manual — reason          runs on this machine but is too heavy for a test (the reason says what covers it)
@@ -175,6 +176,20 @@ def resolve(cmd: list[str]) -> Call | None:
     return None
 
 
+def inline_commands(path: Path) -> list[list[str]]:
+    """The `code spans` of a doc's prose that are commands of this project (fenced blocks left out)."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    out = []
+    for m in re.finditer(r"`([^`\n]+)`", text):
+        try:
+            toks = shlex.split(m.group(1))
+        except ValueError:
+            continue
+        if toks and resolve(toks) is not None:
+            out.append(toks)
+    return out
+
+
 def flag_of(token: str) -> str | None:
     return token.split("=", 1)[0] if re.match(r"^--[A-Za-z]", token) else None
 
@@ -210,6 +225,10 @@ class _Captured(BaseException):
 def parser_of(module: str):
     """The argparse parser a module's main() builds, caught at its first parse (nothing after it runs)."""
     import argparse
+    import inspect
+    import sys
+    if module.startswith("bench.") and str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))      # bench scripts import their _common as run from bench/
     main = importlib.import_module(module).main
     orig = argparse.ArgumentParser.parse_known_args
 
@@ -217,7 +236,7 @@ def parser_of(module: str):
         raise _Captured(self)
     argparse.ArgumentParser.parse_known_args = grab
     try:
-        main([])
+        main([]) if inspect.signature(main).parameters else main()
     except _Captured as c:
         return c.parser
     finally:
@@ -229,13 +248,18 @@ def unknown_flags(call: Call) -> tuple[str, list[str]]:
     """(the parser's prog, the flags of the call that parser (or its subcommand) does not define)."""
     import argparse
     p = parser_of(call.module)
+    named = False
     for t in call.args:                          # descend into subcommands named before the flags
         if t.startswith("-"):
             break
         subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
         if subs and t in subs[0].choices:
-            p = subs[0].choices[t]
+            p, named = subs[0].choices[t], True
     known = set(p._option_string_actions)
+    if not named:                                # `mdv2-caption --config` in prose: a flag of any subcommand
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                known |= {o for s in a.choices.values() for o in s._option_string_actions}
     return p.prog, sorted({f for t in call.args if (f := flag_of(t)) and f not in known})
 
 
