@@ -1,6 +1,6 @@
 """Sample multi-view clips with a trained checkpoint and write them as video.
 
-    mdv2-sample --ckpt runs/demo --vae demo_out/vae --data-root demo_out/shards --out runs/demo/samples
+    mdv2-sample --ckpt demo_out/run --vae demo_out/tiny-cogvae --data-root demo_out/shards --out demo_out/sample
     mdv2-sample ... --split val --bucket 848x1600_t17 --limit 8 --out samples/      # 8 clips, one folder each
     torchrun --nproc_per_node 8 -m train.sample ... --sp 4 --limit 8              # 2 clips at a time, SP 4
 
