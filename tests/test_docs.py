@@ -112,12 +112,13 @@ def _demo_region(name: str) -> bool:
     return name.startswith("demo-")
 
 
-def test_the_parameter_counts_in_the_docs_are_the_models():
+def test_the_parameter_counts_and_memory_plan_in_the_docs_are_the_models():
     from tools import docfigures
     stale = docfigures.stale(only=lambda n: not _demo_region(n))
     assert not stale, f"{stale}: run python tools/docfigures.py --write"
     names = {m.group("name") for f in docfigures.doc_files() for m in docfigures.REGION.finditer(f.read_text())}
-    assert {"params", "params:tiny", "params:paper", "demo-shards", "demo-shards-total"} <= names
+    assert {"params", "params:tiny", "params:paper", "demo-shards", "demo-shards-total",
+            "memory-plan", "memory-max:stage3"} <= names
 
 
 @pytest.mark.slow

@@ -124,6 +124,24 @@ def demo_shards_total() -> str:
     return str(demo_plan().total.shards)
 
 
+@functools.lru_cache(maxsize=None)
+def _memory_plan(gpus: int) -> list:
+    from model import memory
+    return memory.plan(("1", "2", "3"), gpus, 80.0, None, 241)
+
+
+def memory_plan_table(gpus: int = 8) -> str:
+    """The table of `python -m model.memory --gpus 8` (the calibrated plan of the three stage configs)."""
+    from model import memory
+    return memory.markdown(_memory_plan(gpus), gpus, 80.0)
+
+
+def memory_plan_max(stage: str, gpus: int = 8) -> str:
+    """The largest peak (GB) of a stage at its own SP on `gpus` x 80 GB."""
+    rows = [r for r in _memory_plan(gpus) if r["stage"] == f"stage{stage}"]
+    return f"{max(r['peak_gb'] for r in rows):.0f}"
+
+
 # --- regions --------------------------------------------------------------------------------------------
 
 GENERATORS = {
@@ -132,6 +150,13 @@ GENERATORS = {
     "params-fp32:paper": paper_fp32_gb,
     "demo-shards": demo_shards_table,
     "demo-shards-total": demo_shards_total,
+    "memory-plan": memory_plan_table,
+    "memory-max:stage1": lambda: memory_plan_max("1"),
+    "memory-max:stage3": lambda: memory_plan_max("3"),
+    "memory-max-4:stage1": lambda: memory_plan_max("1", 4),
+    "memory-max-4:stage3": lambda: memory_plan_max("3", 4),
+    "memory-max-32:stage1": lambda: memory_plan_max("1", 32),
+    "memory-max-32:stage3": lambda: memory_plan_max("3", 32),
 }
 
 
