@@ -20,16 +20,8 @@ from PIL import Image
 from pipeline.contract import schema
 from pipeline.scenes.nuscenes import build_timeline, load_nuscenes
 from pipeline.shards.frames import decode_resize_crop
+from train.generate import MANIFEST_SCHEMA  # the product's manifest: a generated folder as mdv2-generate writes it
 
-# INTERFACES.md E: one row per (key, generation)
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("generation", pa.int64()), ("seed", pa.int64()), ("split", pa.string()),
-    ("bucket", pa.string()), ("num_frames", pa.int64()), ("height", pa.int64()), ("width", pa.int64()),
-    ("views", pa.list_(pa.string())), ("source_frames", pa.list_(pa.list_(pa.string()))),
-    ("timestamps_us", pa.list_(pa.int64())), ("view_timestamps_us", pa.list_(pa.list_(pa.int64()))),
-    ("source_size", pa.list_(pa.list_(pa.int64()))), ("fill_mask", pa.list_(pa.list_(pa.bool_()))),
-    ("dir", pa.string()), ("config", pa.string()),
-])
 
 FrameFn = Callable[[np.ndarray, str, int, int, str], np.ndarray]   # (real H x W x 3, key, g, t, view) -> frame
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline.contract import schema
 from train.config import DataConfig, TrainConfig
+
+# The small stage of the trainer tests: an image bucket and a 9-frame bucket on 3 views
+STAGE_TWO_BUCKETS = """name: t
+buckets:
+  - {height: 32, width: 64, num_frames: 1, batch_size: 4}
+  - {height: 32, width: 64, num_frames: 9, batch_size: 2}
+"""
+TEST_VIEWS = schema.VIEWS[:3]
 
 
 def perturb_zero_init(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

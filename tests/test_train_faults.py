@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.contract import schema
 from tests.factories import write_shards
 from tests.procs import free_port
+from tests.factories_train import STAGE_TWO_BUCKETS, TEST_VIEWS
 from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
 from train.config import DataConfig
@@ -25,12 +25,8 @@ from train.data import BatchStream, find_shards, make_loader
 from train.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = """name: t
-buckets:
-  - {height: 32, width: 64, num_frames: 1, batch_size: 4}
-  - {height: 32, width: 64, num_frames: 9, batch_size: 2}
-"""
-VIEWS = schema.VIEWS[:3]
+STAGE = STAGE_TWO_BUCKETS
+VIEWS = TEST_VIEWS
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])

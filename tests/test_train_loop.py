@@ -11,20 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.contract import schema
 from tests.factories import write_shards
+from tests.factories_train import STAGE_TWO_BUCKETS, TEST_VIEWS
 from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.train import lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = """name: t
-buckets:
-  - {height: 32, width: 64, num_frames: 1, batch_size: 4}
-  - {height: 32, width: 64, num_frames: 9, batch_size: 2}
-"""
-VIEWS = schema.VIEWS[:3]
+STAGE = STAGE_TWO_BUCKETS
+VIEWS = TEST_VIEWS
 
 
 @pytest.fixture(scope="module")

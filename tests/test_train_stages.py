@@ -11,19 +11,15 @@ from safetensors.torch import load_file
 
 from model.config import ModelConfig
 from model.registry import build_from_config
-from pipeline.contract import schema
 from tests.factories import write_shards
+from tests.factories_train import STAGE_TWO_BUCKETS, TEST_VIEWS
 from tests.factories_train import train_config as config
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.data import BatchStream, find_shards
 from train.train import TextSource, compute_loss, main, seed_step, step_rng, train
 
-STAGE = """name: t
-buckets:
-  - {height: 32, width: 64, num_frames: 1, batch_size: 4}
-  - {height: 32, width: 64, num_frames: 9, batch_size: 2}
-"""
+STAGE = STAGE_TWO_BUCKETS
 from model.registry import STAGE1_OVERRIDES as SPATIAL  # noqa: E402  (the authors' stage-1 model)
 
 
@@ -31,7 +27,7 @@ from model.registry import STAGE1_OVERRIDES as SPATIAL  # noqa: E402  (the autho
 def runs(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stages")
-    write_shards(root / "shards", {(32, 64, 1): 8, (32, 64, 9): 4}, per_shard=2, views=schema.VIEWS[:3],
+    write_shards(root / "shards", {(32, 64, 1): 8, (32, 64, 9): 4}, per_shard=2, views=TEST_VIEWS,
                  num_boxes=3)
     (root / "stage.yaml").write_text(STAGE)
     from model.text import T5TextEncoder, TextEmbeddingCache, read_captions, write_tiny_t5
