@@ -5,7 +5,7 @@
     python -m model.memory calibrate                        # re-measure the coefficients (after a model change)
 
 A stage is its train config (train/configs/stageN.yaml: preset, model_overrides, checkpointing,
-sp, sharding) and its buckets (configs/stages/stageN.yaml: batch size per SP group). Per GPU:
+sp, sharding) and its buckets (pipeline/configs/stages/stageN.yaml: batch size per SP group). Per GPU:
 
 Static state (`static_bytes`), P parameters, world W = dp x sp GPUs:
 - fsdp (train/sharding.py, FSDP2 over all W): fp32 weights + fp32 grads + AdamW moments + fp32
@@ -312,13 +312,14 @@ def estimate(coef: dict, facts: dict, batch: int, height: int, width: int, frame
 
 # ---- stages --------------------------------------------------------------------------------------------
 
-def read_stage(n: str, root: Path = REPO) -> dict:
-    """train config stage{n} (train/configs/stage{n}.yaml) + its buckets (configs/stages/...): what the plan needs."""
+def read_stage(n: str) -> dict:
+    """train config stage{n} (train/configs/stage{n}.yaml) + its buckets (pipeline/configs/stages/...): what the plan needs."""
     import yaml
     from train.config import config_path
     train = yaml.safe_load(config_path(f"stage{n}").read_text())
     stage = train.get("data", {}).get("stage", f"stage{n}")
-    spath = Path(stage) if stage.endswith(".yaml") else root / "configs" / "stages" / f"{stage}.yaml"
+    from pipeline.scenes.buckets import STAGES_DIR
+    spath = Path(stage) if stage.endswith(".yaml") else STAGES_DIR / f"{stage}.yaml"
     buckets = yaml.safe_load(spath.read_text())["buckets"]
     return {"name": f"stage{n}", "preset": train.get("model", "paper"), "overrides": train.get("model_overrides") or {},
             "checkpointing": bool(train.get("grad_checkpointing", False)), "sp": int(train.get("sp", 1)),

@@ -156,7 +156,7 @@ def test_demo_paths_named_in_docs_and_help_are_ones_make_demo_writes():
 def test_config_paths_named_in_docs_exist():
     bad = []
     for f in d.doc_files():
-        for p in re.findall(r"(?<![\w/])((?:train/)?configs/[\w/]+\.yaml)", f.read_text()):
+        for p in re.findall(r"(?<![\w/])((?:train/|pipeline/)?configs/[\w/]+\.yaml)", f.read_text()):
             if not re.search(r"[A-Z]", p) and not (d.ROOT / p).exists():   # NAME, stageN: placeholders
                 bad.append(f"{f.relative_to(d.ROOT)}: {p}")
     assert not bad, bad

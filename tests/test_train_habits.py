@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.test_train_loop import config, data  # noqa: F401  (data: module fixture)
 from tests.train_runs import max_diff, weights
+from pipeline.scenes.buckets import STAGES_DIR, load_stage
 from train import tblog
 from train.config import CONFIGS_DIR, config_names, load_config
 from train.train import main, train
@@ -125,7 +126,7 @@ def test_configs_by_name_and_an_unknown_name(capsys):
 
 
 @pytest.mark.slow
-def test_an_installed_package_finds_its_configs_from_another_folder(tmp_path):
+def test_an_installed_package_finds_its_train_and_stage_configs_from_another_folder(tmp_path):
     """A non-editable install (wheel) run from elsewhere: the yaml files ship as package data."""
     # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
     src = tmp_path / "src"
@@ -137,13 +138,18 @@ def test_an_installed_package_finds_its_configs_from_another_folder(tmp_path):
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"train/configs/{p.name}" for p in CONFIGS_DIR.glob("*.yaml")} <= set(names)
+    assert {f"pipeline/configs/stages/{p.name}" for p in STAGES_DIR.glob("*.yaml")} <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = "from train.config import load_config, CONFIGS_DIR; print(load_config('stage2').steps, CONFIGS_DIR)"
+    # a train config by name, and the stage (buckets) it names, by name too
+    code = ("from train.config import load_config, CONFIGS_DIR; from train.buckets import stage_specs; "
+            "from pipeline.scenes.buckets import STAGES_DIR; "
+            "c = load_config('stage2'); print(c.steps, len(stage_specs(c.data.stage)), CONFIGS_DIR, STAGES_DIR)")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"),
                        "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    steps, where = r.stdout.split()
-    assert steps == "40000" and Path(where).is_relative_to(tmp_path / "site")
+    steps, buckets, where, stages_where = r.stdout.split()
+    assert steps == "40000" and int(buckets) == len(load_stage("stage2").buckets) > 0
+    assert Path(where).is_relative_to(tmp_path / "site") and Path(stages_where).is_relative_to(tmp_path / "site")
 
 
 @pytest.mark.slow

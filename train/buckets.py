@@ -39,7 +39,7 @@ class Bucket:
 
 
 def stage_specs(stage: str) -> list[dict]:
-    """The bucket specs of a stage (name under configs/stages/ or a YAML path), read by the
+    """The bucket specs of a stage (name under pipeline/configs/stages/ or a YAML path), read by the
     pipeline's own reader so that build and trainer agree on every bucket and batch size."""
     return [dict(height=b.height, width=b.width, num_frames=b.num_frames, batch_size=b.batch_size)
             for b in load_stage(stage).buckets]

@@ -30,7 +30,7 @@ class DataConfig:
     val_shards: list[str] = field(default_factory=list)  # explicit val URLs (default: root/val)
     split: str = "train"
     val_split: str = "val"
-    stage: str = "demo"                # configs/stages/<stage>.yaml (or a path): per-bucket batch sizes
+    stage: str = "demo"                # pipeline/configs/stages/<stage>.yaml (or a path): per-bucket batch sizes
     schedule: Any = "balanced"         # balanced | proportional | {bucket_name: weight}
     num_workers: int = 0               # DataLoader workers; each is one deterministic stream
     samples_per_chunk: int = 256       # resample/shuffle unit; bounds the skip work on resume

@@ -125,7 +125,7 @@ def check_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
 
 
 def convert(ckpt: str | Path, config: str | Path, out: str | Path, stage: str = "stage3") -> dict:
-    """-> a checkpoint folder; its train config names `stage` (configs/stages/<name>.yaml or a path), the
+    """-> a checkpoint folder; its train config names `stage` (pipeline/configs/stages/<name>.yaml or a path), the
     buckets `mdv2-sample --ckpt` reads conditions from (their stage 3: every nuScenes bucket)."""
     from model.registry import build_from_config
     from train.config import DataConfig, TrainConfig
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "or a JSON of the config's model dict")
     c.add_argument("--out", required=True, help="folder for model.safetensors, ema.safetensors, config.json")
     c.add_argument("--stage", default="stage3", help="stage config recorded for mdv2-sample (the buckets it reads "
-                                                     "conditions from): configs/stages/<name>.yaml or a path")
+                                                     "conditions from): pipeline/configs/stages/<name>.yaml or a path")
     k = sub.add_parser("keys", help="print {key: shape} of the network their config builds (JSON)")
     k.add_argument("--config", required=True)
     a = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Stage configs (configs/stages/*.yaml, DESIGN.md §4) and the clip index (parquet).
+"""Stage configs (pipeline/configs/stages/*.yaml, DESIGN.md §4) and the clip index (parquet).
 
 A bucket is (H, W, T) plus a batch size (read by the trainer) and a clip start stride.
 Clips of a video bucket start every ``stride`` frames (default T: non-overlapping);
@@ -25,7 +25,7 @@ from pipeline.contract import cli, schema, storage
 from pipeline.contract.manifest import QuarantineRecord, read_table, write_table
 from pipeline.scenes.clipyield import MAX_FILL_RUN, BucketYield, SceneRules, YieldReport, attribute
 
-STAGES_DIR = Path(__file__).resolve().parents[2] / "configs" / "stages"   # repo/configs/stages
+STAGES_DIR = Path(__file__).resolve().parents[1] / "configs" / "stages"   # pipeline/configs/stages: package data, found installed too
 FULL = "full"
 
 
@@ -72,7 +72,7 @@ def _bucket(d: dict, where: str) -> BucketSpec:
 
 
 def load_stage(name_or_path: str) -> StageConfig:
-    """'demo' -> configs/stages/demo.yaml at the repo root; anything with a '/' or '.yaml' is a path."""
+    """'demo' -> pipeline/configs/stages/demo.yaml (package data); anything with a '/' or '.yaml' is a path."""
     s = str(name_or_path)
     path = Path(s) if ("/" in s or s.endswith((".yaml", ".yml"))) else STAGES_DIR / f"{s}.yaml"
     if not path.exists():

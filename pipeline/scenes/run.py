@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", required=True, help="table folder, e.g. v1.0-trainval, v1.0-mini, v1.0-synth")
     p.add_argument("--out", required=True, help="output root (local folder or s3://...), shared with the build")
     p.add_argument("--stage", default="demo",
-                   help="stage name (configs/stages/NAME.yaml) or YAML path for the clip index; 'none' = skip it")
+                   help="stage name (pipeline/configs/stages/NAME.yaml) or YAML path for the clip index; 'none' = skip it")
     p.add_argument("--scene", action="append", dest="scenes", help="only this scene (repeatable)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes; each reads only its scenes' records from the table index")

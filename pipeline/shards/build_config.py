@@ -14,7 +14,7 @@ from pipeline.shards.encode import EncodeConfig
 
 @dataclass
 class BuildConfig:
-    stage: str                       # stage name (configs/stages/NAME.yaml) or a yaml path
+    stage: str                       # stage name (pipeline/configs/stages/NAME.yaml) or a yaml path
     dataroot: str
     version: str
     out: str
@@ -114,7 +114,7 @@ class _Parser(cli.ArgumentParser):
 def build_parser(description: str | None) -> _Parser:
     """The mdv2-build command line (pipeline/build.py passes its docstring as the description)."""
     p = _Parser(prog="mdv2-build", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="stage name (configs/stages/NAME.yaml, e.g. demo) or a yaml path")
+    p.add_argument("--config", required=True, help="stage name (pipeline/configs/stages/NAME.yaml, e.g. demo) or a yaml path")
     p.add_argument("--dataroot", required=True, help="nuScenes root (holds VERSION/, samples/, sweeps/, maps/)")
     p.add_argument("--version", default="v1.0-trainval", help="table folder under the dataroot (default v1.0-trainval)")
     p.add_argument("--out", required=True, help="output root (local folder or s3://...): shards, manifests, quarantine")

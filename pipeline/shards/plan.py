@@ -275,7 +275,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="mdv2-plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="stage name (configs/stages/NAME.yaml) or a yaml path")
+    p.add_argument("--config", required=True, help="stage name (pipeline/configs/stages/NAME.yaml) or a yaml path")
     p.add_argument("--dataroot", required=True, help="nuScenes root (holds VERSION/ and maps/)")
     p.add_argument("--version", default="v1.0-trainval", help="table folder under the dataroot")
     p.add_argument("--out", help="the build's --out: the table index is written there and reused by the build "
