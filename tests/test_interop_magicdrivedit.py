@@ -4,6 +4,7 @@ through this project's MVDiT after `convert`; the full stage-3 key set on the me
 converter's inputs and errors; a swapped block or a flipped sign fails the comparison."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -55,9 +56,10 @@ def _cases(fixture):
 
 
 def test_every_fixture_case_matches_their_forward(fixture, converted):
-    """Every case within TOL through SDPA (the default); with their plain-torch attention arithmetic
-    (layers.reference_attention) the same network computes their output to float rounding (measured:
-    bit for bit on the machine that made the fixture)."""
+    """Every case within TOL through SDPA (the default) and within TOL / 10 with their plain-torch
+    attention arithmetic (layers.reference_attention). The fixture network is well conditioned (its own
+    fp32 output differs from fp64 by ~5e-7 of max |out|: fixture.json -> cases.<name>.fp64_rel_diff),
+    so neither bound depends on the summation order of this machine's BLAS or thread count."""
     model, _ = converted
     cases = _cases(fixture)
     assert {name for name, _, _ in cases} >= {"video", "image", "odd_height", "drop", "cfg_pair", "x_mask"}
@@ -68,15 +70,15 @@ def test_every_fixture_case_matches_their_forward(fixture, converted):
                 exact = mdd.forward(model, **copy.deepcopy(args))
         assert out.shape == ref.shape and out.dtype == torch.float32, name
         assert _rel_err(out, ref) <= TOL, (name, _rel_err(out, ref))
-        assert _rel_err(exact, ref) <= TOL / 100, (name, _rel_err(exact, ref))
+        assert _rel_err(exact, ref) <= TOL / 10, (name, _rel_err(exact, ref))
 
 
-def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted):
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted, attention):
     """Their RFLOW loop (3 steps, CFG 2.0, their null branch) from the same noise, run with this
-    project's guidance: model/native.null_inputs + cat_inputs, the model's forward_native. With
-    their attention arithmetic: the fixture network is chaotic (its own fp32 result differs from
-    fp64 by 2e-3 of max |z| after 3 steps), so only the same arithmetic can meet TOL; SDPA lands
-    at ~5e-4 here."""
+    project's guidance: model/native.null_inputs + cat_inputs, the model's forward_native; within TOL
+    through SDPA (the default) and through their attention arithmetic (fp32 vs fp64 of the fixture
+    network after the 3 steps: fixture.json -> sample.fp64_rel_diff, ~5e-7)."""
     meta, _, tensors = fixture
     assert "sample" in meta and "sample/output" in tensors, "the fixture lacks the sampling loop (tools/make_magicdrivedit_fixture.py)"
     model, _ = converted
@@ -88,7 +90,7 @@ def test_cfg_sampling_loop_matches_their_scheduler(fixture, converted):
     z = tensors["sample/noise"].float()
     null = native.null_inputs(model, cond)
     both = native.cat_inputs(cond, null)
-    with torch.no_grad(), reference_attention():
+    with torch.no_grad(), (reference_attention() if attention == "reference" else contextlib.nullcontext()):
         for i in range(ts.shape[0]):
             t = ts[i]
             pred = model.forward_native(torch.cat([z, z]), torch.cat([t, t]), **copy.deepcopy(both))

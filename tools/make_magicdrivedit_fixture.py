@@ -11,7 +11,9 @@ the mmengine registry, the NPU and torchvision need is replaced by stub modules 
 attention then runs its plain-torch branches (USE_XFORMERS=False, flash attention off, no CUDA).
 The model is built from THEIR stage-3 config's `model` dict (read with `ast`, never executed) at a tiny
 width. Every constant tensor of their init (zero projections, unit norms) gets small random values so
-every path contributes; all weights are rounded to fp16 before the forward, so the fp16 copy is exact.
+every path contributes, and a few weights are scaled so that the network is well conditioned (its fp32
+output within ~1e-6 of fp64: recorded per case as `fp64_rel_diff`); all weights are rounded to fp16
+before the forward, so the fp16 copy is exact.
 Outputs: weights.safetensors, cases.safetensors, fixture.json, config.json, stage3_keys.json
 (tests/data/magicdrivedit/FORMAT.md says how to read each).
 """
@@ -43,6 +45,12 @@ VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CA
 VIEW_YAW_DEG = (55.0, 0.0, -55.0, -110.0, 180.0, 110.0)  # rough nuScenes rig, their view order
 SEED = 21
 CAPTION_STD = 0.2  # random stand-ins for T5-XXL outputs
+# The random network's conditioning (condition()): without CAM_TOKEN_GAIN it is ill-conditioned (fp32 vs
+# fp64 of its own output 4e-5..5e-4 per case, 4e-3 after the 3-step loop), so a parity test would hinge on
+# one machine's summation order; the two others keep every path's contribution well above the tolerance.
+CAM_TOKEN_GAIN = 1 / 64  # camera emb2token columns that read the intrinsics K (pixels: 800-1266)
+PIXART_MLP_GAIN = 4  # the box and frame embedders' MLPs: their PixArt std 0.02, the xavier std at 1152 wide
+FRAME_PROJ_GAIN = 2  # the frame embedder's final_proj (zero in their init): std 0.5/sqrt(in) -> 1/sqrt(in)
 
 
 def model_kwargs(model_dict: dict, tiny: bool) -> dict:
@@ -93,7 +101,8 @@ def is_rope_freqs(key: str) -> bool:  # rotary_embedding_torch's fixed theta-100
 
 def randomize(model, gen: torch.Generator) -> None:
     """Constant tensors of their init (zero projections and biases, null features, unit RMSNorm weights)
-    get small random values around that constant; the rest keeps their random init. All rounded to fp16."""
+    get small random values around that constant; the rest keeps their random init. All rounded to fp16;
+    then condition() scales a few."""
     with torch.no_grad():
         for key, t in model.state_dict(keep_vars=True).items():
             if not t.is_floating_point() or is_rope_freqs(key):
@@ -106,6 +115,27 @@ def randomize(model, gen: torch.Generator) -> None:
                 std = 0.5 / math.sqrt(t[0].numel()) if t.ndim >= 2 else 0.1
                 t.copy_(t.flatten()[0] + std * torch.randn(t.shape, generator=gen))
             t.copy_(t.half().float())
+        condition(model)
+
+
+def condition(model) -> None:
+    """A well-conditioned random network whose every path contributes (gains are powers of two; what a
+    gain of 1/64 pushes into fp16's subnormal range is rounded to fp16 again). Camera tokens: their CamEmbedder feeds the raw camera matrix to emb2token (its
+    Fourier features include the input itself), so the intrinsics' pixel values (f ~ 1266, c ~ 800) make
+    tokens of ~100; as keys and values of every cross-attention they saturate its softmax, the residual
+    stream grows to ~100 and a rounding error grows ~10x per block. A trained emb2token has learnt small
+    weights there; CAM_TOKEN_GAIN scales the columns that read K (the first 3 of the 7 camera columns).
+    The box and frame embedders' MLPs (their PixArt init: std 0.02, xavier for 1152 wide) and the frame
+    embedder's final_proj are scaled to unit gain at this width, else their weights and biases move the
+    output by 3e-5..1e-4 only, less than the parity tolerance (see sensitivity)."""
+    cam = model.camera_embedder
+    d = cam.embedder.out_dim  # features per camera column: emb is (c d), c over [K | R | t]
+    cam.emb2token.weight[:, : 3 * d] *= CAM_TOKEN_GAIN
+    for mlp in (model.bbox_embedder.mlp, model.frame_embedder.mlp):
+        mlp.fc1.weight *= PIXART_MLP_GAIN
+        mlp.fc2.weight *= PIXART_MLP_GAIN
+    model.frame_embedder.final_proj.weight *= FRAME_PROJ_GAIN
+    cam.emb2token.weight.copy_(cam.emb2token.weight.half().float())
 
 
 # ---- inputs as their dataloader gives them -----------------------------------------------------------------
@@ -248,8 +278,20 @@ def forward(model, args: dict) -> torch.Tensor:
         return model(**copy.deepcopy(args))
 
 
+def to_double(a):
+    """The same call in float64: every floating tensor (dict members too) cast; the rest as it is."""
+    if isinstance(a, dict):
+        return {k: to_double(v) for k, v in a.items()}
+    return a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+
+
+def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
 # ---- cases, sampling, sensitivity, the full key list ----------------------------------------------------
-def run_case(name: str, spec: dict, model, seed: int, tensors: dict) -> dict:
+def run_case(name: str, spec: dict, model, model64, seed: int, tensors: dict) -> dict:
     args, stored = make_inputs(spec, model, seed)
     if spec.get("pair"):
         args = cfg_pair(args, model)
@@ -261,7 +303,9 @@ def run_case(name: str, spec: dict, model, seed: int, tensors: dict) -> dict:
     tensors[f"case/{name}/output"] = out.contiguous()
     entry["output"] = {"key": f"case/{name}/output", "shape": list(out.shape), "dtype": _dtype(out),
                        "max_abs": float(out.abs().max()), "std": float(out.std())}
-    print(f"case {name}: output {tuple(out.shape)} std {out.std():.4f}", flush=True)
+    entry["fp64_rel_diff"] = rel_diff(out, forward(model64, to_double(args)))  # the same call in float64
+    print(f"case {name}: output {tuple(out.shape)} std {out.std():.4f}, "
+          f"fp32 vs fp64 {entry['fp64_rel_diff']:.1e}", flush=True)
     return entry
 
 
@@ -279,7 +323,7 @@ class _Captions:
         return self.model.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
 
 
-def run_sample(model, scheduler_cfg: dict, seed: int, tensors: dict) -> dict:
+def run_sample(model, model64, scheduler_cfg: dict, seed: int, tensors: dict) -> dict:
     """A short CFG sampling loop of theirs: RFLOW with their stage-3 scheduler settings, the null branch of
     scripts/inference_magicdrive.py (add_null_condition, map kept) and its all-ones mask strategy."""
     from magicdrivedit.schedulers.rf import RFLOW
@@ -302,13 +346,32 @@ def run_sample(model, scheduler_cfg: dict, seed: int, tensors: dict) -> dict:
                                          num_timesteps=1000, cog_style=settings["cog_style_trans"])
                       for i in range(steps)])
     entry = {"spec": SAMPLE, "seed": seed, "scheduler": settings,
+             "fp64_rel_diff": rel_diff(out, loop_fp64(model64, z, y, mask, extra, ts, SAMPLE["cfg_scale"])),
              **encode_args("sample/input", {"y": y, "mask": mask, **args}, stored, tensors)}
     tensors["sample/noise"], tensors["sample/output"], tensors["sample/timesteps"] = z.half(), out, ts
     entry.update(noise={"key": "sample/noise", "shape": list(z.shape), "dtype": "float32", "stored_dtype": "float16"},
                  output={"key": "sample/output", "shape": list(out.shape), "dtype": "float32"},
                  timesteps={"key": "sample/timesteps", "shape": list(ts.shape), "values": ts[:, 0].tolist()})
-    print(f"sample: {steps} steps, timesteps {ts[:, 0].tolist()}, output std {out.std():.4f}", flush=True)
+    print(f"sample: {steps} steps, timesteps {ts[:, 0].tolist()}, output std {out.std():.4f}, "
+          f"fp32 vs fp64 {entry['fp64_rel_diff']:.1e}", flush=True)
     return entry
+
+
+def loop_fp64(model64, z, y, mask, extra: dict, ts: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """The sampling loop of FORMAT.md in float64 from the same noise and the same (float32) timesteps:
+    a [cond, null] call per step with an all-True x_mask, v = v_null + cfg (v_cond - v_null),
+    z += v dt / 1000. (Their sampler itself cannot run in float64: its timestep transform would give
+    1000 + 2e-13 and so another x_mask.)"""
+    B, z = z.shape[0], z.double()
+    args = to_double({**copy.deepcopy(extra), "mask": mask, "x_mask": torch.ones(2 * B, z.shape[2], dtype=torch.bool),
+                      "y": torch.cat([y, model64.y_embedder.y_embedding[None].repeat(B, 1, 1)[:, None].float()])})
+    ts = ts.double()
+    for i in range(ts.shape[0]):
+        with torch.no_grad():
+            cond, null = model64(torch.cat([z, z]), torch.cat([ts[i], ts[i]]), **copy.deepcopy(args)).chunk(2)
+        dt = ts[i] - ts[i + 1] if i + 1 < ts.shape[0] else ts[i]
+        z = z + (null + cfg_scale * (cond - null)) * (dt / 1000.0)[:, None, None, None, None]
+    return z
 
 
 def pattern(key: str) -> str:
@@ -372,6 +435,7 @@ def main(argv=None) -> int:
     torch.manual_seed(SEED)  # their init draws from the global generator
     model = build(tiny).eval().requires_grad_(False)  # no autograd: null inputs copy parameters
     randomize(model, torch.Generator().manual_seed(SEED))
+    model64 = copy.deepcopy(model).double()  # the same network in float64: how well conditioned it is
     tensors: dict = {}
     meta = {"format": 1, "generator": "tools/make_magicdrivedit_fixture.py", "seed": SEED, "views": list(VIEWS),
             "magicdrivedit": {"commit": git_commit(a.mdd), "config": STAGE3}, "packages": versions(),
@@ -380,14 +444,15 @@ def main(argv=None) -> int:
                              "drop_cond_mask", "drop_frame_mask", "mv_order_map", "t_order_map", "mask", "x_mask"],
             "cases": {}}
     for name in cases:  # a case's seed follows its name, so a subset run makes the same inputs
-        meta["cases"][name] = run_case(name, CASES[name], model, SEED * 100 + list(CASES).index(name), tensors)
+        meta["cases"][name] = run_case(name, CASES[name], model, model64, SEED * 100 + list(CASES).index(name),
+                                       tensors)
     if "drop" in cases:
         args = decode_args(tensors, meta["cases"]["drop"])
         meta["sensitivity"] = {"case": "drop", "rel_change": sensitivity(model, args)}
-        weak = {k: v for k, v in meta["sensitivity"]["rel_change"].items() if v < 1e-4}
+        weak = {k: v for k, v in meta["sensitivity"]["rel_change"].items() if v <= 2e-4}  # 2x the parity TOL
         print(f"sensitivity: {len(meta['sensitivity']['rel_change'])} key patterns, weak: {weak}", flush=True)
     if not a.no_sample:
-        meta["sample"] = run_sample(model, cfg["val"]["scheduler"], SEED * 100 + 99, tensors)
+        meta["sample"] = run_sample(model, model64, cfg["val"]["scheduler"], SEED * 100 + 99, tensors)
     from safetensors.torch import save_file
     a.out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
