@@ -6,10 +6,15 @@ parity test checks against the authors' outputs. What each argument holds (their
 magicdrivedit/datasets/nuscenes_t_dataset.py and scripts/*_magicdrive.py):
 
   y (B, 1, L, 4096) T5 states, mask (B, L) real tokens
-  maps (B, T, 8, G, G) BEV masks of frame t (float 0/1)
+  maps (B, T, 8, G, G) BEV masks of frame t (float 0/1) in their layout (LoadBEVSegmentation: the
+        devkit's get_map_mask, rows along LiDAR y, then transposed): maps[..., i, j] is the cell at
+        LiDAR x = -50 + r i, y = -50 + r j (index 0 = farthest left / behind); our bev.npy rows run
+        ahead -> behind, columns left -> right, so `bev_to_native` flips the rows and transposes
   bbox: bboxes (B V, T, M, 8, 3) corners in LiDAR(t) (their corner order, see embedders.py),
         classes (B V, T, M), masks (B V, T, M) 1 = a box seen by the view (any real corner in
-        front of the camera, z_cam > 0), 0 = null (padding / unseen), -1 = masked;
+        front of the camera, z_cam > 0), 0 = null (padding / unseen), -1 = masked; classes -1 where
+        the box is absent in that frame; M = the batch's most boxes present in the clip (their
+        collate: a sample's boxes = the union over its frames, padded to the batch's longest);
         box_latent (B V, T, M, D) one N(0, 1) draw per (sample, box), shared by frames and views
   cams (B V, T, 1, 3, 7) [K of the original image | camera -> LiDAR(t) 3 x 4]
   rel_pos (B V, T, 1, 4, 4) LiDAR(0) -> LiDAR(t) (their next2top; our traj is its inverse),
@@ -44,9 +49,18 @@ def fold_views(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def box_inputs(cfg, cond: Conditions) -> dict[str, torch.Tensor]:
-    """bboxes, classes, masks (B V, T, M, ...); M >= 1 (their collate pads a clip without boxes
-    with one null box)."""
+def bev_to_native(bev: torch.Tensor) -> torch.Tensor:
+    """(..., G, G) our bev.npy layout (row i: y = 50 - r (i + 1/2), column j: x = -50 + r (j + 1/2)) ->
+    their map tensor (index i along LiDAR x, j along LiDAR y, both ascending from -50 m)."""
+    return bev.flip(-2).transpose(-1, -2).contiguous()
+
+
+def box_inputs(cfg, cond: Conditions, box_latent: torch.Tensor | None = None,
+               compact: bool = False) -> dict[str, torch.Tensor]:
+    """bboxes, classes, masks (and box_latent (B, N, D) given: box_latent) (B V, T, M, ...); M >= 1 (a
+    batch without boxes: one null box). compact (native_inputs), like their collate: a sample's boxes
+    are those present in some frame of the clip (moved to the front, order kept), padded with null
+    boxes to the batch's most; else M = N, slot n = object n (bench/box_views.py)."""
     B, T, V = cond.batch_size, cond.num_frames, cond.num_views
     if cfg.boxes_per_view:
         src = cond.view_boxes                                                          # (B, T, V, N, 7)
@@ -55,18 +69,38 @@ def box_inputs(cfg, cond: Conditions) -> dict[str, torch.Tensor]:
         N = cond.boxes.shape[2]
         src = cond.boxes[:, :, None].expand(B, T, V, N, 7)
         present = cond.box_mask[:, :, None].expand(B, T, V, N)
+    cls, lat, N = cond.box_class, box_latent, src.shape[3]
+    M, order = max(1, N), None
+    if compact and not present.is_meta:                 # (the meta device has no values: FLOP counts)
+        used = present.any(2).any(1)                                                   # (B, N) in the clip
+        M = max(1, int(used.sum(1).max())) if N else 1
+        order = torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :M]  # used first, in order
+        null = torch.arange(M, device=used.device)[None] >= used.sum(1, keepdim=True)  # (B, M) padding slots
+    if N == 0:                                                                         # one null box
+        src, present = src.new_zeros(B, T, V, 1, 7), present.new_zeros(B, T, V, 1)
+        cls = cls.new_full((B, 1), -1)
+        lat = None if lat is None else lat.new_zeros(B, 1, lat.shape[-1])
+    elif order is not None:
+        def take(x, dim):                                                              # x[b, ..., order[b], ...]
+            shape = [1] * x.dim()
+            shape[0], shape[dim] = B, M
+            idx = order.view(shape).expand(*[M if d == dim else x.shape[d] for d in range(x.dim())])
+            return x.gather(dim, idx)
+        src, present, cls = take(src, 3), take(present, 3) & ~null[:, None, None], take(cls, 1)
+        lat = None if lat is None else take(lat, 1)
     src = torch.where(present[..., None], src, torch.zeros_like(src)).float()          # padding may hold anything
-    true = box_corners_authors(src, lifted=False)                                      # (B, T, V, N, 8, 3)
+    true = box_corners_authors(src, lifted=False)                                      # (B, T, V, M, 8, 3)
     c2l = cond.cam2lidar.float()[:, :, :, None, None]                                  # (B, T, V, 1, 1, 4, 4)
     z_cam = ((true - c2l[..., :3, 3]) * c2l[..., :3, 2]).sum(-1)                       # camera z of each corner
-    masks = (present & (z_cam > 0).any(-1)).to(torch.int32)                            # (B, T, V, N)
+    masks = (present & (z_cam > 0).any(-1)).to(torch.int32)                            # (B, T, V, M)
     corners = true if cfg.box_corners == "true" else box_corners_authors(src, lifted=True)
-    classes = cond.box_class[:, None, None].expand(masks.shape).to(torch.int32)
-    if masks.shape[-1] == 0:
-        corners = corners.new_zeros(*masks.shape[:3], 1, 8, 3)
-        classes = classes.new_zeros(*masks.shape[:3], 1)
-        masks = masks.new_zeros(*masks.shape[:3], 1)
-    return {"bboxes": fold_views(corners), "classes": fold_views(classes), "masks": fold_views(masks)}
+    in_frame = present.any(2)                                                          # (B, T, M) box in frame t
+    classes = torch.where(in_frame, cls[:, None].to(torch.int32), torch.full_like(in_frame, -1, dtype=torch.int32))
+    classes = classes[:, :, None].expand(masks.shape)
+    out = {"bboxes": fold_views(corners), "classes": fold_views(classes), "masks": fold_views(masks)}
+    if lat is not None:
+        out["box_latent"] = fold_views(lat[:, None, None].expand(B, T, V, M, lat.shape[-1]))
+    return out
 
 
 def rel_pos(traj: torch.Tensor) -> torch.Tensor:
@@ -92,20 +126,16 @@ def native_inputs(model, cond: Conditions, x_shape, drop_cond: torch.Tensor | No
     dev = cond.text.device
     K = cond.source_intrinsics if cond.source_intrinsics is not None else cond.intrinsics
     cams = torch.cat([K[:, None].expand(B, T, V, 3, 3), cond.cam2lidar[..., :3, :4]], -1)   # (B, T, V, 3, 7)
-    bbox = box_inputs(cfg, cond)
+    lat = None
     if model.bbox_embedder.mean_var is not None:
-        c = cond if cond.box_latent is not None else with_box_latent(model, cond, None)
-        lat = c.box_latent                                                               # (B, N, Dc)
-        if lat.shape[1] == 0:
-            lat = lat.new_zeros(B, 1, lat.shape[2])
-        M = bbox["masks"].shape[-1]
-        bbox["box_latent"] = lat[:, None, None].expand(B, T, V, M, lat.shape[-1]).transpose(1, 2).flatten(0, 1)
+        lat = (cond if cond.box_latent is not None else with_box_latent(model, cond, None)).box_latent   # (B, N, Dc)
+    bbox = box_inputs(cfg, cond, lat, compact=True)
     keep = torch.ones(B, dtype=torch.bool, device=dev) if drop_cond is None else ~drop_cond.to(dev).bool()
     keep_frames = keep[:, None].expand(B, T).clone()
     if drop_frames is not None:
         keep_frames &= ~drop_frames.to(dev).bool()
     poses = rel_pos(cond.traj)[:, :, None].expand(B, T, V, 4, 4)
-    kw = dict(y=cond.text[:, None], mask=cond.text_mask, maps=cond.bev.float(), bbox=bbox,
+    kw = dict(y=cond.text[:, None], mask=cond.text_mask, maps=bev_to_native(cond.bev.float()), bbox=bbox,
               cams=fold_views(cams.float())[:, :, None], rel_pos=fold_views(poses)[:, :, None],
               fps=cond.fps if cond.fps is not None else default_fps(T, B, dev),
               height=torch.full((B,), float(H * schema.VAE_SPATIAL_COMPRESSION)),   # read as numbers: CPU

@@ -59,15 +59,22 @@ def test_native_inputs_camera_pose_masks():
     rel = kw["rel_pos"][:, :, 0]                                                           # LiDAR(0) -> LiDAR(t)
     torch.testing.assert_close(rel[3] @ cond.traj[1], torch.eye(4).expand(9, 4, 4), atol=1e-5, rtol=0)
     assert kw["fps"].tolist() == [12.0, 12.0] and kw["height"].tolist() == [32.0, 32.0]
-    masks = kw["bbox"]["masks"].view(2, 3, 9, 5)
+    used = cond.box_mask.any(1)                                                            # (B, N) in the clip
+    masks = kw["bbox"]["masks"].view(2, 3, 9, -1)                                          # their collate: used
+    assert masks.shape[-1] == int(used.sum(1).max())                                       # boxes first, padded
     assert masks.dtype == torch.int32 and set(masks.unique().tolist()) <= {0, 1}
-    assert not masks.permute(0, 2, 1, 3)[~cond.box_mask[:, :, None].expand(2, 9, 3, 5)].any()   # padding = 0
+    for b in range(2):
+        slots = torch.nonzero(used[b])[:, 0]
+        assert not masks[b, :, :, len(slots):].any()                                        # padding = 0
+        absent = ~cond.box_mask[b][:, slots]                                               # (T, k)
+        assert not masks[b, :, :, :len(slots)][absent[None].expand(3, -1, -1)].any()        # absent = 0
     # a box is a key of view v when any real corner lies in front of that camera (their z > 0 rule)
     c2l = cond.cam2lidar[0, 0, 0]
     box = cond.boxes[0, 0][cond.box_mask[0, 0]][0]
     z = ((box_corners_authors(box[None], lifted=False)[0] - c2l[:3, 3]) @ c2l[:3, 2])
     n = int(torch.nonzero(cond.box_mask[0, 0])[0])
-    assert bool(masks[0, 0, 0, n]) == bool((z > 0).any())
+    slot = int((torch.nonzero(used[0])[:, 0] == n).nonzero()[0])
+    assert bool(masks[0, 0, 0, slot]) == bool((z > 0).any())
     assert native.native_inputs(m, cond, (2, 3, 16, 1, 4, 6), None, None)["fps"].tolist() == [12.0, 12.0]
     one = random_conditions(1, 2, 1, text_dim=32, bev_size=8)
     assert native.native_inputs(m, one, (1, 2, 16, 1, 2, 2), None, None)["fps"].tolist() == [120.0]
