@@ -35,6 +35,7 @@ from tqdm import tqdm  # noqa: E402
 from pipeline.contract import cli, schema, storage  # noqa: E402
 from pipeline.shards.build_config import BuildConfig, BuildSummary, build_parser  # noqa: E402
 from pipeline.shards.raysession import init_ray, ray_running, stop_ray  # noqa: E402
+from pipeline.shards.actorpool import actor_pool, forget_actors  # noqa: E402
 from pipeline.shards.encode import plan_units, reuse_holds  # noqa: E402
 from pipeline.contract.manifest import QuarantineRecord, read_manifest, read_quarantine  # noqa: E402
 from pipeline.contract.manifest import write_manifest, write_quarantine  # noqa: E402
@@ -182,7 +183,7 @@ def _run_build(cfg: BuildConfig) -> BuildSummary:
 
     # the VAE actors start now: their model load (imports + weights, the longest single step of a small
     # build, docs/build.md) overlaps the scenes stage, the clip index and the captions
-    _actor_pool(ray, cfg, has_gpu)
+    actor_pool(ray, cfg, RESOURCES["vae_actor"] if has_gpu else None)
     store_uris = _run_scenes(ray, cfg, names, quarantine, secs)
     summary.scenes = len(store_uris)
 
@@ -253,40 +254,6 @@ def _dedupe(records: list[QuarantineRecord]) -> list[QuarantineRecord]:
     return [seen[k] for k in sorted(seen)]
 
 
-_ACTORS: dict = {}
-
-
-def _actor_pool(ray, cfg: BuildConfig, has_gpu: bool) -> list:
-    """VAE actors, kept for later builds in the same driver (notebooks, tests): the model loads once."""
-    from dataclasses import replace
-    from pipeline.shards.encode import EncodeActor
-    opts = dict(RESOURCES["vae_actor"]) if has_gpu else {"num_cpus": cfg.encode_cpus}
-    # encode calls are pure functions of their inputs: a killed actor is restarted (model reloaded in
-    # __init__) and its in-flight calls are retried, so a lost GPU node costs time, not samples
-    opts.update(max_restarts=-1, max_task_retries=-1)
-    threads = cfg.encode.torch_threads if has_gpu else max(1, int(cfg.encode_cpus))
-    enc = replace(cfg.encode, torch_threads=threads, inject_nan_keys=())  # injection travels with the units
-    key = (repr(enc), vae_digest(enc.vae), repr(sorted(opts.items())), ray.get_runtime_context().get_job_id())
-    # An idle actor still holds its CPUs (or GPU): actors of another VAE/config, or beyond this build's count,
-    # would starve this build's scene and frame tasks on a small cluster (2 CPUs: a deadlock), so they go.
-    for other in [k for k in _ACTORS if k != key]:
-        _kill(ray, _ACTORS.pop(other))
-    pool = _ACTORS.setdefault(key, [])
-    _kill(ray, pool[cfg.encode_actors:])
-    del pool[cfg.encode_actors:]
-    while len(pool) < cfg.encode_actors:
-        pool.append(ray.remote(**opts)(EncodeActor).remote(enc))
-    return pool
-
-
-def _kill(ray, actors: list) -> None:
-    for a in actors:
-        try:
-            ray.kill(a, no_restart=True)
-        except Exception:  # noqa: BLE001 - an actor of a Ray that has since shut down is already gone
-            pass
-
-
 def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_hash, has_gpu, records, splits,
                       quarantine, secs, summary) -> int:
     from pipeline.shards.windows import plan_calls, window_stats
@@ -299,7 +266,7 @@ def _encode_and_write(ray, cfg, todo, frames_of, store_uris, captions, vae, cfg_
     # one frame window per encode call, each at most frame_budget_mb (pipeline/shards/windows.py)
     plan = plan_calls(units, int(cfg.frame_budget_mb * 1e6), cfg.units_per_call)
     summary.windows = window_stats(plan)
-    actors = _actor_pool(ray, cfg, has_gpu)
+    actors = actor_pool(ray, cfg, RESOURCES["vae_actor"] if has_gpu else None)
     inject = set(cfg.encode.inject_nan_keys)
     for us in units.values():
         for u in us:
@@ -438,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         if not ray_before and ray_running():
             stop_ray()
-            _ACTORS.clear()  # their handles died with that Ray
+            forget_actors()  # their handles died with that Ray
     summary.seconds["ray_stop"] = round(time.perf_counter() - t1, 1)
     summary.seconds["total"] = time.perf_counter() - t0
     print(summary.text())

@@ -75,7 +75,7 @@ def test_actors_of_an_earlier_build_do_not_starve_the_next_one(ray_local, vae_di
     later build waited forever for a CPU for its scene tasks (the CI run that never finished)."""
     import time
     from dataclasses import replace
-    from pipeline.build import _ACTORS, _actor_pool
+    from pipeline.shards.actorpool import actor_pool, kept_actors, release_actors
     from pipeline.shards.build_config import BuildConfig
     ray = ray_local
     other = tmp_path / "other-vae"
@@ -86,22 +86,16 @@ def test_actors_of_an_earlier_build_do_not_starve_the_next_one(ray_local, vae_di
             time.sleep(0.2)
         return ray.available_resources().get("CPU", 0)
 
-    for pool in _ACTORS.values():  # a clean start: the actors earlier builds of this session left
-        for a in pool:
-            ray.kill(a, no_restart=True)
-    _ACTORS.clear()
+    release_actors(ray)  # a clean start: the actors earlier builds of this session left
     idle = free_cpus(2.0)
     base = BuildConfig(stage="demo", dataroot="", version="v1.0-synth", out=str(tmp_path / "out"), vae=vae_dir,
                        encode_cpus=0.5,
                        encode=EncodeConfig(vae=vae_dir, device="cpu"))
-    first = _actor_pool(ray, replace(base, encode_actors=2), has_gpu=False)
-    second = _actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), has_gpu=False)
-    again = _actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), has_gpu=False)
+    first = actor_pool(ray, replace(base, encode_actors=2), None)
+    second = actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), None)
+    again = actor_pool(ray, replace(base, encode=EncodeConfig(vae=str(other), device="cpu")), None)
     assert len(first) == 2 and len(second) == 1 and again == second  # same VAE: the actor is reused
-    assert sum(len(p) for p in _ACTORS.values()) == 1
+    assert kept_actors() == 1
     ray.get([a.__ray_ready__.remote() for a in second])  # placed: it holds its 0.5 CPU
     assert free_cpus(idle - 0.5) == pytest.approx(idle - 0.5)  # ...and the killed ones hold nothing
-    for pool in _ACTORS.values():  # leave the session's Ray as it was for the tests after this one
-        for a in pool:
-            ray.kill(a, no_restart=True)
-    _ACTORS.clear()
+    release_actors(ray)  # leave the session's Ray as it was for the tests after this one

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this repo: the fixture format, the stubs
 from model.interop.fixture_io import _dtype, decode_args, encode_args, read_config  # noqa: E402
 from tools.magicdrivedit_stubs import install_stubs  # noqa: E402
+from tools.magicdrivedit_weights import is_rope_freqs, randomize  # noqa: E402
 
 STAGE3 = "configs/magicdrive/train/stage3_higher-b-v3.1-12Hz_stdit3_CogVAE_boxTDS_wCT_xCE_wSST_bs4_lr1e-5_sp4simu8.py"
 TINY = dict(hidden_size=64, depth=3, control_depth=2, num_heads=4)  # their XL/2: 1152, 28, 13, 16
@@ -45,12 +46,6 @@ VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CA
 VIEW_YAW_DEG = (55.0, 0.0, -55.0, -110.0, 180.0, 110.0)  # rough nuScenes rig, their view order
 SEED = 21
 CAPTION_STD = 0.2  # random stand-ins for T5-XXL outputs
-# The random network's conditioning (condition()): without CAM_TOKEN_GAIN it is ill-conditioned (fp32 vs
-# fp64 of its own output 4e-5..5e-4 per case, 4e-3 after the 3-step loop), so a parity test would hinge on
-# one machine's summation order; the two others keep every path's contribution well above the tolerance.
-CAM_TOKEN_GAIN = 1 / 64  # camera emb2token columns that read the intrinsics K (pixels: 800-1266)
-PIXART_MLP_GAIN = 4  # the box and frame embedders' MLPs: their PixArt std 0.02, the xavier std at 1152 wide
-FRAME_PROJ_GAIN = 2  # the frame embedder's final_proj (zero in their init): std 0.5/sqrt(in) -> 1/sqrt(in)
 
 
 def model_kwargs(model_dict: dict, tiny: bool) -> dict:
@@ -93,49 +88,6 @@ def build_meta(kwargs: dict):
             return build(kwargs)
     finally:
         torch.linspace = linspace
-
-
-def is_rope_freqs(key: str) -> bool:  # rotary_embedding_torch's fixed theta-10000 frequencies: not weights
-    return key.endswith("rope.freqs")
-
-
-def randomize(model, gen: torch.Generator) -> None:
-    """Constant tensors of their init (zero projections and biases, null features, unit RMSNorm weights)
-    get small random values around that constant; the rest keeps their random init. All rounded to fp16;
-    then condition() scales a few."""
-    with torch.no_grad():
-        for key, t in model.state_dict(keep_vars=True).items():
-            if not t.is_floating_point() or is_rope_freqs(key):
-                continue
-            if key == "y_embedder.y_embedding":  # the learned null caption lives where T5 outputs do
-                t.copy_(CAPTION_STD * torch.randn(t.shape, generator=gen))
-            elif key.startswith("controlnet_cond_embedder.") and t.ndim == 4:  # He init: torch's default
-                t.copy_(math.sqrt(2 / t[0].numel()) * torch.randn(t.shape, generator=gen))  # fades in 6 convs
-            elif bool((t == t.flatten()[0]).all()):
-                std = 0.5 / math.sqrt(t[0].numel()) if t.ndim >= 2 else 0.1
-                t.copy_(t.flatten()[0] + std * torch.randn(t.shape, generator=gen))
-            t.copy_(t.half().float())
-        condition(model)
-
-
-def condition(model) -> None:
-    """A well-conditioned random network whose every path contributes (gains are powers of two; what a
-    gain of 1/64 pushes into fp16's subnormal range is rounded to fp16 again). Camera tokens: their CamEmbedder feeds the raw camera matrix to emb2token (its
-    Fourier features include the input itself), so the intrinsics' pixel values (f ~ 1266, c ~ 800) make
-    tokens of ~100; as keys and values of every cross-attention they saturate its softmax, the residual
-    stream grows to ~100 and a rounding error grows ~10x per block. A trained emb2token has learnt small
-    weights there; CAM_TOKEN_GAIN scales the columns that read K (the first 3 of the 7 camera columns).
-    The box and frame embedders' MLPs (their PixArt init: std 0.02, xavier for 1152 wide) and the frame
-    embedder's final_proj are scaled to unit gain at this width, else their weights and biases move the
-    output by 3e-5..1e-4 only, less than the parity tolerance (see sensitivity)."""
-    cam = model.camera_embedder
-    d = cam.embedder.out_dim  # features per camera column: emb is (c d), c over [K | R | t]
-    cam.emb2token.weight[:, : 3 * d] *= CAM_TOKEN_GAIN
-    for mlp in (model.bbox_embedder.mlp, model.frame_embedder.mlp):
-        mlp.fc1.weight *= PIXART_MLP_GAIN
-        mlp.fc2.weight *= PIXART_MLP_GAIN
-    model.frame_embedder.final_proj.weight *= FRAME_PROJ_GAIN
-    cam.emb2token.weight.copy_(cam.emb2token.weight.half().float())
 
 
 # ---- inputs as their dataloader gives them -----------------------------------------------------------------
@@ -434,7 +386,7 @@ def main(argv=None) -> int:
     tiny = model_kwargs(cfg["model"], tiny=True)
     torch.manual_seed(SEED)  # their init draws from the global generator
     model = build(tiny).eval().requires_grad_(False)  # no autograd: null inputs copy parameters
-    randomize(model, torch.Generator().manual_seed(SEED))
+    randomize(model, torch.Generator().manual_seed(SEED), CAPTION_STD)
     model64 = copy.deepcopy(model).double()  # the same network in float64: how well conditioned it is
     tensors: dict = {}
     meta = {"format": 1, "generator": "tools/make_magicdrivedit_fixture.py", "seed": SEED, "views": list(VIEWS),
