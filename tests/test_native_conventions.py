@@ -104,7 +104,6 @@ def test_map_equals_their_loader_on_the_devkit(model, tmp_path, G):
     """The same synthetic map through the real devkit: their loader's map tensor (restated above)
     vs our rasteriser's bev (pipeline/scenes/bevmap.bev_fast) through native_inputs. Equal but for the
     cells along the edges (their pixel centres sit half a cell off ours: 0.25 / 0.125 m)."""
-    pytest.importorskip("nuscenes")
     from nuscenes.map_expansion.map_api import NuScenesMap
 
     from pipeline.scenes.bevmap import bev_fast
