@@ -79,9 +79,8 @@ def stage_caption_config(stage: str, mode: str | None = None, **overrides) -> Ca
     """The build's CaptionConfig: defaults + environment, then the stage config's ``captions:`` block (same fields
     as a ``mdv2-caption --config`` file), then the command line (``overrides`` that are not None)."""
     import yaml
-    from pipeline.scenes.buckets import STAGES_DIR
-    s = str(stage)
-    path = s if ("/" in s or s.endswith((".yaml", ".yml"))) else str(STAGES_DIR / f"{s}.yaml")
+    from pipeline.scenes.buckets import stage_path
+    path = str(stage_path(stage))
     with open(path) as f:
         block = (yaml.safe_load(f) or {}).get("captions")
     if mode is not None:

@@ -46,7 +46,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = Path(__file__).with_name("memory_calibration.json")
 NUM_VIEWS = 6
 BOUNDARY = 16        # bytes per token per D alive at a block boundary in the backward (bf16 grads in/out, fp32 sums)
@@ -318,9 +317,8 @@ def read_stage(n: str) -> dict:
     from train.config import config_path
     train = yaml.safe_load(config_path(f"stage{n}").read_text())
     stage = train.get("data", {}).get("stage", f"stage{n}")
-    from pipeline.scenes.buckets import STAGES_DIR
-    spath = Path(stage) if stage.endswith(".yaml") else STAGES_DIR / f"{stage}.yaml"
-    buckets = yaml.safe_load(spath.read_text())["buckets"]
+    from pipeline.scenes.buckets import stage_path
+    buckets = yaml.safe_load(stage_path(stage).read_text())["buckets"]
     return {"name": f"stage{n}", "preset": train.get("model", "paper"), "overrides": train.get("model_overrides") or {},
             "checkpointing": bool(train.get("grad_checkpointing", False)), "sp": int(train.get("sp", 1)),
             "sharding": train.get("sharding", "fsdp"), "reshard_after_forward": train.get("reshard_after_forward", True),

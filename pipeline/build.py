@@ -44,7 +44,7 @@ from pipeline.shards.write import shard_is_complete  # noqa: E402
 from pipeline.shards.rebuild import input_fingerprint, record_build  # noqa: E402
 from pipeline.scenes.clipyield import YieldReport  # noqa: E402
 from pipeline.shards.yieldcard import build_yield  # noqa: E402
-from pipeline.shards.buildinputs import content, is_tiny_vae, nothing_to_do, scene_names, vae_digest  # noqa: E402,F401
+from pipeline.shards.buildinputs import content, is_tiny_vae, nothing_to_do, scene_names  # noqa: E402,F401
 from captions.config import CaptionFatal  # noqa: E402
 
 EXIT_INCOMPLETE = 3  # finished, but planned shards are missing (docs/cluster.md): rerun to complete

@@ -71,10 +71,15 @@ def _bucket(d: dict, where: str) -> BucketSpec:
     return b
 
 
-def load_stage(name_or_path: str) -> StageConfig:
+def stage_path(name_or_path: str) -> Path:
     """'demo' -> pipeline/configs/stages/demo.yaml (package data); anything with a '/' or '.yaml' is a path."""
     s = str(name_or_path)
-    path = Path(s) if ("/" in s or s.endswith((".yaml", ".yml"))) else STAGES_DIR / f"{s}.yaml"
+    return Path(s) if ("/" in s or s.endswith((".yaml", ".yml"))) else STAGES_DIR / f"{s}.yaml"
+
+
+def load_stage(name_or_path: str) -> StageConfig:
+    """The stage config of `stage_path(name_or_path)`, checked."""
+    path = stage_path(name_or_path)
     if not path.exists():
         known = sorted(p.stem for p in STAGES_DIR.glob("*.yaml"))
         raise cli.InputNotFound(f"stage config {path} not found; known stages: {known}")
